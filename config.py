@@ -1,0 +1,231 @@
+"""Every setting of every stage, in one frozen dataclass, plus the shared command-line override parser.
+
+Edit the defaults below to change an experiment, or override any field from the shell:
+
+    python train.py --model_name=resnet18 --epochs=5 --lr=3e-4 --pretrained=false
+
+Each script calls `parse_config(sys.argv[1:])`, which converts every `--key=value` by the field's type and
+rejects unknown keys by listing the valid ones. A bare `--key` sets a boolean field to true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import sys
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "vit")
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- paths (relative to where you run the scripts) ---
+    data_dir: str = "data/UTKFace"  # folder of UTKFace images named [age]_[gender]_[race]_[date&time].jpg
+    csv_dir: str = "csv_dataset"  # eda.py writes utkface_dataset.csv here; split_dataset.py the three splits
+    checkpoint_dir: str = "checkpoints"  # best.pt and last.pt per run, in checkpoints/<run_name>/
+    pics_dir: str = "pics"  # every figure (EDA plots, split histograms, learning curves)
+    runs_dir: str = "runs"  # TensorBoard logs, resolved config and final metrics per run
+    cache_dir: str = "cache"  # decoded uint8 image cache (one .npy per CSV x folder x image size)
+    # --- data ---
+    image_size: int = 128  # square input side in pixels (a multiple of 16 for vit)
+    valid_fraction: float = 0.1  # share of the data set in valid_set.csv
+    test_fraction: float = 0.1  # share of the data set in test_set.csv
+    min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
+    use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
+    check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
+    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means
+    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel standard deviations
+    rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
+    color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
+    # --- model ---
+    model_name: str = "resnet"  # resnet (ResNet-50) | resnet18 (quick CPU runs) | efficientnet (B0) | vit (B/16)
+    pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
+    dropout: float = 0.2  # dropout before the regression head
+    # --- optimisation ---
+    epochs: int = 30  # passes over the training set
+    batch_size: int = 64  # images per step
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 1e-4  # decoupled (adamw) or L2 (sgd) weight decay
+    momentum: float = 0.9  # sgd momentum
+    scheduler: str = "cosine"  # cosine (after linear warm-up) | step (x0.1 at 1/2 and 3/4 of training) | none
+    warmup_epochs: float = 1.0  # linear warm-up length, in epochs
+    grad_clip_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
+    # --- run ---
+    run_name: str = ""  # folder name under runs/ and checkpoints/ ('' = <model_name>_<date>_<time>)
+    resume: bool = False  # continue run_name (or the newest run) from its last.pt
+    seed: int = 42  # seeds python, numpy and torch, and the split
+    deterministic: bool = False  # ask torch for deterministic algorithms (slower)
+    device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
+    num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
+    channels_last: bool = True  # NHWC memory layout: faster convolutions on modern CPUs and GPUs
+    mixed_precision: bool = True  # bf16 autocast on CPUs that support it, fp16/bf16 AMP on CUDA
+    # --- demo.py ---
+    demo_num_images: int = 2400  # synthetic faces demo.py generates
+
+
+def _convert(text: str, annotation: Any, key: str) -> Any:
+    """Convert one command-line string to the type of a Config field."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{key} expects true or false, got {text!r}")
+    if origin is tuple:
+        item_types = typing.get_args(annotation)
+        parts = [part for part in text.replace("(", "").replace(")", "").split(",") if part.strip()]
+        if len(parts) != len(item_types):
+            raise ValueError(f"--{key} expects {len(item_types)} comma-separated values, got {text!r}")
+        return tuple(_convert(part, item_type, key) for part, item_type in zip(parts, item_types))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported field type for {key}: {annotation}")
+    try:
+        return annotation(text)
+    except ValueError:
+        raise ValueError(f"--{key} expects a value of type {annotation.__name__}, got {text!r}") from None
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(Config)
+    return {field.name: hints[field.name] for field in fields(Config)}
+
+
+def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
+    """Return `cfg` with every `--key=value` in `arguments` applied (bare `--flag` sets a bool to true)."""
+    types_by_name = _field_types()
+    changes: dict[str, Any] = {}
+    for argument in arguments:
+        if not argument.startswith("--"):
+            raise SystemExit(f"error: expected --key=value, got {argument!r}")
+        key, has_value, value = argument[2:].partition("=")
+        key = key.replace("-", "_")
+        if key not in types_by_name:
+            valid = ", ".join(sorted(types_by_name))
+            raise SystemExit(f"error: unknown setting --{key}. Valid settings: {valid}")
+        if not has_value:
+            if types_by_name[key] is not bool:
+                raise SystemExit(f"error: --{key} needs a value, e.g. --{key}={getattr(cfg, key)}")
+            value = "true"
+        try:
+            changes[key] = _convert(value, types_by_name[key], key)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    cfg = replace(cfg, **changes)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Stop with a clear message if settings contradict each other."""
+    problems = []
+    if cfg.model_name not in MODEL_NAMES:
+        problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.optimizer not in ("adamw", "sgd"):
+        problems.append(f"optimizer={cfg.optimizer!r} is not one of adamw, sgd")
+    if cfg.scheduler not in ("cosine", "step", "none"):
+        problems.append(f"scheduler={cfg.scheduler!r} is not one of cosine, step, none")
+    if cfg.model_name == "vit" and cfg.image_size % 16:
+        problems.append(f"image_size={cfg.image_size} must be a multiple of 16 for vit")
+    if not 0 < cfg.valid_fraction + cfg.test_fraction < 1:
+        problems.append("valid_fraction + test_fraction must lie between 0 and 1")
+    if cfg.image_size < 16 or cfg.batch_size < 1 or cfg.epochs < 0:
+        problems.append("image_size must be >= 16, batch_size >= 1 and epochs >= 0")
+    if problems:
+        raise SystemExit("error: " + "; ".join(problems))
+
+
+def parse_config(arguments: list[str] | None = None, base: Config | None = None) -> Config:
+    """The one entry point every script uses: defaults from this file, then command-line overrides."""
+    arguments = sys.argv[1:] if arguments is None else arguments
+    if any(argument in ("-h", "--help") for argument in arguments):
+        print(describe())
+        raise SystemExit(0)
+    return apply_overrides(base or Config(), arguments)
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Every setting with its current value, one per line (printed at the start of each script)."""
+    cfg = cfg or Config()
+    width = max(len(field.name) for field in fields(cfg))
+    return "\n".join(f"  {field.name:<{width}} = {getattr(cfg, field.name)!r}" for field in fields(cfg))
+
+
+def print_config(cfg: Config, script: str) -> None:
+    print(f"{script}: resolved config\n{describe(cfg)}", flush=True)
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict of builtins (tuples become lists) that json and torch.load(weights_only=True) accept."""
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config saved by `config_to_dict`; keys this version no longer knows are ignored."""
+    types_by_name = _field_types()
+    known = {}
+    for key, value in values.items():
+        if key not in types_by_name:
+            continue
+        if typing.get_origin(types_by_name[key]) is tuple:
+            value = tuple(value)
+        known[key] = value
+    return Config(**known)
+
+
+def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821 - torch is imported lazily
+    """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device as given."""
+    import torch
+
+    if name != "auto":
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"error: device={name} was asked for but CUDA is not available; use --device=cpu")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (all devices); optionally force deterministic torch algorithms."""
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    An interrupted or failed write therefore never leaves a half-written checkpoint, CSV or figure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()

@@ -1,0 +1,302 @@
+"""Data set, transforms, decoded-image cache and DataLoader builder, shared by training and evaluation.
+
+Reads:  the split CSVs written by split_dataset.py (csv_dataset/{train,valid,test}_set.csv: image_name, age,
+        gender, ethnicity; image_name is relative to data_dir) and the images under data_dir.
+Writes: cache/<csv>_<size>px_<key>.npy, every image decoded and resized once into a uint8 array (N, 3, S, S),
+        memory-mapped at training time. The key hashes the CSV rows, the folder, each file's size and
+        modification time, and the image size, so a changed CSV, folder or size builds a new cache.
+
+Preprocessing is the same with and without the cache (`load_image`): EXIF orientation applied, converted to
+RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
+Augmentation (train only, the seed's recipe): random horizontal flip, small rotation, colour jitter; then
+scaling to [0, 1] and ImageNet normalisation. It runs on the uint8 tensors, so the cache saves the decode.
+
+Check it on the split CSVs:  python custom_dataset_dataloader.py [--data_dir=...] [--image_size=...]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from config import Config, atomic_write_path, parse_config, print_config
+
+GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
+ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
+CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
+SPLITS = ("train", "valid", "test")
+CACHE_FORMAT_VERSION = 1  # bump when load_image changes, so old caches are rebuilt
+
+
+class DataError(Exception):
+    """Input data that cannot be used; the message names the file and the fix."""
+
+
+def split_csv_path(cfg: Config, split: str) -> Path:
+    return Path(cfg.csv_dir) / f"{split}_set.csv"
+
+
+def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """Read a project CSV, checking that it exists, has the four columns and at least one valid row."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist. Run eda.py and split_dataset.py first (or `python demo.py`).")
+    try:
+        frame = pd.read_csv(path, dtype={"image_name": str, "gender": str, "ethnicity": str})
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty. Re-run eda.py / split_dataset.py to rewrite it.") from None
+    missing = [column for column in ("image_name", "age") if column not in frame.columns]
+    if missing:
+        raise DataError(f"{path} lacks the column(s) {missing}; expected {list(CSV_COLUMNS)}.")
+    for column in ("gender", "ethnicity"):
+        if column not in frame.columns:
+            frame[column] = "unknown"
+    frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
+    bad_rows = frame["age"].isna() | frame["image_name"].isna() | (frame["age"] < 0)
+    if bad_rows.any():
+        warnings.warn(f"{path}: skipping {int(bad_rows.sum())} row(s) with a missing or invalid age or image name")
+        frame = frame[~bad_rows].reset_index(drop=True)
+    if frame.empty:
+        raise DataError(f"{path} has no usable rows. Re-run eda.py on a folder of UTKFace images.")
+    return frame[list(CSV_COLUMNS)]
+
+
+def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Write atomically (temp file + rename) with a fixed float format, so equal frames give equal bytes."""
+    with atomic_write_path(path) as temporary:
+        frame.to_csv(temporary, index=False, lineterminator="\n")
+
+
+def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
+    """The path of one CSV row's image; rows that point outside data_dir are refused, not read."""
+    root = Path(data_dir).resolve()
+    path = (root / image_name).resolve()
+    if root not in path.parents:
+        raise DataError(f"image path {image_name!r} points outside the data folder {root}; fix the CSV row.")
+    return path
+
+
+def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode one image into a uint8 array (3, S, S): EXIF-rotated, RGB, centre-cropped square, resized."""
+    with Image.open(path) as image:
+        image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale when much larger
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            background = Image.new("RGB", image.size, (255, 255, 255))
+            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+            image = background
+        elif image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float grayscale
+            values = np.asarray(image, dtype=np.float32)
+            scale = 255.0 / max(float(values.max()), 1.0)
+            image = Image.fromarray((values * scale).clip(0, 255).astype(np.uint8))
+        image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # (3, S, S)
+
+
+def build_transforms(cfg: Config, train: bool) -> "torch.nn.Module":
+    """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds flip, rotation and colour jitter."""
+    from torchvision.transforms import v2
+
+    steps = []
+    if train:
+        steps += [
+            v2.RandomHorizontalFlip(),
+            v2.RandomRotation(cfg.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR),
+            v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter),
+        ]
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.normalize_mean, cfg.normalize_std)]
+    return v2.Compose(steps)
+
+
+class _DecodeDataset(Dataset):
+    """Decodes each image once (used to fill the cache in parallel DataLoader workers)."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths, self.image_size = paths, image_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
+        try:
+            return index, load_image(self.paths[index], self.image_size), ""
+        except Exception as error:  # noqa: BLE001 - any decoder failure means: skip this file, say why
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+def _keep_as_is(item: tuple) -> tuple:
+    return item
+
+
+def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}|{Path(data_dir).resolve()}|{image_size}".encode())
+    for name in frame["image_name"]:
+        digest.update(name.encode())
+        try:
+            stat = (Path(data_dir) / name).stat()
+            digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(b"|missing\n")
+    return digest.hexdigest()[:16]
+
+
+def build_image_cache(
+    frame: pd.DataFrame, data_dir: str, image_size: int, cache_dir: str, name: str, num_workers: int = 0
+) -> tuple[Path, np.ndarray]:
+    """Decode every row of `frame` once into cache_dir; return (path of the (N, 3, S, S) uint8 .npy, ok mask (N,)).
+
+    A cache whose key matches is reused as it is. Unreadable or missing images are named in a warning
+    and marked not-ok; the data set leaves them out.
+    """
+    key = _cache_key(frame, data_dir, image_size)
+    array_path = Path(cache_dir) / f"{name}_{image_size}px_{key}.npy"
+    index_path = array_path.with_suffix(".json")
+    if not (array_path.is_file() and index_path.is_file()):
+        paths = [resolve_image_path(data_dir, image_name) for image_name in frame["image_name"]]
+        ok = np.ones(len(paths), dtype=bool)
+        failures = {}
+        with atomic_write_path(array_path) as temporary:
+            array = np.lib.format.open_memmap(
+                temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
+            )
+            loader = DataLoader(
+                _DecodeDataset(paths, image_size),
+                batch_size=None,
+                num_workers=num_workers,
+                collate_fn=_keep_as_is,
+            )
+            from tqdm import tqdm
+
+            for index, pixels, reason in tqdm(loader, desc=f"caching {name} at {image_size}px", leave=False, disable=None):
+                if pixels is None:
+                    ok[index] = False
+                    failures[str(paths[index])] = reason
+                else:
+                    array[index] = pixels
+            array.flush()
+            del array
+        with atomic_write_path(index_path) as temporary:
+            temporary.write_text(json.dumps({"ok": ok.tolist(), "failures": failures}))
+        if failures:
+            listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures.items())
+            warnings.warn(f"{len(failures)} image(s) could not be read and are left out:\n  {listed}")
+    ok = np.asarray(json.loads(index_path.read_text())["ok"], dtype=bool)
+    return array_path, ok
+
+
+class AgeDataset(Dataset):
+    """(image (3, S, S) float, age float32 in years, gender index, ethnicity index); unknown labels are -1.
+
+    With a cache, `frame`'s index gives each row's position in the cache array. The array is memory-mapped
+    lazily in each process (workers never receive a copy of it), so memory does not grow with the data set.
+    """
+
+    def __init__(
+        self,
+        frame: pd.DataFrame,
+        data_dir: str,
+        image_size: int,
+        transform: "torch.nn.Module",
+        cache_path: Path | None = None,
+    ):
+        self.cache_rows = frame.index.to_numpy()
+        self.frame = frame.reset_index(drop=True)
+        self.data_dir, self.image_size, self.transform, self.cache_path = data_dir, image_size, transform, cache_path
+        self._cache: np.ndarray | None = None
+        self.ages = self.frame["age"].to_numpy(dtype=np.float32)
+        self.genders = _label_indices(self.frame["gender"], GENDERS)
+        self.ethnicities = _label_indices(self.frame["ethnicity"], ETHNICITIES)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_cache": None}  # each worker maps the file itself
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        if self.cache_path is not None:
+            if self._cache is None:
+                self._cache = np.load(self.cache_path, mmap_mode="r")
+            pixels = torch.from_numpy(np.array(self._cache[self.cache_rows[index]]))  # (3, S, S) uint8, copied
+        else:
+            path = resolve_image_path(self.data_dir, self.frame.at[index, "image_name"])
+            try:
+                pixels = torch.from_numpy(load_image(path, self.image_size))
+            except Exception as error:  # noqa: BLE001
+                raise DataError(f"cannot read {path} ({error}); remove its row or run with use_cache=true") from None
+        image = self.transform(pixels)  # (3, S, S) float32
+        return image, torch.tensor(self.ages[index]), int(self.genders[index]), int(self.ethnicities[index])
+
+
+def _label_indices(values: pd.Series, names: tuple[str, ...]) -> np.ndarray:
+    lookup = {name: index for index, name in enumerate(names)}
+    return np.array([lookup.get(str(value).strip().lower(), -1) for value in values], dtype=np.int64)
+
+
+def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: str | None = None) -> AgeDataset:
+    """The data set of one split (train/valid/test) or of any project CSV given as csv_path."""
+    path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
+    frame = read_dataset_csv(path)
+    if not Path(cfg.data_dir).is_dir():
+        raise DataError(
+            f"data_dir={cfg.data_dir} is not a folder. Pass the folder given to eda.py, e.g. --data_dir=data/UTKFace."
+        )
+    train = split == "train" if train is None else train
+    cache_path = None
+    if cfg.use_cache:
+        cache_path, ok = build_image_cache(frame, cfg.data_dir, cfg.image_size, cfg.cache_dir, path.stem, cfg.num_workers)
+        if not ok.any():
+            raise DataError(
+                f"none of the {len(frame)} images listed in {path} could be read from data_dir={cfg.data_dir}; "
+                "pass the folder that eda.py scanned with --data_dir=..."
+            )
+        frame = frame[ok]  # keeps the original row numbers, which index the cache
+    return AgeDataset(frame, cfg.data_dir, cfg.image_size, build_transforms(cfg, train), cache_path)
+
+
+def build_dataloader(cfg: Config, split: str, csv_path: str | None = None) -> DataLoader:
+    """Shuffled, last-partial-batch-dropped loader for train; ordered loaders for valid and test."""
+    train = split == "train"
+    dataset = build_dataset(cfg, split, train, csv_path)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+    )
+
+
+def main(cfg: Config) -> dict[str, DataLoader]:
+    """Build the three loaders, print their sizes and one batch's shapes and ranges."""
+    print_config(cfg, "custom_dataset_dataloader.py")
+    loaders = {split: build_dataloader(cfg, split) for split in SPLITS}
+    for split, loader in loaders.items():
+        images, ages, genders, ethnicities = next(iter(loader))
+        print(
+            f"{split}: {len(loader.dataset)} images, batch {tuple(images.shape)} "
+            f"pixels [{images.min():.2f}, {images.max():.2f}], ages [{ages.min():.0f}, {ages.max():.0f}]"
+        )
+    return loaders
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))

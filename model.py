@@ -1,0 +1,162 @@
+"""The age regressor (torchvision backbone + regression head) and self-describing checkpoints.
+
+model_name: resnet (ResNet-50), resnet18 (small, for quick CPU runs), efficientnet (EfficientNet-B0),
+vit (ViT-B/16). With pretrained=true the backbone starts from torchvision's ImageNet weights; they are
+downloaded once into torch's hub cache, and a failed download stops with a message saying what to do.
+
+The head predicts a standardised age z; forward returns age_mean + age_std * z in years. age_mean and
+age_std are buffers set from the training set (so they travel in the state dict) and the head starts at
+zero, so an untrained model predicts the mean training age: the L1 loss starts where a mean predictor is.
+
+A checkpoint is a plain dict {"model": state dict of the unwrapped model, "config": Config as a dict, ...},
+loadable with torch.load(weights_only=True); `load_model` rebuilds the exact model from the stored config.
+
+Print a backbone's size and a forward pass:  python model.py --model_name=efficientnet --pretrained=false
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from config import Config, atomic_write_path, config_from_dict, config_to_dict, parse_config, print_config
+
+
+class PretrainedWeightsError(RuntimeError):
+    """ImageNet weights could not be downloaded or read."""
+
+
+def _load_pretrained_state(weights: Any) -> dict[str, torch.Tensor]:
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:  # noqa: BLE001 - network, disk and hash failures all need the same advice
+        file_name = Path(weights.url).name
+        hub_folder = Path(torch.hub.get_dir()) / "checkpoints"
+        raise PretrainedWeightsError(
+            f"could not get the ImageNet weights {file_name} ({type(error).__name__}: {error}). "
+            f"Either train from scratch with --pretrained=false, or download {weights.url} on a machine "
+            f"with internet and place it at {hub_folder / file_name}."
+        ) from None
+
+
+def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[nn.Module, int]:
+    """A torchvision backbone with its classifier removed, and the width of the features it returns."""
+    from torchvision import models
+
+    if model_name in ("resnet", "resnet18"):
+        builder, weights = (
+            (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2)
+            if model_name == "resnet"
+            else (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1)
+        )
+        backbone = builder(weights=None)
+        if pretrained:
+            backbone.load_state_dict(_load_pretrained_state(weights))
+        features = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+    elif model_name == "efficientnet":
+        backbone = models.efficientnet_b0(weights=None)
+        if pretrained:
+            backbone.load_state_dict(_load_pretrained_state(models.EfficientNet_B0_Weights.IMAGENET1K_V1))
+        features = backbone.classifier[-1].in_features
+        backbone.classifier = nn.Identity()
+    elif model_name == "vit":
+        from torchvision.models.vision_transformer import interpolate_embeddings
+
+        backbone = models.vit_b_16(weights=None, image_size=image_size)
+        if pretrained:
+            state = _load_pretrained_state(models.ViT_B_16_Weights.IMAGENET1K_V1)
+            if image_size != 224:  # resample the 14x14 position embeddings to the new patch grid
+                state = interpolate_embeddings(image_size, 16, state)
+            backbone.load_state_dict(state)
+        features = backbone.hidden_dim
+        backbone.heads = nn.Identity()
+    else:
+        raise ValueError(f"unknown model_name {model_name!r}; expected resnet, resnet18, efficientnet or vit")
+    return backbone, features
+
+
+class AgeEstimationModel(nn.Module):
+    """Backbone -> dropout -> linear -> age in years. Input (B, 3, H, W) normalised; output (B,) float32."""
+
+    def __init__(self, model_name: str, pretrained: bool = False, dropout: float = 0.2, image_size: int = 224):
+        super().__init__()
+        self.backbone, features = build_backbone(model_name, pretrained, image_size)
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, 1))
+        nn.init.zeros_(self.head[1].weight)
+        nn.init.zeros_(self.head[1].bias)
+        self.register_buffer("age_mean", torch.tensor(33.0))  # overwritten from the training set
+        self.register_buffer("age_std", torch.tensor(20.0))
+
+    def set_age_statistics(self, mean: float, std: float) -> None:
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(max(float(std), 1.0))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        standardised = self.head(self.backbone(images)).squeeze(1).float()  # (B,)
+        return self.age_mean + self.age_std * standardised  # (B,) years
+
+
+def build_model(cfg: Config) -> AgeEstimationModel:
+    return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel / torch.compile wrappers (one place strips prefixes)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: Config, **extra: Any) -> None:
+    """Atomically write {"model": state dict, "config": cfg as dict, **extra} (extra: epoch, metrics, ...)."""
+    checkpoint = {"model": unwrap(model).state_dict(), "config": config_to_dict(cfg), **extra}
+    with atomic_write_path(path) as temporary:
+        torch.save(checkpoint, temporary)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint dict safely (weights_only: tensors and plain containers, never arbitrary code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py`.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # noqa: BLE001
+        raise ValueError(
+            f"{path} is not a loadable checkpoint of this project ({type(error).__name__}: {error}). "
+            "Only plain-dict checkpoints written by train.py are accepted."
+        ) from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise ValueError(f"{path} lacks the 'model' and 'config' entries written by train.py")
+    return checkpoint
+
+
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
+    """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
+    checkpoint = load_checkpoint(path)
+    cfg = config_from_dict(checkpoint["config"])
+    model = AgeEstimationModel(cfg.model_name, pretrained=False, dropout=cfg.dropout, image_size=cfg.image_size)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), cfg, checkpoint
+
+
+def main(cfg: Config) -> AgeEstimationModel:
+    print_config(cfg, "model.py")
+    model = build_model(cfg).eval()
+    parameters = sum(parameter.numel() for parameter in model.parameters())
+    with torch.no_grad():
+        ages = model(torch.randn(2, 3, cfg.image_size, cfg.image_size))  # (2,)
+    print(f"{cfg.model_name}: {parameters / 1e6:.1f} M parameters; forward (2, 3, {cfg.image_size}, "
+          f"{cfg.image_size}) -> {tuple(ages.shape)}, ages {ages.tolist()}")
+    return model
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))

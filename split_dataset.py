@@ -1,0 +1,104 @@
+"""Stratified, seeded train/valid/test split on age.
+
+Reads:  csv_dataset/utkface_dataset.csv (written by eda.py).
+Writes: csv_dataset/train_set.csv, valid_set.csv, test_set.csv (same columns) and pics/split_age_histograms.png;
+        prints the counts.
+
+Stratification: neighbouring ages are merged into bins until each bin holds at least min_images_per_age_bin
+images (so ages with one or two images never break the split), then every bin is shuffled with the seed and
+cut 80/10/10 (valid_fraction / test_fraction). The same CSV and seed give byte-identical split files.
+
+Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fraction=0.1]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from config import Config, atomic_write_path, parse_config, print_config
+from custom_dataset_dataloader import SPLITS, read_dataset_csv, split_csv_path, write_dataset_csv
+
+
+def age_bins(ages: np.ndarray, min_count: int) -> np.ndarray:
+    """Bin index per image: consecutive ages merged until each bin has >= min_count images (the last
+    bin absorbs a short remainder). Depends only on the age counts, so it is deterministic."""
+    unique_ages, counts = np.unique(ages, return_counts=True)
+    bin_of_age, current, filled = {}, 0, 0
+    for age, count in zip(unique_ages, counts):
+        bin_of_age[age] = current
+        filled += count
+        if filled >= min_count:
+            current, filled = current + 1, 0
+    if 0 < filled < min_count and current > 0:  # a short last bin joins the previous one
+        for age in unique_ages[::-1]:
+            if bin_of_age[age] != current:
+                break
+            bin_of_age[age] = current - 1
+    return np.array([bin_of_age[age] for age in ages])
+
+
+def stratified_split(
+    frame: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int, min_per_bin: int
+) -> dict[str, pd.DataFrame]:
+    """Split `frame` per age bin; each split keeps the input's row order (sorted by image name)."""
+    frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
+    bins = age_bins(frame["age"].to_numpy(), min_per_bin)
+    generator = np.random.default_rng(seed)
+    assignment = np.empty(len(frame), dtype=object)
+    for bin_index in np.unique(bins):
+        members = np.flatnonzero(bins == bin_index)
+        generator.shuffle(members)
+        count = len(members)
+        test_count = int(round(count * test_fraction))
+        valid_count = int(round(count * valid_fraction))
+        if count >= 3:  # every split sees every bin that can be shared three ways
+            test_count, valid_count = max(test_count, 1), max(valid_count, 1)
+        assignment[members[:test_count]] = "test"
+        assignment[members[test_count:test_count + valid_count]] = "valid"
+        assignment[members[test_count + valid_count:]] = "train"
+    return {split: frame[assignment == split].reset_index(drop=True) for split in SPLITS}
+
+
+def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    max_age = max(int(split["age"].max()) for split in splits.values() if len(split))
+    bins = np.arange(0, max_age + 2)
+    figure, axis = plt.subplots(figsize=(10, 4))
+    for name, split in splits.items():
+        axis.hist(split["age"], bins=bins, density=True, histtype="step", linewidth=1.5,
+                  label=f"{name} ({len(split)})")
+    axis.set(title="Age distribution per split (density)", xlabel="age (years)", ylabel="share of images")
+    axis.legend()
+    with atomic_write_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def main(cfg: Config) -> dict[str, pd.DataFrame]:
+    """Write the three split CSVs and their histogram figure; return the splits."""
+    print_config(cfg, "split_dataset.py")
+    source = Path(cfg.csv_dir) / "utkface_dataset.csv"
+    frame = read_dataset_csv(source)
+    splits = stratified_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed, cfg.min_images_per_age_bin)
+    for name, split in splits.items():
+        write_dataset_csv(split, split_csv_path(cfg, name))
+    figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"
+    plot_split_histograms(splits, figure_path)
+    total = len(frame)
+    for name, split in splits.items():
+        print(f"{name:>5}: {len(split):6d} images ({len(split) / total:5.1%}), mean age {split['age'].mean():.1f}"
+              f" -> {split_csv_path(cfg, name)}")
+    print(f"wrote {figure_path}")
+    return splits
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))
