@@ -87,7 +87,7 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
         parts = [part for part in text.replace("(", "").replace(")", "").split(",") if part.strip()]
         if len(parts) != len(item_types):
             raise ValueError(f"--{key} expects {len(item_types)} comma-separated values, got {text!r}")
-        return tuple(_convert(part, item_type, key) for part, item_type in zip(parts, item_types))
+        return tuple(_convert(part, item_type, key) for part, item_type in zip(parts, item_types, strict=False))
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported field type for {key}: {annotation}")
     try:
@@ -183,7 +183,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     return Config(**known)
 
 
-def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821 - torch is imported lazily
+def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch is imported lazily
     """`auto` picks cuda, then mps, then cpu; anything else is passed to torch.device as given."""
     import torch
 

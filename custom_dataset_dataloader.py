@@ -64,7 +64,8 @@ def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
     bad_rows = frame["age"].isna() | frame["image_name"].isna() | (frame["age"] < 0)
     if bad_rows.any():
-        warnings.warn(f"{path}: skipping {int(bad_rows.sum())} row(s) with a missing or invalid age or image name")
+        count = int(bad_rows.sum())
+        warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"{path} has no usable rows. Re-run eda.py on a folder of UTKFace images.")
@@ -107,7 +108,7 @@ def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
         return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # (3, S, S)
 
 
-def build_transforms(cfg: Config, train: bool) -> "torch.nn.Module":
+def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds flip, rotation and colour jitter."""
     from torchvision.transforms import v2
 
@@ -134,7 +135,7 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         try:
             return index, load_image(self.paths[index], self.image_size), ""
-        except Exception as error:  # noqa: BLE001 - any decoder failure means: skip this file, say why
+        except Exception as error:
             return index, None, f"{type(error).__name__}: {error}"
 
 
@@ -181,7 +182,8 @@ def build_image_cache(
             )
             from tqdm import tqdm
 
-            for index, pixels, reason in tqdm(loader, desc=f"caching {name} at {image_size}px", leave=False, disable=None):
+            progress = tqdm(loader, desc=f"caching {name} at {image_size}px", leave=False, disable=None)
+            for index, pixels, reason in progress:
                 if pixels is None:
                     ok[index] = False
                     failures[str(paths[index])] = reason
@@ -193,7 +195,7 @@ def build_image_cache(
             temporary.write_text(json.dumps({"ok": ok.tolist(), "failures": failures}))
         if failures:
             listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures.items())
-            warnings.warn(f"{len(failures)} image(s) could not be read and are left out:\n  {listed}")
+            warnings.warn(f"{len(failures)} image(s) could not be read and are left out:\n  {listed}", stacklevel=2)
     ok = np.asarray(json.loads(index_path.read_text())["ok"], dtype=bool)
     return array_path, ok
 
@@ -210,7 +212,7 @@ class AgeDataset(Dataset):
         frame: pd.DataFrame,
         data_dir: str,
         image_size: int,
-        transform: "torch.nn.Module",
+        transform: torch.nn.Module,
         cache_path: Path | None = None,
     ):
         self.cache_rows = frame.index.to_numpy()
@@ -236,7 +238,7 @@ class AgeDataset(Dataset):
             path = resolve_image_path(self.data_dir, self.frame.at[index, "image_name"])
             try:
                 pixels = torch.from_numpy(load_image(path, self.image_size))
-            except Exception as error:  # noqa: BLE001
+            except Exception as error:
                 raise DataError(f"cannot read {path} ({error}); remove its row or run with use_cache=true") from None
         image = self.transform(pixels)  # (3, S, S) float32
         return image, torch.tensor(self.ages[index]), int(self.genders[index]), int(self.ethnicities[index])
@@ -258,7 +260,9 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     train = split == "train" if train is None else train
     cache_path = None
     if cfg.use_cache:
-        cache_path, ok = build_image_cache(frame, cfg.data_dir, cfg.image_size, cfg.cache_dir, path.stem, cfg.num_workers)
+        cache_path, ok = build_image_cache(
+            frame, cfg.data_dir, cfg.image_size, cfg.cache_dir, path.stem, cfg.num_workers
+        )
         if not ok.any():
             raise DataError(
                 f"none of the {len(frame)} images listed in {path} could be read from data_dir={cfg.data_dir}; "
@@ -290,7 +294,7 @@ def main(cfg: Config) -> dict[str, DataLoader]:
     print_config(cfg, "custom_dataset_dataloader.py")
     loaders = {split: build_dataloader(cfg, split) for split in SPLITS}
     for split, loader in loaders.items():
-        images, ages, genders, ethnicities = next(iter(loader))
+        images, ages, _genders, _ethnicities = next(iter(loader))
         print(
             f"{split}: {len(loader.dataset)} images, batch {tuple(images.shape)} "
             f"pixels [{images.min():.2f}, {images.max():.2f}], ages [{ages.min():.0f}, {ages.max():.0f}]"

@@ -65,14 +65,16 @@ def sample_labels(count: int, rng: np.random.Generator) -> list[tuple[int, int, 
     ages = np.clip(np.round(ages), 1, 90).astype(int)
     genders = rng.integers(0, 2, count)
     races = rng.choice(5, size=count, p=[0.42, 0.19, 0.15, 0.17, 0.07])
-    return list(zip(ages.tolist(), genders.tolist(), races.tolist()))
+    return list(zip(ages.tolist(), genders.tolist(), races.tolist(), strict=False))
 
 
 def _mix(colour_a: tuple, colour_b: tuple, weight: float) -> tuple[int, int, int]:
-    return tuple(int(a * (1 - weight) + b * weight) for a, b in zip(colour_a, colour_b))
+    return tuple(int(a * (1 - weight) + b * weight) for a, b in zip(colour_a, colour_b, strict=False))
 
 
-def draw_face(age: int, gender: str, ethnicity: str, rng: np.random.Generator, size: int = GENERATED_SIZE) -> Image.Image:
+def draw_face(
+    age: int, gender: str, ethnicity: str, rng: np.random.Generator, size: int = GENERATED_SIZE
+) -> Image.Image:
     """One synthetic aligned face crop (RGB, size x size) whose look follows age, gender and ethnicity."""
     scale = 4  # draw large, then downsample: smooth edges
     canvas = size * scale
@@ -138,10 +140,10 @@ def draw_face(age: int, gender: str, ethnicity: str, rng: np.random.Generator, s
     line_colour = _mix(skin, (30, 20, 15), 0.25 + 0.35 * wrinkling)
     line_width = max(1, int(scale * (0.6 + 1.4 * wrinkling)))
     if wrinkling > 0:
-        for index in range(int(round(1 + 4 * wrinkling))):  # forehead lines
+        for index in range(round(1 + 4 * wrinkling)):  # forehead lines
             y = top + face_height * (0.18 + 0.05 * index) + recession * 0.1 * face_height
-            draw.arc((left + 0.2 * face_width, y - 0.03 * face_height, right - 0.2 * face_width, y + 0.03 * face_height),
-                     200, 340, fill=line_colour, width=line_width)
+            box = (left + 0.2 * face_width, y - 0.03 * face_height, right - 0.2 * face_width, y + 0.03 * face_height)
+            draw.arc(box, 200, 340, fill=line_colour, width=line_width)
         for side in (-1, 1):  # nasolabial folds
             x = center_x + side * face_width * 0.12
             draw.line((x, nose_y - 0.02 * face_height, x + side * face_width * 0.08, mouth_y + 0.03 * face_height),

@@ -71,17 +71,17 @@ def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame,
         if check_images:
             try:
                 load_image(path, 32)
-            except Exception as error:  # noqa: BLE001 - any decoder failure: list the file and go on
+            except Exception as error:
                 unreadable[name] = f"{type(error).__name__}: {error}"
                 continue
         rows.append((name, *labels))
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     if malformed:
         warnings.warn(f"{len(malformed)} file name(s) do not follow [age]_[gender]_[race]_[date].jpg and are "
-                      f"skipped: {', '.join(malformed)}")
+                      f"skipped: {', '.join(malformed)}", stacklevel=2)
     if unreadable:
         listed = "\n  ".join(f"{name}: {reason}" for name, reason in unreadable.items())
-        warnings.warn(f"{len(unreadable)} image(s) could not be decoded and are skipped:\n  {listed}")
+        warnings.warn(f"{len(unreadable)} image(s) could not be decoded and are skipped:\n  {listed}", stacklevel=2)
     if frame.empty:
         raise DataError(
             f"no usable UTKFace images in {root} ({len(files)} image files, {len(malformed)} malformed names, "
@@ -90,7 +90,7 @@ def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame,
     return frame, malformed, unreadable
 
 
-def _save_figure(figure: "matplotlib.figure.Figure", path: Path) -> None:  # noqa: F821
+def _save_figure(figure: matplotlib.figure.Figure, path: Path) -> None:  # noqa: F821
     import matplotlib.pyplot as plt
 
     with atomic_write_path(path) as temporary:
@@ -107,7 +107,7 @@ def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, coun
     figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, (_, row) in zip(axes.flat, picks.iterrows()):
+    for axis, (_, row) in zip(axes.flat, picks.iterrows(), strict=False):
         axis.imshow(load_image(Path(data_dir) / row.image_name, 128).transpose(1, 2, 0))
         axis.set_title(f"{row.age} y, {row.gender}\n{row.ethnicity}", fontsize=9)
     figure.suptitle("Random samples with their labels")

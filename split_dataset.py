@@ -28,7 +28,7 @@ def age_bins(ages: np.ndarray, min_count: int) -> np.ndarray:
     bin absorbs a short remainder). Depends only on the age counts, so it is deterministic."""
     unique_ages, counts = np.unique(ages, return_counts=True)
     bin_of_age, current, filled = {}, 0, 0
-    for age, count in zip(unique_ages, counts):
+    for age, count in zip(unique_ages, counts, strict=False):
         bin_of_age[age] = current
         filled += count
         if filled >= min_count:
@@ -53,8 +53,8 @@ def stratified_split(
         members = np.flatnonzero(bins == bin_index)
         generator.shuffle(members)
         count = len(members)
-        test_count = int(round(count * test_fraction))
-        valid_count = int(round(count * valid_fraction))
+        test_count = round(count * test_fraction)
+        valid_count = round(count * valid_fraction)
         if count >= 3:  # every split sees every bin that can be shared three ways
             test_count, valid_count = max(test_count, 1), max(valid_count, 1)
         assignment[members[:test_count]] = "test"

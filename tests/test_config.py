@@ -1,0 +1,79 @@
+from dataclasses import FrozenInstanceError
+
+import pytest
+import torch
+
+from config import (
+    Config,
+    apply_overrides,
+    atomic_write_path,
+    config_from_dict,
+    config_to_dict,
+    parse_config,
+    resolve_device,
+)
+
+
+def test_config_is_frozen():
+    with pytest.raises(FrozenInstanceError):
+        Config().lr = 1.0  # type: ignore[misc]
+
+
+def test_overrides_convert_by_field_type():
+    cfg = apply_overrides(Config(), [
+        "--epochs=3", "--lr=1e-4", "--pretrained=false", "--model_name=vit", "--image_size=64",
+        "--normalize_mean=0.5,0.5,0.5", "--resume",
+    ])
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert cfg.lr == pytest.approx(1e-4)
+    assert cfg.pretrained is False and cfg.resume is True
+    assert cfg.model_name == "vit"
+    assert cfg.normalize_mean == (0.5, 0.5, 0.5)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(SystemExit) as error:
+        parse_config(["--learning_rate=0.1"])
+    message = str(error.value)
+    assert "--learning_rate" in message and "lr" in message and "model_name" in message
+
+
+@pytest.mark.parametrize("argument", ["--epochs=three", "--pretrained=maybe", "--epochs", "lr=1"])
+def test_bad_values_are_clear_errors(argument):
+    with pytest.raises(SystemExit) as error:
+        parse_config([argument])
+    assert "error" in str(error.value)
+
+
+def test_contradictory_settings_are_rejected():
+    with pytest.raises(SystemExit, match="model_name"):
+        parse_config(["--model_name=resnet101"])
+    with pytest.raises(SystemExit, match="multiple of 16"):
+        parse_config(["--model_name=vit", "--image_size=100"])
+
+
+def test_config_dict_round_trip_survives_weights_only_load(tmp_path):
+    cfg = Config(model_name="efficientnet", image_size=96)
+    path = tmp_path / "config.pt"
+    torch.save({"config": config_to_dict(cfg)}, path)
+    assert config_from_dict(torch.load(path, weights_only=True)["config"]) == cfg
+
+
+def test_resolve_device_auto_matches_hardware():
+    device = resolve_device("auto")
+    expected = "cuda" if torch.cuda.is_available() else None
+    assert device.type == (expected or device.type) and device.type in ("cuda", "mps", "cpu")
+    assert resolve_device("cpu").type == "cpu"
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_write_path(path) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("interrupted")
+    assert path.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [path]
+    with atomic_write_path(path) as temporary:
+        temporary.write_text("new")
+    assert path.read_text() == "new"

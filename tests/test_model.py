@@ -1,0 +1,94 @@
+import pickle
+import urllib.error
+
+import pytest
+import torch
+
+from config import Config
+from model import (
+    AgeEstimationModel,
+    PretrainedWeightsError,
+    build_model,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
+
+
+@pytest.mark.parametrize("model_name", ["resnet18", "resnet", "efficientnet", "vit"])
+def test_every_backbone_runs_forward_on_cpu(model_name):
+    torch.manual_seed(0)
+    model = AgeEstimationModel(model_name, pretrained=False, image_size=32).eval()
+    model.set_age_statistics(30.0, 15.0)
+    with torch.no_grad():
+        ages = model(torch.randn(2, 3, 32, 32))  # (2,)
+    assert ages.shape == (2,) and ages.dtype == torch.float32
+    assert torch.allclose(ages, torch.full((2,), 30.0))  # zero-initialised head: the mean age
+
+
+def test_head_learns_a_scale_in_years():
+    model = AgeEstimationModel("resnet18", image_size=32)
+    model.set_age_statistics(40.0, 10.0)
+    torch.nn.init.constant_(model.head[1].bias, 1.0)
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(torch.zeros(1, 3, 32, 32)), torch.tensor([50.0]))
+
+
+def test_checkpoint_round_trip_rebuilds_the_exact_model(tmp_path):
+    cfg = Config(model_name="efficientnet", pretrained=False, image_size=48, dropout=0.3)
+    torch.manual_seed(1)
+    original = build_model(cfg).eval()
+    original.set_age_statistics(25.0, 12.0)
+    torch.nn.init.normal_(original.head[1].weight, std=0.1)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, original, cfg, epoch=3, valid_mae=5.5)
+
+    raw = torch.load(path, weights_only=True)  # plain dict, safe loader
+    assert raw["epoch"] == 3 and raw["config"]["model_name"] == "efficientnet"
+    assert not any(key.startswith(("module.", "_orig_mod.")) for key in raw["model"])
+    rebuilt, rebuilt_cfg, _ = load_model(path)
+    assert rebuilt_cfg == cfg and isinstance(rebuilt, AgeEstimationModel)
+    images = torch.randn(3, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.allclose(original(images), rebuilt(images), atol=1e-5)
+    assert rebuilt.age_mean.item() == 25.0
+
+
+def test_checkpoint_of_a_wrapped_model_has_no_prefixes(tmp_path):
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32)
+    wrapped = torch.nn.Module()
+    wrapped.module = build_model(cfg)  # what DistributedDataParallel looks like
+    save_checkpoint(tmp_path / "wrapped.pt", wrapped, cfg)
+    load_model(tmp_path / "wrapped.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as handle:
+        pickle.dump({"model": _RunsCode(), "config": {}}, handle, protocol=2)
+    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+        load_checkpoint(path)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"train\.py"):
+        load_model(tmp_path / "none.pt")
+
+
+def test_failed_weight_download_says_what_to_do(monkeypatch, tmp_path):
+    import torchvision.models._api
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached weights, and nothing is downloaded
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(PretrainedWeightsError) as error:
+        AgeEstimationModel("resnet18", pretrained=True)
+    message = str(error.value)
+    assert "--pretrained=false" in message and "resnet18-" in message and "checkpoints" in message

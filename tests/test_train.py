@@ -1,0 +1,98 @@
+import itertools
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from custom_dataset_dataloader import build_dataloader
+from model import build_model, load_checkpoint
+
+
+def test_a_few_steps_lower_the_loss(split_config):
+    torch.manual_seed(0)
+    cfg = replace(split_config, batch_size=16, lr=3e-3, rotation_degrees=0.0, color_jitter=0.0)
+    loader = build_dataloader(cfg, "train")
+    model = build_model(cfg)
+    ages = torch.tensor(loader.dataset.ages)
+    model.set_age_statistics(ages.mean().item(), ages.std().item())
+    optimizer = train.build_optimizer(cfg, model)
+    device = torch.device("cpu")
+    losses = [train.train_one_epoch(model, loader, optimizer, None, device)["loss"] for _ in range(6)]
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_evaluate_metrics_are_consistent(split_config):
+    loader = build_dataloader(split_config, "valid")
+    model = build_model(split_config)
+    model.set_age_statistics(30.0, 10.0)
+    metrics = train.evaluate(model, loader, torch.device("cpu"))
+    targets = torch.tensor(metrics["targets"])
+    assert metrics["mae"] == pytest.approx((targets - 30.0).abs().mean().item(), rel=1e-5)
+    assert metrics["cs5"] == pytest.approx(((targets - 30.0).abs() <= 5).float().mean().item())
+    assert metrics["rmse"] >= metrics["mae"]
+    assert len(metrics["predictions"]) == len(loader.dataset)
+
+
+def test_scheduler_warms_up_then_decays_to_zero(split_config):
+    cfg = replace(split_config, epochs=4, warmup_epochs=1.0, scheduler="cosine")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.build_scheduler(cfg, optimizer, steps_per_epoch=10)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and max(rates) == pytest.approx(1.0)
+    assert rates[9] == pytest.approx(1.0) and rates[-1] < 0.01
+    assert all(later <= earlier + 1e-9 for earlier, later in itertools.pairwise(rates[10:]))
+
+
+def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
+    cfg = replace(split_config, epochs=2, run_name="unit")
+    results = train.main(cfg)
+    checkpoint_dir, run_dir = Path(cfg.checkpoint_dir) / "unit", Path(cfg.runs_dir) / "unit"
+    best = load_checkpoint(checkpoint_dir / "best.pt")
+    last = load_checkpoint(checkpoint_dir / "last.pt")
+    assert best["config"]["model_name"] == "resnet18" and last["epoch"] == 2
+    assert {"optimizer", "scheduler", "history", "rng_state"} <= last.keys()
+    assert json.loads((run_dir / "config.json").read_text())["run_name"] == "unit"
+    stored = json.loads((run_dir / "results.json").read_text())
+    assert stored["test_mae"] == pytest.approx(results["test_mae"])
+    assert 0 <= results["test_cs5"] <= 1 and results["test_mae"] > 0
+    assert results["test_images"] == len(build_dataloader(cfg, "test").dataset)
+    assert len(results["history"]) == 2 and results["best_valid_mae"] == min(
+        row["valid_mae"] for row in results["history"])
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert Path(results["learning_curves"]).is_file()
+
+
+def test_a_new_run_never_overwrites_an_old_one(split_config):
+    cfg = replace(split_config, epochs=1, run_name="same")
+    first, second = train.main(cfg), train.main(cfg)
+    assert first["run_name"] == "same" and second["run_name"] == "same_2"
+    assert Path(first["best_checkpoint"]).is_file() and Path(second["best_checkpoint"]).is_file()
+
+
+def test_resume_continues_from_last_checkpoint(split_config):
+    cfg = replace(split_config, epochs=1, run_name="resumable")
+    train.main(cfg)
+    resumed = train.main(replace(split_config, epochs=3, resume=True))  # newest run, extended to 3 epochs
+    assert resumed["run_name"] == "resumable"
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+    assert load_checkpoint(Path(cfg.checkpoint_dir) / "resumable" / "last.pt")["epoch"] == 3
+    assert not (Path(cfg.checkpoint_dir) / "resumable_2").exists()
+
+
+def test_resume_without_a_run_is_a_clear_error(split_config):
+    with pytest.raises(SystemExit, match=r"no run with a last\.pt"):
+        train.main(replace(split_config, resume=True))
+
+
+def test_autocast_choice():
+    cfg = train.Config(mixed_precision=False)
+    assert train.autocast_dtype(cfg, torch.device("cpu")) is None
+    chosen = train.autocast_dtype(train.Config(), torch.device("cpu"))
+    assert chosen in (None, torch.bfloat16)
