@@ -68,6 +68,16 @@ class Config:
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on modern CPUs and GPUs
     mixed_precision: bool = True  # bf16 autocast on CPUs that support it, fp16/bf16 AMP on CUDA
+    # --- inference.py / export_jit.py ---
+    checkpoint: str = ""  # best.pt, model.torchscript or model.onnx ('' = newest checkpoints/*/best.pt)
+    input: str = ""  # image, folder of images, video file, or camera index (0 = webcam)
+    output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
+    no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
+    tta: bool = False  # average the prediction with that of the horizontally flipped face
+    min_face_size: int = 40  # smallest face the detector looks for, in pixels
+    smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
+    show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
+    format: str = "torchscript"  # export_jit.py: torchscript | onnx
     # --- demo.py ---
     demo_num_images: int = 2400  # synthetic faces demo.py generates
 
@@ -135,6 +145,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"optimizer={cfg.optimizer!r} is not one of adamw, sgd")
     if cfg.scheduler not in ("cosine", "step", "none"):
         problems.append(f"scheduler={cfg.scheduler!r} is not one of cosine, step, none")
+    if cfg.format not in ("torchscript", "onnx"):
+        problems.append(f"format={cfg.format!r} is not one of torchscript, onnx")
     if cfg.model_name == "vit" and cfg.image_size % 16:
         problems.append(f"image_size={cfg.image_size} must be a multiple of 16 for vit")
     if not 0 < cfg.valid_fraction + cfg.test_fraction < 1:

@@ -35,7 +35,7 @@ GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
 SPLITS = ("train", "valid", "test")
-CACHE_FORMAT_VERSION = 1  # bump when load_image changes, so old caches are rebuilt
+CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
 
 
 class DataError(Exception):
@@ -87,25 +87,44 @@ def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
     return path
 
 
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
-    """Decode one image into a uint8 array (3, S, S): EXIF-rotated, RGB, centre-cropped square, resized."""
+def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+    """Decode an image as RGB: EXIF orientation applied; grayscale, 16-bit, CMYK, palette and RGBA converted
+    (transparent areas become white). draft_size lets a JPEG decode at a reduced scale when much larger."""
     with Image.open(path) as image:
-        image.draft("RGB", (image_size, image_size))  # JPEG: decode at a reduced scale when much larger
+        if draft_size:
+            image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            rgba = image.convert("RGBA")
             background = Image.new("RGB", image.size, (255, 255, 255))
-            background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-            image = background
-        elif image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float grayscale
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float grayscale
             values = np.asarray(image, dtype=np.float32)
             scale = 255.0 / max(float(values.max()), 1.0)
-            image = Image.fromarray((values * scale).clip(0, 255).astype(np.uint8))
-        image = image.convert("RGB")
+            return Image.fromarray((values * scale).clip(0, 255).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+
+
+def resize_square(image: Image.Image, image_size: int, box: tuple[float, float, float] | None = None) -> np.ndarray:
+    """Crop the square (left, top, side) — by default the centred one — and resize it: uint8 (3, S, S).
+
+    Parts of the square outside the image are black, as in UTKFace's own aligned crops. Training (via
+    load_image) and inference (via a face box) share this function, so both see identical pixels.
+    """
+    if box is None:
         side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side))
-        image = image.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-        return np.ascontiguousarray(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1))  # (3, S, S)
+        box = ((image.width - side) / 2, (image.height - side) / 2, side)
+    left, top, side = box
+    region = (round(left), round(top), round(left + side), round(top + side))
+    square = image.crop(region)
+    square = square.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))  # (3, S, S)
+
+
+def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+    """Decode one image into a uint8 array (3, S, S): RGB, centre-cropped square, resized."""
+    return resize_square(open_rgb_image(path, draft_size=image_size), image_size)
 
 
 def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
@@ -135,7 +154,7 @@ class _DecodeDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         try:
             return index, load_image(self.paths[index], self.image_size), ""
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
             return index, None, f"{type(error).__name__}: {error}"
 
 
@@ -238,7 +257,7 @@ class AgeDataset(Dataset):
             path = resolve_image_path(self.data_dir, self.frame.at[index, "image_name"])
             try:
                 pixels = torch.from_numpy(load_image(path, self.image_size))
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - name the file whatever the decoder raised
                 raise DataError(f"cannot read {path} ({error}); remove its row or run with use_cache=true") from None
         image = self.transform(pixels)  # (3, S, S) float32
         return image, torch.tensor(self.ages[index]), int(self.genders[index]), int(self.ethnicities[index])

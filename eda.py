@@ -71,7 +71,7 @@ def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame,
         if check_images:
             try:
                 load_image(path, 32)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any decoder failure: list the file, go on
                 unreadable[name] = f"{type(error).__name__}: {error}"
                 continue
         rows.append((name, *labels))

@@ -34,7 +34,7 @@ class PretrainedWeightsError(RuntimeError):
 def _load_pretrained_state(weights: Any) -> dict[str, torch.Tensor]:
     try:
         return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - network, disk, hash: the same advice
         file_name = Path(weights.url).name
         hub_folder = Path(torch.hub.get_dir()) / "checkpoints"
         raise PretrainedWeightsError(
@@ -126,7 +126,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py`.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - refuse anything that is not a plain checkpoint
         raise ValueError(
             f"{path} is not a loadable checkpoint of this project ({type(error).__name__}: {error}). "
             "Only plain-dict checkpoints written by train.py are accepted."

@@ -27,6 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -181,6 +182,24 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
+def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame, count: int = 100) -> dict | None:
+    """How the training crops relate to the face detector's box (see faces.py), from up to `count` training
+    images; stored in every checkpoint so that inference crops faces the same way. None without OpenCV or
+    when the detector finds too few faces (inference then uses faces.DEFAULT_CROP_GEOMETRY)."""
+    try:
+        from faces import measure_crop_geometry
+    except ImportError:
+        return None
+    names = frame["image_name"].tolist()
+    sample = [Path(cfg.data_dir) / name for name in names[:: max(1, len(names) // count)][:count]]
+    try:
+        geometry = measure_crop_geometry(sample)
+    except ImportError:
+        return None
+    print(f"crop geometry of the training faces (for inference): {geometry}")
+    return geometry.to_dict() if geometry else None
+
+
 def find_resume_run(cfg: Config) -> Path:
     """last.pt of run_name, or of the most recently written run under checkpoint_dir."""
     if cfg.run_name:
@@ -256,6 +275,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     loaders = {split: build_dataloader(cfg, split) for split in ("train", "valid", "test")}
     train_ages = torch.tensor(loaders["train"].dataset.ages)
+    crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame)
     model = build_model(cfg)
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -306,9 +326,10 @@ def main(cfg: Config) -> dict[str, Any]:
         improved = valid_metrics["mae"] < best_valid_mae
         if improved:
             best_valid_mae = valid_metrics["mae"]
-            save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae)
+            save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae, crop_geometry=crop_geometry)
         save_checkpoint(
             last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
+            crop_geometry=crop_geometry,
             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng_state=torch.get_rng_state(),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         )
@@ -320,7 +341,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if best_path.is_file():
         unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
     else:  # epochs=0: evaluate the model as built
-        save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf)
+        save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
     test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last)
     test_ages = torch.tensor(test_metrics["targets"])
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
