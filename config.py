@@ -44,6 +44,8 @@ class Config:
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel standard deviations
     rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
+    translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
+    scale_jitter: float = 0.07  # train augmentation: random zoom in [1 - x, 1 + x] (crop jitter)
     color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
     # --- model ---
     model_name: str = "resnet"  # resnet (ResNet-50) | resnet18 (quick CPU runs) | efficientnet (B0) | vit (B/16)

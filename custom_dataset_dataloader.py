@@ -8,7 +8,8 @@ Writes: cache/<csv>_<size>px_<key>.npy, every image decoded and resized once int
 
 Preprocessing is the same with and without the cache (`load_image`): EXIF orientation applied, converted to
 RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
-Augmentation (train only, the seed's recipe): random horizontal flip, small rotation, colour jitter; then
+Augmentation (train only, the seed's recipe plus crop jitter): random horizontal flip, small rotation with a small
+shift and zoom (a detector's box at inference is never exactly the training crop), colour jitter; then
 scaling to [0, 1] and ImageNet normalisation. It runs on the uint8 tensors, so the cache saves the decode.
 
 Check it on the split CSVs:  python custom_dataset_dataloader.py [--data_dir=...] [--image_size=...]
@@ -135,7 +136,12 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     if train:
         steps += [
             v2.RandomHorizontalFlip(),
-            v2.RandomRotation(cfg.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR),
+            v2.RandomAffine(  # rotation + the shift and zoom a face detector's box jitters by at inference
+                cfg.rotation_degrees,
+                translate=(cfg.translate_fraction, cfg.translate_fraction),
+                scale=(1 - cfg.scale_jitter, 1 + cfg.scale_jitter),
+                interpolation=v2.InterpolationMode.BILINEAR,
+            ),
             v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter),
         ]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.normalize_mean, cfg.normalize_std)]

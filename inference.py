@@ -75,6 +75,7 @@ class AgePredictor:
             config, geometry = json.loads(metadata["config"]), json.loads(metadata.get("crop_geometry", "null"))
         elif is_torchscript(path):
             self.kind = "torchscript"
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # deprecated, works
             extra_files = {"config.json": "", "crop_geometry.json": ""}
             self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
             config, geometry = json.loads(extra_files["config.json"]), json.loads(extra_files["crop_geometry.json"])

@@ -1,0 +1,148 @@
+"""Inference on real faces: detection recall, crop consistency, and per-frame latency on the CPU.
+
+1. Proof of the crop geometry: real UTKFace crops (../shared/data/utkface200 by default, or --data_dir) are pasted
+   into larger scenes (random size 60-250 px, random position, varied backgrounds, 1-4 faces per scene), and the
+   full pipeline runs on each scene. Reported: detection recall (a pasted face counts as found when a detected box
+   overlaps it with IoU >= 0.4), and the mean |age via detect -> crop - age on the original crop| for the same model.
+2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for the eager
+   checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint if missing).
+
+Reads:  --checkpoint (default: newest checkpoints/*/best.pt), --data_dir (default ../shared/data/utkface200).
+Writes: nothing but the exports; prints the tables.
+
+Run:  python benchmark_inference.py --checkpoint=checkpoints/<run>/best.pt [--data_dir=../shared/data/utkface200]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from config import Config, parse_config
+from faces import FaceDetector
+from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces, newest_checkpoint
+
+DEFAULT_FACES = Path(__file__).resolve().parent.parent / "shared" / "data" / "utkface200"
+
+
+def make_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One of: a smooth colour gradient, blurred noise, or large blurred blocks (a room-like clutter)."""
+    kind = rng.integers(3)
+    if kind == 0:
+        start, end = rng.integers(0, 255, 3), rng.integers(0, 255, 3)
+        ramp = np.linspace(0, 1, width)[None, :, None]
+        pixels = np.broadcast_to(start + (end - start) * ramp, (height, width, 3))
+        return Image.fromarray(pixels.astype(np.uint8))
+    if kind == 1:
+        noise = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+        return Image.fromarray(noise).resize((width, height), Image.Resampling.BICUBIC).filter(ImageFilter.GaussianBlur(3))
+    blocks = rng.integers(0, 255, (rng.integers(2, 6), rng.integers(2, 8), 3), dtype=np.uint8)
+    return Image.fromarray(blocks).resize((width, height), Image.Resampling.NEAREST).filter(ImageFilter.GaussianBlur(2))
+
+
+def paste_scene(paths: list[Path], rng: np.random.Generator) -> tuple[np.ndarray, list[tuple], list[Path]]:
+    """A 960x720 scene with the given faces at random non-overlapping places; returns (RGB, boxes, paths)."""
+    width, height = 960, 720
+    scene = make_background(rng, width, height)
+    boxes = []
+    for path in paths:
+        for _ in range(50):
+            size = int(rng.integers(60, 251))
+            x, y = int(rng.integers(0, width - size)), int(rng.integers(0, height - size))
+            if all(box_overlap((x, y, size, size), other) == 0 for other in boxes):
+                break
+        else:
+            continue
+        scene.paste(Image.open(path).convert("RGB").resize((size, size), Image.Resampling.BICUBIC), (x, y))
+        boxes.append((x, y, size, size))
+    return np.asarray(scene), boxes, paths[: len(boxes)]
+
+
+def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int, seed: int) -> dict[str, float]:
+    from custom_dataset_dataloader import load_image
+
+    detector, rng = FaceDetector(), np.random.default_rng(seed)
+    found = total = 0
+    differences = []
+    for _ in range(scenes):
+        chosen = [face_paths[index] for index in rng.choice(len(face_paths), int(rng.integers(1, 5)), replace=False)]
+        scene, boxes, placed = paste_scene(chosen, rng)
+        faces = estimate_faces(scene, predictor, detector)
+        direct = predictor.predict(np.stack([load_image(path, predictor.image_size) for path in placed]))
+        for box, direct_age in zip(boxes, direct, strict=True):
+            total += 1
+            overlaps = [box_overlap(box, face.box) for face in faces]
+            if overlaps and max(overlaps) >= 0.4:
+                found += 1
+                differences.append(abs(faces[int(np.argmax(overlaps))].age - float(direct_age)))
+    return {"faces": total, "recall": found / max(total, 1), "mean_abs_age_difference": float(np.mean(differences)),
+            "median_abs_age_difference": float(np.median(differences))}
+
+
+def latency(predictor: AgePredictor, frame: np.ndarray, repeats: int = 30) -> dict[str, float]:
+    """Median milliseconds of each stage on one frame."""
+    from PIL import Image as PILImage
+
+    from custom_dataset_dataloader import resize_square
+
+    detector = FaceDetector()
+    timings: dict[str, list[float]] = {"detect": [], "crop": [], "model": [], "draw": [], "total": []}
+    for _ in range(repeats + 3):
+        started = time.perf_counter()
+        boxes = detector.detect(frame)
+        detected = time.perf_counter()
+        picture = PILImage.fromarray(frame)
+        crops = np.stack([resize_square(picture, predictor.image_size, predictor.crop_geometry.crop_box(box))
+                          for box in boxes[:1]])
+        cropped = time.perf_counter()
+        ages = predictor.predict(crops)
+        predicted = time.perf_counter()
+        draw_faces(frame, [Face(box, float(age)) for box, age in zip(boxes[:1], ages, strict=True)])
+        drawn = time.perf_counter()
+        for name, value in (("detect", detected - started), ("crop", cropped - detected),
+                            ("model", predicted - cropped), ("draw", drawn - predicted), ("total", drawn - started)):
+            timings[name].append(value * 1000)
+    return {name: float(np.median(values[3:])) for name, values in timings.items()}
+
+
+def main(cfg: Config) -> dict:
+    import export_jit
+
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
+    data_dir = Path(cfg.data_dir) if cfg.data_dir != Config.data_dir else DEFAULT_FACES
+    face_paths = sorted(data_dir.glob("*.jpg"))
+    if not face_paths:
+        raise SystemExit(f"error: no face images in {data_dir}; pass --data_dir=<folder of UTKFace crops>")
+    predictor = AgePredictor(checkpoint)
+    proof = detection_proof(predictor, face_paths, scenes=100, seed=cfg.seed)
+    print(f"\ncrop proof on {proof['faces']} real faces pasted into 100 scenes ({data_dir}):")
+    print(f"  detection recall {proof['recall']:.1%}; |age via detect->crop - age on the original crop|: "
+          f"mean {proof['mean_abs_age_difference']:.2f} y, median {proof['median_abs_age_difference']:.2f} y")
+
+    rng = np.random.default_rng(1)
+    frame, _, _ = paste_scene([face_paths[len(face_paths) // 2]], rng)
+    frame = np.ascontiguousarray(np.asarray(Image.fromarray(frame).resize((640, 480))))
+    results = {"proof": proof}
+    print(f"\nlatency of one 640x480 frame with one face ({predictor.cfg.model_name} at {predictor.image_size}px, "
+          "median ms):")
+    print(f"  {'model file':<12} {'detect':>7} {'crop':>6} {'model':>7} {'draw':>6} {'total':>7} {'FPS':>6}")
+    for export_format in ("checkpoint", "torchscript", "onnx"):
+        path = checkpoint
+        if export_format != "checkpoint":
+            path = checkpoint.with_name(f"model.{export_format}")
+            if not path.is_file():
+                export_jit.main(replace(cfg, checkpoint=str(checkpoint), format=export_format, output=str(path)))
+        timing = latency(AgePredictor(path), frame)
+        results[export_format] = timing
+        print(f"  {export_format:<12} {timing['detect']:7.1f} {timing['crop']:6.1f} {timing['model']:7.1f} "
+              f"{timing['draw']:6.1f} {timing['total']:7.1f} {1000 / timing['total']:6.1f}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))

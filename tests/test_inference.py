@@ -1,0 +1,169 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import export_jit
+import inference
+from config import Config
+from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector, measure_crop_geometry
+from model import AgeEstimationModel, save_checkpoint
+from tests.conftest import REAL_DATA
+
+HOPPER = REAL_DATA.parent / "images" / "grace_hopper_512x512.jpg"
+UTK200 = REAL_DATA / "utkface200"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A small untrained-but-non-trivial checkpoint with a stored crop geometry."""
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32)
+    torch.manual_seed(0)
+    model = AgeEstimationModel("resnet18", image_size=32)
+    model.set_age_statistics(35.0, 15.0)
+    torch.nn.init.normal_(model.head[1].weight, std=0.05)
+    path = tmp_path_factory.mktemp("model") / "best.pt"
+    save_checkpoint(path, model, cfg, crop_geometry=DEFAULT_CROP_GEOMETRY.to_dict())
+    return path
+
+
+def test_crop_geometry_round_trips():
+    geometry = CropGeometry(0.02, 0.08, 0.95, 100)
+    assert CropGeometry.from_dict(geometry.to_dict()) == geometry
+    left, top, side = geometry.crop_box((100.0, 50.0, 80.0, 80.0))
+    assert side == pytest.approx(76.0)
+    assert left + side / 2 == pytest.approx(140 + 0.02 * 80) and top + side / 2 == pytest.approx(90 + 0.08 * 80)
+
+
+def test_box_overlap():
+    assert inference.box_overlap((0, 0, 10, 10), (0, 0, 10, 10)) == pytest.approx(1.0)
+    assert inference.box_overlap((0, 0, 10, 10), (5, 0, 10, 10)) == pytest.approx(50 / 150)
+    assert inference.box_overlap((0, 0, 10, 10), (20, 20, 5, 5)) == 0.0
+
+
+def test_tracker_smooths_a_face_and_separates_two():
+    tracker = inference.FaceTracker(smoothing=0.5)
+    first = tracker.update([inference.Face((0, 0, 50, 50), 30.0), inference.Face((200, 0, 50, 50), 60.0)], 0)
+    second = tracker.update([inference.Face((2, 1, 50, 50), 40.0), inference.Face((201, 0, 50, 50), 60.0)], 1)
+    assert first[0].track == second[0].track != second[1].track
+    assert second[0].age == pytest.approx(35.0) and second[1].age == pytest.approx(60.0)
+
+
+@pytest.mark.parametrize("export_format", ["torchscript", "onnx"])
+def test_exports_match_eager_and_carry_their_config(checkpoint, tmp_path, export_format):
+    output = tmp_path / f"model.{export_format}"
+    result = export_jit.main(Config(checkpoint=str(checkpoint), format=export_format, output=str(output)))
+    assert result["max_abs_difference"] <= export_jit.TOLERANCE[export_format]
+    exported, eager = inference.AgePredictor(output), inference.AgePredictor(checkpoint)
+    assert exported.cfg == eager.cfg and exported.crop_geometry == DEFAULT_CROP_GEOMETRY
+    crops = np.random.default_rng(0).integers(0, 255, (3, 3, 32, 32), dtype=np.uint8)
+    assert np.allclose(exported.predict(crops), eager.predict(crops), atol=1e-3)
+    assert np.allclose(exported.predict(crops, tta=True), eager.predict(crops, tta=True), atol=1e-3)
+
+
+@pytest.mark.parametrize("model_name", ["efficientnet", "vit"])
+def test_every_backbone_traces(tmp_path, model_name):
+    cfg = Config(model_name=model_name, pretrained=False, image_size=32)
+    model = AgeEstimationModel(model_name, image_size=32)
+    torch.nn.init.normal_(model.head[1].weight, std=0.05)
+    save_checkpoint(tmp_path / "best.pt", model, cfg)
+    result = export_jit.main(Config(checkpoint=str(tmp_path / "best.pt")))
+    assert result["max_abs_difference"] <= 1e-4
+
+
+def test_no_detect_folder_run_writes_one_row_per_image_and_skips_bad_files(checkpoint, tmp_path, face_folder):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted(face_folder.iterdir())[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("hello")
+    Image.new("LA", (40, 40)).save(folder / "gray_alpha.png")
+    output = tmp_path / "annotated"
+    cfg = Config(checkpoint=str(checkpoint), input=str(folder), output=str(output), no_detect=True)
+    with pytest.warns(UserWarning) as caught:
+        rows = inference.main(cfg)
+    messages = " ".join(str(warning.message) for warning in caught)
+    assert "broken.jpg" in messages and "notes.txt" in messages
+    assert len(rows) == 4 and all(0 < row["age"] < 120 for row in rows)
+    lines = (output / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["source"] for line in lines] == [row["source"] for row in rows]
+    assert len(list(output.glob("*_age.jpg"))) == 4
+
+
+def test_image_without_a_face_is_reported_not_an_error(checkpoint, tmp_path, capsys):
+    blank = tmp_path / "wall.png"
+    Image.new("RGB", (320, 240), (200, 190, 180)).save(blank)
+    rows = inference.main(Config(checkpoint=str(checkpoint), input=str(blank), output=str(tmp_path / "out.jpg")))
+    assert rows == [] and "no face found" in capsys.readouterr().out
+    assert (tmp_path / "out.jpg").is_file() and (tmp_path / "out.jsonl").read_text() == ""
+
+
+def test_video_path_runs_headless(checkpoint, tmp_path, face_folder):
+    import cv2
+
+    video = tmp_path / "clip.mp4"
+    face = np.asarray(Image.open(sorted(face_folder.iterdir())[0]).resize((64, 64)))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 64))
+    for _ in range(6):
+        writer.write(cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    writer.release()
+    output = tmp_path / "clip_age.mp4"
+    cfg = Config(checkpoint=str(checkpoint), input=str(video), output=str(output), no_detect=True, show=False)
+    rows = inference.main(cfg)
+    assert [row["frame"] for row in rows] == list(range(6)) and {row["track"] for row in rows} == {0}
+    capture = cv2.VideoCapture(str(output))
+    assert capture.isOpened() and int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
+    capture.release()
+
+
+def test_missing_input_is_a_clear_error(checkpoint, tmp_path):
+    with pytest.raises(SystemExit, match="neither a file"):
+        inference.main(Config(checkpoint=str(checkpoint), input=str(tmp_path / "nothing.jpg")))
+
+
+needs_real_faces = pytest.mark.skipif(not HOPPER.is_file() or not UTK200.is_dir(),
+                                      reason="real faces in ../shared are absent")
+
+
+@needs_real_faces
+def test_one_face_found_in_a_real_portrait(checkpoint, tmp_path):
+    rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "hopper.jpg")))
+    assert len(rows) == 1
+    x, y, width, height = rows[0]["box"]
+    assert 100 < width < 350 and 0 <= x and x + width <= 512
+    assert (tmp_path / "hopper.jpg").stat().st_size > 10000
+
+
+@needs_real_faces
+def test_real_faces_pasted_into_a_scene_are_found(tmp_path):
+    rng = np.random.default_rng(0)
+    scene = rng.integers(60, 200, (480, 640, 3), dtype=np.uint8)
+    paths = sorted(UTK200.glob("*.jpg"))[::500][:3]
+    placed = []
+    for index, path in enumerate(paths):
+        size = 150
+        face = np.asarray(Image.open(path).convert("RGB").resize((size, size)))
+        x, y = 30 + index * 200, 100 + 40 * index
+        scene[y:y + size, x:x + size] = face
+        placed.append((x, y, size, size))
+    boxes = FaceDetector().detect(scene)
+    for target in placed:
+        assert max(inference.box_overlap(target, box) for box in boxes) > 0.4
+
+
+@needs_real_faces
+def test_geometry_measured_on_real_crops_is_close_to_the_default():
+    geometry = measure_crop_geometry(sorted(UTK200.glob("*.jpg"))[::300][:25])
+    assert geometry is not None and geometry.measured_on >= 20
+    assert abs(geometry.scale - DEFAULT_CROP_GEOMETRY.scale) < 0.1
+    assert abs(geometry.center_dy - DEFAULT_CROP_GEOMETRY.center_dy) < 0.05
+
+
+def test_pretrained_flag_is_ignored_when_rebuilding(checkpoint):
+    predictor = inference.AgePredictor(checkpoint)
+    assert replace(predictor.cfg, pretrained=True).model_name == "resnet18"
