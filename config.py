@@ -70,6 +70,12 @@ class Config:
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on modern CPUs and GPUs
     mixed_precision: bool = True  # bf16 autocast on CPUs that support it, fp16/bf16 AMP on CUDA
+    # --- hyperparameters_tuning.py ---
+    tune_learning_rates: str = "1e-4,3e-4,1e-3,3e-3"  # comma-separated learning rates for steps 3 and 4
+    tune_weight_decays: str = "0,1e-4,1e-3"  # comma-separated weight decays for step 4
+    tune_epochs: int = 3  # epochs per sweep trial (steps 3 and 4)
+    tune_overfit_images: int = 1000  # step 2: size of the fixed training subset to overfit
+    tune_overfit_epochs: int = 30  # step 2: epochs on that subset
     # --- inference.py / export_jit.py ---
     checkpoint: str = ""  # best.pt, model.torchscript or model.onnx ('' = newest checkpoints/*/best.pt)
     input: str = ""  # image, folder of images, video file, or camera index (0 = webcam)

@@ -204,6 +204,7 @@ def build_image_cache(
                 batch_size=None,
                 num_workers=num_workers,
                 collate_fn=_keep_as_is,
+                generator=torch.Generator(),  # leaves the global RNG alone: a cache hit or miss must not change a run
             )
             from tqdm import tqdm
 
@@ -308,7 +309,7 @@ def build_dataloader(cfg: Config, split: str, csv_path: str | None = None) -> Da
         shuffle=train,
         drop_last=train and len(dataset) > cfg.batch_size,
         num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        persistent_workers=False,  # fresh workers per epoch, seeded from `generator`: epochs are reproducible
         pin_memory=torch.cuda.is_available(),
         generator=generator,
     )

@@ -70,7 +70,9 @@ class AgePredictor:
             import onnxruntime
 
             self.kind = "onnx"
-            self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = onnxruntime.SessionOptions()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the CPU to the detector
+            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             metadata = self.session.get_modelmeta().custom_metadata_map
             config, geometry = json.loads(metadata["config"]), json.loads(metadata.get("crop_geometry", "null"))
         elif is_torchscript(path):
@@ -87,8 +89,8 @@ class AgePredictor:
         self.cfg = config_from_dict(config)
         self.crop_geometry = CropGeometry.from_dict(geometry) if geometry else DEFAULT_CROP_GEOMETRY
         if not geometry:
-            warnings.warn(f"{path} carries no measured crop geometry; using the UTKFace default {DEFAULT_CROP_GEOMETRY}",
-                          stacklevel=2)
+            warnings.warn(f"{path} carries no measured crop geometry; using the UTKFace default "
+                          f"{DEFAULT_CROP_GEOMETRY}", stacklevel=2)
         self.transform = build_transforms(self.cfg, train=False)
         self.image_size = self.cfg.image_size
 

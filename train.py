@@ -267,7 +267,6 @@ def main(cfg: Config) -> dict[str, Any]:
         run_name = new_run_name(cfg)
         cfg = replace(cfg, run_name=run_name)
     print_config(cfg, "train.py")
-    seed_everything(cfg.seed, cfg.deterministic)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
@@ -276,6 +275,7 @@ def main(cfg: Config) -> dict[str, Any]:
     loaders = {split: build_dataloader(cfg, split) for split in ("train", "valid", "test")}
     train_ages = torch.tensor(loaders["train"].dataset.ages)
     crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame)
+    seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
@@ -293,7 +293,6 @@ def main(cfg: Config) -> dict[str, Any]:
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
-        torch.set_rng_state(resume_state["rng_state"])
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} (best valid MAE {best_valid_mae:.2f})")
@@ -305,37 +304,48 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"device {device}, autocast {dtype}, {len(loaders['train'].dataset)} train / "
           f"{len(loaders['valid'].dataset)} valid / {len(loaders['test'].dataset)} test images")
     started = time.perf_counter()
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        epoch_started = time.perf_counter()
-        train_metrics = train_one_epoch(
-            model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
-            cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
-        )
-        valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)
-        learning_rate = optimizer.param_groups[0]["lr"]
-        seconds = time.perf_counter() - epoch_started
-        history.append({
-            "epoch": epoch, "train_loss": train_metrics["loss"], "valid_loss": valid_metrics["loss"],
-            "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"], "lr": learning_rate,
-            "seconds": seconds,
-        })
-        for name, value in (("loss/train", train_metrics["loss"]), ("loss/valid", valid_metrics["loss"]),
-                            ("mae/train", train_metrics["mae"]), ("mae/valid", valid_metrics["mae"]),
-                            ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate)):
-            writer.add_scalar(name, value, epoch)
-        improved = valid_metrics["mae"] < best_valid_mae
-        if improved:
-            best_valid_mae = valid_metrics["mae"]
-            save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae, crop_geometry=crop_geometry)
-        save_checkpoint(
-            last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
-            crop_geometry=crop_geometry,
-            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng_state=torch.get_rng_state(),
-            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-        )
-        print(f"epoch {epoch:3d}/{cfg.epochs}  train MAE {train_metrics['mae']:6.2f}  valid MAE "
-              f"{valid_metrics['mae']:6.2f}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
-              f"{seconds:5.1f}s{'  * best' if improved else ''}", flush=True)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            # Shuffling and augmentation of an epoch depend only on (seed, epoch): a run resumed from last.pt
+            # continues exactly as the uninterrupted run would have (with deterministic=true, bit for bit on CPU).
+            torch.manual_seed(cfg.seed * 1000 + epoch)
+            loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch)
+            epoch_started = time.perf_counter()
+            train_metrics = train_one_epoch(
+                model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
+                cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
+            )
+            valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)
+            learning_rate = optimizer.param_groups[0]["lr"]
+            seconds = time.perf_counter() - epoch_started
+            history.append({
+                "epoch": epoch, "train_loss": train_metrics["loss"], "valid_loss": valid_metrics["loss"],
+                "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"], "lr": learning_rate,
+                "seconds": seconds,
+            })
+            for name, value in (("loss/train", train_metrics["loss"]), ("loss/valid", valid_metrics["loss"]),
+                                ("mae/train", train_metrics["mae"]), ("mae/valid", valid_metrics["mae"]),
+                                ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate)):
+                writer.add_scalar(name, value, epoch)
+            improved = valid_metrics["mae"] < best_valid_mae
+            if improved:
+                best_valid_mae = valid_metrics["mae"]
+                save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae,
+                                crop_geometry=crop_geometry)
+            save_checkpoint(
+                last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
+                crop_geometry=crop_geometry, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+            )
+            print(f"epoch {epoch:3d}/{cfg.epochs}  train MAE {train_metrics['mae']:6.2f}  valid MAE "
+                  f"{valid_metrics['mae']:6.2f}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
+                  f"{seconds:5.1f}s{'  * best' if improved else ''}", flush=True)
+    except KeyboardInterrupt:
+        writer.close()
+        finished = f"{last_path} holds epoch {epoch - 1}" if last_path.is_file() else "no epoch had finished"
+        raise SystemExit(f"\ninterrupted during epoch {epoch}: {finished}; continue with "
+                         f"`python train.py --resume --run_name={run_name}`") from None
     writer.close()
 
     if best_path.is_file():

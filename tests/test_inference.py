@@ -134,26 +134,25 @@ needs_real_faces = pytest.mark.skipif(not HOPPER.is_file() or not UTK200.is_dir(
 def test_one_face_found_in_a_real_portrait(checkpoint, tmp_path):
     rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "hopper.jpg")))
     assert len(rows) == 1
-    x, y, width, height = rows[0]["box"]
+    x, _, width, _ = rows[0]["box"]
     assert 100 < width < 350 and 0 <= x and x + width <= 512
     assert (tmp_path / "hopper.jpg").stat().st_size > 10000
 
 
 @needs_real_faces
-def test_real_faces_pasted_into_a_scene_are_found(tmp_path):
+def test_real_faces_pasted_into_scenes_are_found():
+    from benchmark_inference import paste_scene
+
     rng = np.random.default_rng(0)
-    scene = rng.integers(60, 200, (480, 640, 3), dtype=np.uint8)
-    paths = sorted(UTK200.glob("*.jpg"))[::500][:3]
-    placed = []
-    for index, path in enumerate(paths):
-        size = 150
-        face = np.asarray(Image.open(path).convert("RGB").resize((size, size)))
-        x, y = 30 + index * 200, 100 + 40 * index
-        scene[y:y + size, x:x + size] = face
-        placed.append((x, y, size, size))
-    boxes = FaceDetector().detect(scene)
-    for target in placed:
-        assert max(inference.box_overlap(target, box) for box in boxes) > 0.4
+    paths = sorted(UTK200.glob("*.jpg"))[::400]
+    detector, found, total = FaceDetector(), 0, 0
+    for start in range(0, 12, 3):
+        scene, boxes, _ = paste_scene(paths[start:start + 3], rng)
+        detected = detector.detect(scene)
+        for target in boxes:
+            total += 1
+            found += max((inference.box_overlap(target, box) for box in detected), default=0) >= 0.4
+    assert total >= 10 and found / total >= 0.8
 
 
 @needs_real_faces

@@ -57,7 +57,7 @@ def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
     best = load_checkpoint(checkpoint_dir / "best.pt")
     last = load_checkpoint(checkpoint_dir / "last.pt")
     assert best["config"]["model_name"] == "resnet18" and last["epoch"] == 2
-    assert {"optimizer", "scheduler", "history", "rng_state"} <= last.keys()
+    assert {"optimizer", "scheduler", "history", "crop_geometry"} <= last.keys()
     assert json.loads((run_dir / "config.json").read_text())["run_name"] == "unit"
     stored = json.loads((run_dir / "results.json").read_text())
     assert stored["test_mae"] == pytest.approx(results["test_mae"])

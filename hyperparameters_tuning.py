@@ -1,0 +1,169 @@
+"""The seed's five-step tuning procedure, each trial a call of train.main (no copied training loop).
+
+1. The loss of the untrained model on one batch, beside the loss of always predicting the mean training age
+   (the head starts at zero, so both should match: a sanity check of the data and the loss).
+2. Overfit a small fixed training subset (tune_overfit_images, no augmentation, no regularisation) and show the
+   training loss going towards zero: the model and the optimisation can learn.
+3. A learning-rate sweep (tune_learning_rates) for tune_epochs epochs each.
+4. A learning-rate x weight-decay grid (tune_learning_rates x tune_weight_decays), one row per trial in
+   runs/tuning/grid.csv (lr, weight_decay, valid_mae, train_loss, seconds) and a heat-map pics/tuning_grid.png.
+   Trials are ranked by valid MAE, never by training loss. An interrupted sweep resumes: rows already in the CSV
+   are not run again.
+5. Print the command that trains the best setting for longer.
+
+Every trial is seeded by `seed` and runs in its own folder under runs/tuning/ and checkpoints/tuning/.
+Reads:  the split CSVs and images (as train.py). Writes: runs/tuning/*.csv, pics/tuning_*.png, tuning runs.
+
+Run:  python hyperparameters_tuning.py --model_name=resnet18 --pretrained=false --image_size=64 --tune_epochs=3
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import train
+from config import Config, atomic_write_path, parse_config, print_config, seed_everything
+from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
+from model import build_model
+
+GRID_COLUMNS = ("lr", "weight_decay", "valid_mae", "valid_cs5", "train_loss", "seconds")
+
+
+def parse_values(text: str) -> list[float]:
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise SystemExit(f"error: expected comma-separated numbers, got {text!r}") from None
+
+
+def trial_config(cfg: Config, name: str, **changes) -> Config:
+    """A trial's config: its own run folders under tuning/, never resuming, never overwriting."""
+    return replace(cfg, run_name=name, resume=False, runs_dir=str(Path(cfg.runs_dir) / "tuning"),
+                   checkpoint_dir=str(Path(cfg.checkpoint_dir) / "tuning"), **changes)
+
+
+def initial_loss(cfg: Config) -> dict[str, float]:
+    """Step 1: L1 loss of the untrained model on one training batch vs a mean-age predictor's."""
+    seed_everything(cfg.seed)
+    loader = build_dataloader(replace(cfg, num_workers=0), "train")
+    ages_all = torch.tensor(loader.dataset.ages)
+    model = build_model(replace(cfg, pretrained=False)).eval()
+    model.set_age_statistics(ages_all.mean().item(), ages_all.std().item())
+    images, ages, _, _ = next(iter(loader))
+    with torch.no_grad():
+        model_loss = (model(images) - ages).abs().mean().item()
+    mean_loss = (ages - ages_all.mean()).abs().mean().item()
+    print(f"step 1: untrained model L1 on one batch {model_loss:.2f} years; mean-age predictor {mean_loss:.2f} years")
+    return {"model_loss": model_loss, "mean_predictor_loss": mean_loss}
+
+
+def overfit_subset(cfg: Config) -> list[float]:
+    """Step 2: train on a fixed subset, evaluated on itself, without augmentation or regularisation."""
+    frame = read_dataset_csv(split_csv_path(cfg, "train"))
+    subset = frame.sample(min(cfg.tune_overfit_images, len(frame)), random_state=cfg.seed).sort_index()
+    with tempfile.TemporaryDirectory(prefix="overfit_") as folder:
+        for split in ("train", "valid", "test"):
+            write_dataset_csv(subset, Path(folder) / f"{split}_set.csv")
+        results = train.main(trial_config(
+            cfg, "overfit", csv_dir=folder, epochs=cfg.tune_overfit_epochs, rotation_degrees=0.0, color_jitter=0.0,
+            translate_fraction=0.0, scale_jitter=0.0, dropout=0.0, weight_decay=0.0,
+        ))
+    losses = [row["train_loss"] for row in results["history"]]
+    print(f"step 2: training L1 on {len(subset)} fixed images: " + " -> ".join(f"{loss:.2f}" for loss in losses))
+    return losses
+
+
+def read_grid(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with path.open() as handle:
+        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def write_grid(path: Path, rows: list[dict[str, float]]) -> None:
+    with atomic_write_path(path) as temporary, temporary.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=GRID_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def sweep(cfg: Config, path: Path, settings: list[tuple[float, float]]) -> list[dict[str, float]]:
+    """Run every (lr, weight_decay) not yet in the CSV at `path`; returns all rows, best valid MAE first."""
+    rows = read_grid(path)
+    done = {(row["lr"], row["weight_decay"]) for row in rows}
+    for lr, weight_decay in settings:
+        if (lr, weight_decay) in done:
+            print(f"  lr={lr:g} weight_decay={weight_decay:g}: already in {path}, skipped")
+            continue
+        results = train.main(trial_config(cfg, f"{path.stem}_lr{lr:g}_wd{weight_decay:g}", lr=lr,
+                                          weight_decay=weight_decay, epochs=cfg.tune_epochs))
+        history = results["history"]
+        rows.append({"lr": lr, "weight_decay": weight_decay, "valid_mae": results["best_valid_mae"],
+                     "valid_cs5": max(row["valid_cs5"] for row in history),
+                     "train_loss": history[-1]["train_loss"], "seconds": sum(row["seconds"] for row in history)})
+        write_grid(path, rows)  # after every trial: an interrupted sweep loses at most one trial
+    return sorted(rows, key=lambda row: row["valid_mae"] if math.isfinite(row["valid_mae"]) else math.inf)
+
+
+def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    learning_rates = sorted({row["lr"] for row in rows})
+    weight_decays = sorted({row["weight_decay"] for row in rows})
+    values = np.full((len(weight_decays), len(learning_rates)), np.nan)
+    for row in rows:
+        values[weight_decays.index(row["weight_decay"]), learning_rates.index(row["lr"])] = row["valid_mae"]
+    figure, axis = plt.subplots(figsize=(1.5 * len(learning_rates) + 2.5, 1.0 * len(weight_decays) + 1.8))
+    image = axis.imshow(values, cmap="viridis_r")
+    axis.set_xticks(range(len(learning_rates)), [f"{value:g}" for value in learning_rates])
+    axis.set_yticks(range(len(weight_decays)), [f"{value:g}" for value in weight_decays])
+    for (row, column), value in np.ndenumerate(values):
+        axis.text(column, row, f"{value:.2f}", ha="center", va="center", color="white")
+    axis.set(xlabel="learning rate", ylabel="weight decay", title="valid MAE (years), lower is better")
+    figure.colorbar(image, ax=axis)
+    with atomic_write_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def main(cfg: Config) -> dict:
+    """The five steps; returns the step results and the best (lr, weight_decay) by valid MAE."""
+    print_config(cfg, "hyperparameters_tuning.py")
+    learning_rates, weight_decays = parse_values(cfg.tune_learning_rates), parse_values(cfg.tune_weight_decays)
+    tuning_dir = Path(cfg.runs_dir) / "tuning"
+    step1 = initial_loss(cfg)
+    step2 = overfit_subset(cfg)
+    print(f"\nstep 3: learning-rate sweep, {cfg.tune_epochs} epochs each (weight decay {cfg.weight_decay:g})")
+    step3 = sweep(cfg, tuning_dir / "lr_sweep.csv", [(lr, cfg.weight_decay) for lr in learning_rates])
+    for row in sorted(step3, key=lambda row: row["lr"]):
+        print(f"  lr={row['lr']:<8g} valid MAE {row['valid_mae']:6.2f}  train loss {row['train_loss']:6.2f}")
+    print(f"\nstep 4: learning rate x weight decay, {len(learning_rates) * len(weight_decays)} trials")
+    grid_path = tuning_dir / "grid.csv"
+    step4 = sweep(cfg, grid_path, [(lr, wd) for wd in weight_decays for lr in learning_rates])
+    plot_grid(step4, Path(cfg.pics_dir) / "tuning_grid.png")
+    best = step4[0]
+    print(f"  best: lr={best['lr']:g} weight_decay={best['weight_decay']:g} valid MAE {best['valid_mae']:.2f} "
+          f"(table {grid_path}, heat-map {Path(cfg.pics_dir) / 'tuning_grid.png'})")
+    epochs = max(cfg.epochs, 10 * cfg.tune_epochs)
+    command = (f"python train.py --model_name={cfg.model_name} --pretrained={str(cfg.pretrained).lower()} "
+               f"--image_size={cfg.image_size} --batch_size={cfg.batch_size} --optimizer={cfg.optimizer} "
+               f"--lr={best['lr']:g} --weight_decay={best['weight_decay']:g} --epochs={epochs}"
+               + (f" --data_dir={cfg.data_dir}" if cfg.data_dir != Config.data_dir else ""))
+    print(f"\nstep 5: train the best setting longer:\n  {command}")
+    return {"initial_loss": step1, "overfit_losses": step2, "lr_sweep": step3, "grid": step4, "best": best,
+            "command": command}
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))

@@ -1,0 +1,76 @@
+"""Interruption and determinism: a killed run resumes to the same result; Ctrl-C leaves a usable last.pt."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
+
+import pytest
+
+import train
+from config import Config
+from model import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command_line(cfg: Config) -> list[str]:
+    """`python train.py --key=value ...` for every setting of cfg that differs from the defaults."""
+    defaults = Config()
+    arguments = []
+    for field in fields(cfg):
+        value = getattr(cfg, field.name)
+        if value != getattr(defaults, field.name):
+            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+            arguments.append(f"--{field.name}={text}")
+    return [sys.executable, str(REPO / "train.py"), *arguments]
+
+
+def start_and_interrupt(cfg: Config, sig: int) -> subprocess.CompletedProcess:
+    """Start train.py, wait until epoch 1 is saved, then send `sig` during epoch 2."""
+    last = Path(cfg.checkpoint_dir) / cfg.run_name / "last.pt"
+    process = subprocess.Popen(command_line(cfg), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "training finished before it could be interrupted"
+    process.send_signal(sig)
+    output, _ = process.communicate(timeout=60)
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
+
+
+@pytest.fixture
+def deterministic_config(split_config: Config) -> Config:
+    return replace(split_config, epochs=3, deterministic=True, batch_size=16)
+
+
+def test_same_seed_gives_identical_metrics(deterministic_config):
+    first = train.main(replace(deterministic_config, epochs=2, run_name="first"))
+    second = train.main(replace(deterministic_config, epochs=2, run_name="second"))
+    assert [row["valid_mae"] for row in first["history"]] == [row["valid_mae"] for row in second["history"]]
+    assert first["test_mae"] == second["test_mae"]
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(deterministic_config):
+    reference = train.main(replace(deterministic_config, run_name="uninterrupted"))
+    killed = start_and_interrupt(replace(deterministic_config, run_name="killed"), signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    saved = load_checkpoint(Path(deterministic_config.checkpoint_dir) / "killed" / "last.pt")
+    assert 1 <= saved["epoch"] < 3
+    resumed = train.main(replace(deterministic_config, run_name="killed", resume=True))
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
+    assert [row["valid_mae"] for row in resumed["history"]] == [row["valid_mae"] for row in reference["history"]]
+    assert resumed["test_mae"] == reference["test_mae"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGINT delivery to a child process")
+def test_ctrl_c_exits_cleanly_with_a_usable_last_checkpoint(deterministic_config):
+    cfg = replace(deterministic_config, run_name="ctrl_c", epochs=50)
+    interrupted = start_and_interrupt(cfg, signal.SIGINT)
+    assert interrupted.returncode == 1
+    assert "interrupted during epoch" in interrupted.stdout and "--resume" in interrupted.stdout
+    assert "Traceback" not in interrupted.stdout
+    assert load_checkpoint(Path(cfg.checkpoint_dir) / "ctrl_c" / "last.pt")["epoch"] >= 1

@@ -1,0 +1,37 @@
+import csv
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+import hyperparameters_tuning as tuning
+import train
+
+
+def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monkeypatch):
+    cfg = replace(split_config, tune_learning_rates="1e-3,3e-3", tune_weight_decays="0,1e-4", tune_epochs=1,
+                  tune_overfit_images=32, tune_overfit_epochs=6, lr=3e-3, batch_size=16)
+    results = tuning.main(cfg)
+
+    step1 = results["initial_loss"]
+    assert step1["model_loss"] == pytest.approx(step1["mean_predictor_loss"], rel=1e-4)  # zero-initialised head
+    losses = results["overfit_losses"]
+    assert len(losses) == 6 and losses[-1] < 0.6 * losses[0]
+    grid_path = Path(cfg.runs_dir) / "tuning" / "grid.csv"
+    with grid_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and set(rows[0]) == set(tuning.GRID_COLUMNS)
+    assert {(float(row["lr"]), float(row["weight_decay"])) for row in rows} == {
+        (1e-3, 0.0), (3e-3, 0.0), (1e-3, 1e-4), (3e-3, 1e-4)}
+    assert results["best"]["valid_mae"] == min(float(row["valid_mae"]) for row in rows)
+    assert f"--lr={results['best']['lr']:g}" in results["command"]
+    assert (Path(cfg.pics_dir) / "tuning_grid.png").is_file()
+
+    calls = []
+    monkeypatch.setattr(train, "main", lambda trial: calls.append(trial) or pytest.fail("re-ran a finished trial"))
+    assert len(tuning.sweep(cfg, grid_path, [(1e-3, 0.0), (3e-3, 1e-4)])) == 4 and calls == []
+
+
+def test_bad_value_lists_are_clear_errors():
+    with pytest.raises(SystemExit, match="comma-separated"):
+        tuning.parse_values("1e-3,fast")
