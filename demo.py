@@ -218,7 +218,7 @@ def main(cfg: Config) -> dict:
     test_loader = build_dataloader(replace(trained_cfg, num_workers=0), "test")
     metrics = train.evaluate(model, test_loader, device=next(model.parameters()).device)
     print(f"reloaded {results['best_checkpoint']} (architecture and size from its stored config)")
-    print(f"test MAE {metrics['mae']:.2f} years, CS@5 {metrics['cs5']:.3f}; predicting the mean training age "
+    print(f"test MAE {metrics['mae']:.2f} years, CS@5 {metrics['cs5']:.3f} (fp32); predicting the mean training age "
           f"gives MAE {results['mean_age_baseline_test_mae']:.2f}")
     print(f"\noutputs: faces {data_dir}/, CSVs {cfg.csv_dir}/, figures {cfg.pics_dir}/, checkpoints "
           f"{results['best_checkpoint']}, TensorBoard `tensorboard --logdir {cfg.runs_dir}`")
