@@ -25,6 +25,14 @@ from typing import Any
 MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "vit")
 
 
+class UsageError(SystemExit):
+    """Input that cannot be used (a missing folder, a broken CSV, an unloadable checkpoint). A SystemExit, so a
+    script stops with this one sentence and exit code 1 instead of a traceback; code can still catch it by name."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
 @dataclass(frozen=True)
 class Config:
     # --- paths (relative to where you run the scripts) ---

@@ -30,7 +30,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from config import Config, atomic_write_path, parse_config, print_config
+from config import Config, UsageError, atomic_write_path, parse_config, print_config
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
@@ -39,7 +39,7 @@ SPLITS = ("train", "valid", "test")
 CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """Input data that cannot be used; the message names the file and the fix."""
 
 
@@ -86,6 +86,12 @@ def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
     if root not in path.parents:
         raise DataError(f"image path {image_name!r} points outside the data folder {root}; fix the CSV row.")
     return path
+
+
+def describe_read_error(error: Exception, path: str | os.PathLike) -> str:
+    """Why an image could not be read, without repeating its path (the caller names the file once)."""
+    message = str(error).replace(f"'{path}'", "").replace(str(path), "").strip(" :")
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
 def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
@@ -161,7 +167,7 @@ class _DecodeDataset(Dataset):
         try:
             return index, load_image(self.paths[index], self.image_size), ""
         except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
-            return index, None, f"{type(error).__name__}: {error}"
+            return index, None, describe_read_error(error, self.paths[index])
 
 
 def _keep_as_is(item: tuple) -> tuple:

@@ -24,7 +24,15 @@ import numpy as np
 import pandas as pd
 
 from config import Config, atomic_write_path, parse_config, print_config
-from custom_dataset_dataloader import CSV_COLUMNS, ETHNICITIES, GENDERS, DataError, load_image, write_dataset_csv
+from custom_dataset_dataloader import (
+    CSV_COLUMNS,
+    ETHNICITIES,
+    GENDERS,
+    DataError,
+    describe_read_error,
+    load_image,
+    write_dataset_csv,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_AGE = 120  # ages above this are treated as a malformed name, not a person
@@ -72,7 +80,7 @@ def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame,
             try:
                 load_image(path, 32)
             except Exception as error:  # noqa: BLE001 - any decoder failure: list the file, go on
-                unreadable[name] = f"{type(error).__name__}: {error}"
+                unreadable[name] = describe_read_error(error, path)
                 continue
         rows.append((name, *labels))
     frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from config import Config, atomic_write_path, config_from_dict, parse_config, print_config, resolve_device
-from custom_dataset_dataloader import build_transforms, open_rgb_image, resize_square
+from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -225,7 +225,7 @@ def run_on_images(cfg: Config, paths: list[Path], output: Path, folder_output: b
         try:
             image = np.asarray(open_rgb_image(path))
         except Exception as error:  # noqa: BLE001 - any unreadable file: name it and go on
-            warnings.warn(f"skipping {path}: not a readable image ({type(error).__name__}: {error})", stacklevel=2)
+            warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(error, path)})", stacklevel=2)
             continue
         faces = estimate_faces(image, predictor, detector, cfg.tta)
         if not faces:

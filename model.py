@@ -24,11 +24,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from config import Config, atomic_write_path, config_from_dict, config_to_dict, parse_config, print_config
+from config import (
+    Config,
+    UsageError,
+    atomic_write_path,
+    config_from_dict,
+    config_to_dict,
+    parse_config,
+    print_config,
+)
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(UsageError):
     """ImageNet weights could not be downloaded or read."""
+
+
+class CheckpointError(UsageError):
+    """A file that is missing or is not a checkpoint written by train.py."""
 
 
 def _load_pretrained_state(weights: Any) -> dict[str, torch.Tensor]:
@@ -123,16 +135,16 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint dict safely (weights_only: tensors and plain containers, never arbitrary code)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; train one with `python train.py`.")
+        raise CheckpointError(f"checkpoint {path} does not exist; train one with `python train.py`.")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - refuse anything that is not a plain checkpoint
-        raise ValueError(
+        raise CheckpointError(
             f"{path} is not a loadable checkpoint of this project ({type(error).__name__}: {error}). "
             "Only plain-dict checkpoints written by train.py are accepted."
         ) from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise ValueError(f"{path} lacks the 'model' and 'config' entries written by train.py")
+        raise CheckpointError(f"{path} lacks the 'model' and 'config' entries written by train.py")
     return checkpoint
 
 

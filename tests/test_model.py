@@ -7,6 +7,7 @@ import torch
 from config import Config
 from model import (
     AgeEstimationModel,
+    CheckpointError,
     PretrainedWeightsError,
     build_model,
     load_checkpoint,
@@ -71,12 +72,12 @@ def test_a_checkpoint_that_runs_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as handle:
         pickle.dump({"model": _RunsCode(), "config": {}}, handle, protocol=2)
-    with pytest.raises(ValueError, match="not a loadable checkpoint"):
+    with pytest.raises(CheckpointError, match="not a loadable checkpoint"):
         load_checkpoint(path)
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"train\.py"):
+    with pytest.raises(CheckpointError, match=r"train\.py"):
         load_model(tmp_path / "none.pt")
 
 

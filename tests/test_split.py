@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 import split_dataset
-from custom_dataset_dataloader import write_dataset_csv
+from custom_dataset_dataloader import DataError, write_dataset_csv
 from tests.conftest import make_config
 
 
@@ -75,5 +75,5 @@ def test_main_is_byte_identical_for_a_seed_and_differs_across_seeds(tmp_path):
 
 def test_missing_dataset_csv_names_the_fix(tmp_path):
     cfg = make_config(tmp_path, tmp_path)
-    with pytest.raises(Exception, match=r"utkface_dataset.csv does not exist.*eda.py"):
+    with pytest.raises(DataError, match=r"utkface_dataset.csv does not exist.*eda.py"):
         split_dataset.main(cfg)
