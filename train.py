@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from config import (
     Config,
+    UsageError,
     atomic_write_path,
     config_from_dict,
     config_to_dict,
@@ -46,6 +47,10 @@ from custom_dataset_dataloader import build_dataloader
 from model import build_model, load_checkpoint, save_checkpoint, unwrap
 
 CS_THRESHOLD = 5.0  # years, for CS@5
+
+
+class DivergedError(UsageError):
+    """The training loss became NaN or infinite."""
 
 
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
@@ -94,14 +99,14 @@ def train_one_epoch(
     loss_function = nn.L1Loss()
     total_error, total_images = 0.0, 0
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
-    for images, ages, _, _ in progress:
+    for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = _to_device(images, ages, device, channels_last)
         with _autocast(device, dtype):
             predictions = model(images)  # (B,) float32 years
         loss = loss_function(predictions, ages)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{description}: loss became {loss.item()} at step {progress.n}; "
-                                     "lower --lr or set --grad_clip_norm=1.0")
+        if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
+            raise DivergedError(f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; "
+                                "the checkpoints of earlier epochs are kept. Lower --lr or set --grad_clip_norm=1.0")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

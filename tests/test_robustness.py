@@ -9,6 +9,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 from config import Config
@@ -74,3 +75,23 @@ def test_ctrl_c_exits_cleanly_with_a_usable_last_checkpoint(deterministic_config
     assert "interrupted during epoch" in interrupted.stdout and "--resume" in interrupted.stdout
     assert "Traceback" not in interrupted.stdout
     assert load_checkpoint(Path(cfg.checkpoint_dir) / "ctrl_c" / "last.pt")["epoch"] >= 1
+
+
+def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(split_config, monkeypatch):
+    cfg = replace(split_config, epochs=3, run_name="diverges")
+    original = torch.nn.L1Loss.forward
+    steps = []
+
+    def poisoned(self, predictions, targets):
+        steps.append(1)
+        loss = original(self, predictions, targets)
+        return loss * float("nan") if len(steps) == 8 else loss  # step 2 of epoch 2 (6 steps per epoch)
+
+    monkeypatch.setattr(torch.nn.L1Loss, "forward", poisoned)
+    with pytest.raises(train.DivergedError) as error:
+        train.main(cfg)
+    message = error.value.code
+    assert "epoch 2/3" in message and "step 2 of 6" in message and "nan" in message
+    last = load_checkpoint(Path(cfg.checkpoint_dir) / "diverges" / "last.pt")
+    assert last["epoch"] == 1 and all(torch.isfinite(value).all() for value in last["model"].values()
+                                      if value.is_floating_point())
