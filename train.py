@@ -277,11 +277,11 @@ def main(cfg: Config) -> dict[str, Any]:
         torch.backends.cudnn.benchmark = not cfg.deterministic
     dtype = autocast_dtype(cfg, device)
 
+    seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
+    model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
     loaders = {split: build_dataloader(cfg, split) for split in ("train", "valid", "test")}
     train_ages = torch.tensor(loaders["train"].dataset.ages)
     crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame)
-    seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
-    model = build_model(cfg)
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(cfg, model)
