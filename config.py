@@ -58,7 +58,9 @@ class Config:
     # --- model ---
     model_name: str = "resnet"  # resnet (ResNet-50) | resnet18 (quick CPU runs) | efficientnet (B0) | vit (B/16)
     pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
-    dropout: float = 0.2  # dropout before the regression head
+    dropout: float = 0.2  # dropout before the head
+    head: str = "l1"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
+    max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are capped)
     # --- optimisation ---
     epochs: int = 30  # passes over the training set
     batch_size: int = 64  # images per step
@@ -89,7 +91,7 @@ class Config:
     input: str = ""  # image, folder of images, video file, or camera index (0 = webcam)
     output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
     no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
-    tta: bool = False  # average the prediction with that of the horizontally flipped face
+    tta: bool = False  # also average each prediction with the mirrored face's (train.py reports the test set both ways)
     min_face_size: int = 40  # smallest face the detector looks for, in pixels
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
@@ -157,6 +159,8 @@ def validate(cfg: Config) -> None:
     problems = []
     if cfg.model_name not in MODEL_NAMES:
         problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.head not in ("l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"):
+        problems.append(f"head={cfg.head!r} is not one of l1, mse, smooth_l1, dex, mean_variance, coral")
     if cfg.optimizer not in ("adamw", "sgd"):
         problems.append(f"optimizer={cfg.optimizer!r} is not one of adamw, sgd")
     if cfg.scheduler not in ("cosine", "step", "none"):

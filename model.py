@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from config import (
@@ -93,29 +95,109 @@ def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[
     return backbone, features
 
 
-class AgeEstimationModel(nn.Module):
-    """Backbone -> dropout -> linear -> age in years. Input (B, 3, H, W) normalised; output (B,) float32."""
+REGRESSION_HEADS = ("l1", "mse", "smooth_l1")  # one output: a standardised age
+DISTRIBUTION_HEADS = ("dex", "mean_variance")  # softmax over the integer ages 0..max_age, age = expectation
+HEADS = (*REGRESSION_HEADS, *DISTRIBUTION_HEADS, "coral")  # coral: max_age rank-consistent binary tasks
 
-    def __init__(self, model_name: str, pretrained: bool = False, dropout: float = 0.2, image_size: int = 224):
+
+class AgeEstimationModel(nn.Module):
+    """Backbone -> dropout -> head -> age in years. Input (B, 3, H, W) normalised; output (B,) float32 years.
+
+    Every head's `forward` returns an age in years, so evaluation, export and inference treat them alike;
+    training uses `head_outputs` (the raw outputs its loss needs) and `ages_from_outputs`.
+    - l1 / mse / smooth_l1: one unit predicting a standardised age z; age = age_mean + age_std * z.
+    - dex / mean_variance: max_age + 1 logits over the ages 0..max_age; age = expectation of the softmax.
+    - coral: one shared weight vector, max_age ordered biases; P(age > k) = sigmoid(w.x + b_k) for k < max_age,
+      age = sum_k P(age > k). The biases are b_0 - cumsum(softplus(gaps)), strictly decreasing, so the
+      probabilities are rank-consistent (non-increasing in k) by construction.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        dropout: float = 0.2,
+        image_size: int = 224,
+        head: str = "l1",
+        max_age: int = 116,
+    ):
         super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+        self.head_name, self.max_age = head, max_age
         self.backbone, features = build_backbone(model_name, pretrained, image_size)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, 1))
+        outputs = max_age + 1 if head in DISTRIBUTION_HEADS else 1
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, outputs, bias=head != "coral"))
         nn.init.zeros_(self.head[1].weight)
-        nn.init.zeros_(self.head[1].bias)
+        if head == "coral":
+            self.coral_first_bias = nn.Parameter(torch.zeros(()))
+            self.coral_gaps = nn.Parameter(torch.zeros(max_age - 1))
+        else:
+            nn.init.zeros_(self.head[1].bias)
         self.register_buffer("age_mean", torch.tensor(33.0))  # overwritten from the training set
         self.register_buffer("age_std", torch.tensor(20.0))
+        self.register_buffer("age_grid", torch.arange(max_age + 1, dtype=torch.float32), persistent=False)
+        self.set_age_statistics(33.0, 20.0)
 
+    @torch.no_grad()
     def set_age_statistics(self, mean: float, std: float) -> None:
+        """Set the training set's age mean and spread; every head then starts by predicting about the mean age."""
         self.age_mean.fill_(float(mean))
         self.age_std.fill_(max(float(std), 1.0))
+        standardised = (self.age_grid - self.age_mean) / self.age_std  # (K,)
+        if self.head_name in DISTRIBUTION_HEADS:  # start from a discretised normal(mean, std)
+            self.head[1].bias.copy_(-0.5 * standardised.square())
+        elif self.head_name == "coral":  # start from P(age > k) of that normal
+            above = 0.5 * torch.erfc((standardised[:-1] + 0.5 / self.age_std) / 2**0.5)
+            biases = torch.logit(above.clamp(1e-4, 1 - 1e-4))  # (K - 1,) non-increasing
+            self.coral_first_bias.fill_(biases[0].item())
+            gaps = (biases[:-1] - biases[1:]).clamp_min(1e-3)
+            self.coral_gaps.copy_(gaps + torch.log(-torch.expm1(-gaps)))  # inverse softplus
+
+    def coral_biases(self) -> torch.Tensor:
+        return self.coral_first_bias - torch.cat([self.coral_gaps.new_zeros(1), F.softplus(self.coral_gaps).cumsum(0)])
+
+    def head_outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw head outputs: (B,) standardised ages, (B, K) logits, or (B, K - 1) coral logits."""
+        outputs = self.head(self.backbone(images)).float()  # (B, 1) or (B, K)
+        if self.head_name in REGRESSION_HEADS:
+            return outputs.squeeze(1)
+        if self.head_name == "coral":
+            return outputs + self.coral_biases()  # (B, 1) + (K - 1,) -> (B, K - 1)
+        return outputs
+
+    def ages_from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) ages in years from `head_outputs`."""
+        if self.head_name in REGRESSION_HEADS:
+            return self.age_mean + self.age_std * outputs
+        if self.head_name == "coral":
+            return torch.sigmoid(outputs).sum(1)
+        return outputs.softmax(1) @ self.age_grid
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        standardised = self.head(self.backbone(images)).squeeze(1).float()  # (B,)
-        return self.age_mean + self.age_std * standardised  # (B,) years
+        return self.ages_from_outputs(self.head_outputs(images))  # (B,) years
+
+    def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
+        """(B,) P(age >= threshold) from `head_outputs` (distribution and coral heads), non-increasing in threshold."""
+        if self.head_name == "coral":
+            if threshold <= 0:
+                return outputs.new_ones(len(outputs))
+            return torch.sigmoid(outputs[:, min(threshold, self.max_age) - 1]) * (threshold <= self.max_age)
+        if self.head_name not in DISTRIBUTION_HEADS:
+            raise ValueError(f"head {self.head_name!r} predicts no distribution; use dex, mean_variance or coral")
+        return outputs.softmax(1)[:, max(threshold, 0):].sum(1)
+
+    def spread(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) standard deviation in years of the predicted age distribution (distribution heads)."""
+        if self.head_name not in DISTRIBUTION_HEADS:
+            raise ValueError(f"head {self.head_name!r} predicts no distribution; use dex or mean_variance")
+        probabilities = outputs.softmax(1)
+        mean = probabilities @ self.age_grid
+        return (probabilities @ self.age_grid.square() - mean.square()).clamp_min(0).sqrt()
 
 
 def build_model(cfg: Config) -> AgeEstimationModel:
-    return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size)
+    return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size, cfg.head, cfg.max_age)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -154,7 +236,7 @@ def load_model(
     """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
     checkpoint = load_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"])
-    model = AgeEstimationModel(cfg.model_name, pretrained=False, dropout=cfg.dropout, image_size=cfg.image_size)
+    model = build_model(replace(cfg, pretrained=False))
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval(), cfg, checkpoint
 

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -80,6 +81,34 @@ def _to_device(images: torch.Tensor, ages: torch.Tensor, device: torch.device, c
     return images, ages.to(device, non_blocking=True).float()  # (B,)
 
 
+MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
+
+
+def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+    """The training loss of the model's head, from its raw `head_outputs` and the true ages (B,) in years."""
+    model = unwrap(model)
+    head = model.head_name
+    if head in ("l1", "mse", "smooth_l1"):
+        predicted = model.ages_from_outputs(outputs)  # (B,) years
+        if head == "l1":
+            return F.l1_loss(predicted, ages)
+        if head == "mse":
+            return F.mse_loss(predicted / model.age_std, ages / model.age_std)  # in standard deviations
+        return F.smooth_l1_loss(predicted, ages, beta=1.0)
+    classes = ages.round().clamp(0, model.max_age).long()  # (B,)
+    if head == "coral":  # task k: is the age above k?
+        levels = (classes[:, None] > torch.arange(model.max_age, device=ages.device)[None, :]).float()  # (B, K-1)
+        return F.binary_cross_entropy_with_logits(outputs, levels, reduction="none").sum(1).mean()
+    cross_entropy = F.cross_entropy(outputs, classes)
+    if head == "dex":
+        return cross_entropy
+    probabilities = outputs.softmax(1)  # (B, K)
+    mean = probabilities @ model.age_grid  # (B,)
+    variance = probabilities @ model.age_grid.square() - mean.square()
+    mean_weight, variance_weight = MEAN_VARIANCE_WEIGHTS
+    return cross_entropy + mean_weight * 0.5 * (mean - ages).square().mean() + variance_weight * variance.mean()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -92,18 +121,17 @@ def train_one_epoch(
     grad_clip_norm: float = 0.0,
     description: str = "train",
 ) -> dict[str, float]:
-    """One pass over `loader` with the L1 loss; returns the mean loss and MAE over the epoch (years)."""
+    """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years)."""
     from tqdm import tqdm
 
     model.train()
-    loss_function = nn.L1Loss()
-    total_error, total_images = 0.0, 0
+    total_loss, total_error, total_images = 0.0, 0.0, 0
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = _to_device(images, ages, device, channels_last)
         with _autocast(device, dtype):
-            predictions = model(images)  # (B,) float32 years
-        loss = loss_function(predictions, ages)
+            outputs = unwrap(model).head_outputs(images)  # float32: (B,), (B, K) or (B, K - 1)
+        loss = age_loss(model, outputs, ages)
         if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
             raise DivergedError(f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; "
                                 "the checkpoints of earlier epochs are kept. Lower --lr or set --grad_clip_norm=1.0")
@@ -122,11 +150,13 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        total_error += loss.item() * len(ages)  # L1 loss is the MAE
+        with torch.no_grad():
+            error = (unwrap(model).ages_from_outputs(outputs.detach()) - ages).abs().sum().item()
+        total_loss += loss.item() * len(ages)
+        total_error += error
         total_images += len(ages)
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
-    mean_error = total_error / max(total_images, 1)
-    return {"loss": mean_error, "mae": mean_error}
+    return {"loss": total_loss / max(total_images, 1), "mae": total_error / max(total_images, 1)}
 
 
 @torch.inference_mode()
@@ -136,22 +166,33 @@ def evaluate(
     device: torch.device,
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """MAE (= the L1 loss), RMSE and CS@5 over `loader`, plus the predictions and targets (lists, years)."""
+    """The head's loss, MAE, RMSE, CS@5 and MAE per age decade over `loader`, plus the predictions and targets
+    (lists, years). tta: the age is the mean of the predictions for the image and its mirror image."""
     model.eval()
-    predictions, targets = [], []
+    plain = unwrap(model)
+    total_loss, predictions, targets = 0.0, [], []
     for images, ages, _, _ in loader:
         images, ages = _to_device(images, ages, device, channels_last)
         with _autocast(device, dtype):
-            predictions.append(model(images).float().cpu())  # (B,)
+            outputs = plain.head_outputs(images)  # float32
+            predicted = plain.ages_from_outputs(outputs)  # (B,)
+            if tta:
+                predicted = 0.5 * (predicted + plain.ages_from_outputs(plain.head_outputs(images.flip(-1))))
+        total_loss += age_loss(plain, outputs, ages).item() * len(ages)
+        predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
     predicted, target = torch.cat(predictions), torch.cat(targets)
     error = (predicted - target).abs()
+    decades = (target // 10).long()
     return {
-        "loss": error.mean().item(),
+        "loss": total_loss / max(len(target), 1),
         "mae": error.mean().item(),
         "rmse": error.square().mean().sqrt().item(),
         "cs5": (error <= CS_THRESHOLD).float().mean().item(),
+        "mae_by_decade": {f"{10 * decade}-{10 * decade + 9}": error[decades == decade].mean().item()
+                          for decade in decades.unique().tolist()},
         "predictions": predicted.tolist(),
         "targets": target.tolist(),
     }
@@ -358,6 +399,7 @@ def main(cfg: Config) -> dict[str, Any]:
     else:  # epochs=0: evaluate the model as built
         save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
     test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last)
+    tta_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, tta=True) if cfg.tta else None
     test_ages = torch.tensor(test_metrics["targets"])
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
     results = {
@@ -366,6 +408,8 @@ def main(cfg: Config) -> dict[str, Any]:
         "test_rmse": test_metrics["rmse"],
         "test_cs5": test_metrics["cs5"],
         "mean_age_baseline_test_mae": baseline_mae,
+        "test_mae_by_decade": test_metrics["mae_by_decade"],
+        **({"test_mae_tta": tta_metrics["mae"], "test_cs5_tta": tta_metrics["cs5"]} if tta_metrics else {}),
         "best_valid_mae": best_valid_mae,
         "epochs": cfg.epochs,
         "train_seconds": time.perf_counter() - started,
@@ -383,6 +427,8 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"\ntest set ({len(test_ages)} images), best checkpoint: MAE {test_metrics['mae']:.2f} years, "
           f"CS@5 {test_metrics['cs5']:.3f}, RMSE {test_metrics['rmse']:.2f} "
           f"(predicting the mean training age: MAE {baseline_mae:.2f})")
+    if tta_metrics:
+        print(f"with flip TTA: MAE {tta_metrics['mae']:.2f} years, CS@5 {tta_metrics['cs5']:.3f}")
     print(f"checkpoints: {checkpoint_dir}/  TensorBoard + results.json: {run_dir}/")
     return results
 

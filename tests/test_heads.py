@@ -1,0 +1,72 @@
+"""Every head predicts years, learns, and the ordinal/distribution heads keep their guarantees."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import export_jit
+import train
+from config import Config
+from custom_dataset_dataloader import build_dataloader
+from model import HEADS, AgeEstimationModel, build_model, save_checkpoint
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_each_head_starts_near_the_mean_age_and_its_loss_falls(split_config, head):
+    torch.manual_seed(0)
+    cfg = replace(split_config, head=head, lr=3e-3, rotation_degrees=0.0, color_jitter=0.0, translate_fraction=0.0,
+                  scale_jitter=0.0)
+    loader = build_dataloader(cfg, "train")
+    model = build_model(cfg)
+    ages = torch.tensor(loader.dataset.ages)
+    model.set_age_statistics(ages.mean().item(), ages.std().item())
+    with torch.no_grad():
+        start = model.eval()(torch.zeros(2, 3, 32, 32))  # (2,) years
+    assert start.shape == (2,) and (start - ages.mean()).abs().max() < 0.25 * ages.std()  # truncated at age 0
+    optimizer = train.build_optimizer(cfg, model)
+    losses = [train.train_one_epoch(model, loader, optimizer, None, torch.device("cpu"))["loss"] for _ in range(5)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_coral_probabilities_are_rank_consistent():
+    model = AgeEstimationModel("resnet18", image_size=32, head="coral", max_age=90)
+    torch.nn.init.normal_(model.head[1].weight, std=0.5)
+    torch.nn.init.normal_(model.coral_gaps, std=3.0)  # any parameters at all
+    with torch.no_grad():
+        outputs = model.eval().head_outputs(torch.randn(4, 3, 32, 32))  # (4, 90)
+    probabilities = torch.sigmoid(outputs)
+    assert outputs.shape == (4, 90) and (probabilities[:, 1:] <= probabilities[:, :-1]).all()
+
+
+@pytest.mark.parametrize("head", ["dex", "mean_variance", "coral"])
+def test_probability_of_being_at_least_t_is_monotone(head):
+    model = AgeEstimationModel("resnet18", image_size=32, head=head, max_age=80)
+    torch.nn.init.normal_(model.head[1].weight, std=0.5)
+    with torch.no_grad():
+        outputs = model.eval().head_outputs(torch.randn(3, 3, 32, 32))
+        curve = torch.stack([model.probability_at_least(outputs, threshold) for threshold in range(-2, 90)], 1)
+    assert torch.allclose(curve[:, 0], torch.ones(3)) and (curve[:, -1] <= 1e-6).all()
+    assert (curve[:, 1:] <= curve[:, :-1] + 1e-6).all()
+    if head != "coral":
+        assert (model.spread(outputs) > 0).all()
+
+
+@pytest.mark.parametrize("head", ["dex", "coral"])
+def test_distribution_heads_export_with_parity(tmp_path, head):
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head=head, max_age=60)
+    model = build_model(cfg)
+    model.set_age_statistics(30.0, 12.0)
+    torch.nn.init.normal_(model.head[1].weight, std=0.05)
+    save_checkpoint(tmp_path / "best.pt", model, cfg)
+    for export_format in ("torchscript", "onnx"):
+        result = export_jit.main(Config(checkpoint=str(tmp_path / "best.pt"), format=export_format,
+                                        output=str(tmp_path / f"model.{export_format}")))
+        assert result["max_abs_difference"] <= export_jit.TOLERANCE[export_format]
+
+
+def test_tta_is_reported_both_ways(split_config):
+    results = train.main(replace(split_config, epochs=1, tta=True, head="dex", run_name="tta"))
+    assert {"test_mae", "test_mae_tta", "test_cs5_tta", "test_mae_by_decade"} <= results.keys()
+    assert Path(results["best_checkpoint"]).is_file()
