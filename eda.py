@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, atomic_write_path, parse_config, print_config
+from config import Config, parse_config, print_config, save_figure
 from custom_dataset_dataloader import (
     CSV_COLUMNS,
     ETHNICITIES,
@@ -98,14 +98,6 @@ def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame,
     return frame, malformed, unreadable
 
 
-def _save_figure(figure: matplotlib.figure.Figure, path: Path) -> None:  # noqa: F821
-    import matplotlib.pyplot as plt
-
-    with atomic_write_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
-
-
 def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, count: int = 25) -> None:
     import matplotlib.pyplot as plt
 
@@ -119,7 +111,7 @@ def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, coun
         axis.imshow(load_image(Path(data_dir) / row.image_name, 128).transpose(1, 2, 0))
         axis.set_title(f"{row.age} y, {row.gender}\n{row.ethnicity}", fontsize=9)
     figure.suptitle("Random samples with their labels")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_histograms(frame: pd.DataFrame, path: Path) -> None:
@@ -133,7 +125,7 @@ def plot_histograms(frame: pd.DataFrame, path: Path) -> None:
         counts = frame[column].value_counts().reindex(names, fill_value=0)
         axis.bar(counts.index, counts.values, color="tab:orange")
         axis.set(title=column.capitalize(), ylabel="images")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def gender_ethnicity_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -155,7 +147,7 @@ def plot_crosstab(table: pd.DataFrame, path: Path) -> None:
         axis.text(column, row, str(count), ha="center", va="center", color="white", fontsize=10)
     figure.colorbar(image, ax=axis, label="images")
     axis.set_title("Gender x ethnicity")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
@@ -169,7 +161,7 @@ def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
         axis.boxplot(groups, widths=0.15, showfliers=False)
         axis.set_xticks(range(1, len(present) + 1), present)
         axis.set(title=f"Age by {column} (violin + box)", ylabel="age (years)")
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def main(cfg: Config) -> pd.DataFrame:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import train
-from config import Config, atomic_write_path, parse_config, print_config, seed_everything
+from config import Config, atomic_write_path, parse_config, print_config, save_figure, seed_everything
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import build_model
 
@@ -132,9 +132,7 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
         axis.text(column, row, f"{value:.2f}", ha="center", va="center", color="white")
     axis.set(xlabel="learning rate", ylabel="weight decay", title="valid MAE (years), lower is better")
     figure.colorbar(image, ax=axis)
-    with atomic_write_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(cfg: Config) -> dict:

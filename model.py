@@ -4,9 +4,10 @@ model_name: resnet (ResNet-50), resnet18 (small, for quick CPU runs), efficientn
 vit (ViT-B/16). With pretrained=true the backbone starts from torchvision's ImageNet weights; they are
 downloaded once into torch's hub cache, and a failed download stops with a message saying what to do.
 
-The head predicts a standardised age z; forward returns age_mean + age_std * z in years. age_mean and
-age_std are buffers set from the training set (so they travel in the state dict) and the head starts at
-zero, so an untrained model predicts the mean training age: the L1 loss starts where a mean predictor is.
+Heads (config `head`): l1 / mse / smooth_l1 regress a standardised age z (age = age_mean + age_std * z); dex and
+mean_variance give a softmax over the ages 0..max_age (age = its expectation); coral is rank-consistent ordinal
+regression. age_mean and age_std are buffers set from the training set (so they travel in the state dict), and
+every head starts by predicting about the mean training age: the loss starts where a mean predictor is.
 
 A checkpoint is a plain dict {"model": state dict of the unwrapped model, "config": Config as a dict, ...},
 loadable with torch.load(weights_only=True); `load_model` rebuilds the exact model from the stored config.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, atomic_write_path, parse_config, print_config
+from config import Config, parse_config, print_config, save_figure
 from custom_dataset_dataloader import SPLITS, read_dataset_csv, split_csv_path, write_dataset_csv
 
 
@@ -77,9 +77,7 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
                   label=f"{name} ({len(split)})")
     axis.set(title="Age distribution per split (density)", xlabel="age (years)", ylabel="share of images")
     axis.legend()
-    with atomic_write_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(cfg: Config) -> dict[str, pd.DataFrame]:

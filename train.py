@@ -1,11 +1,12 @@
-"""Train the age regressor with an L1 loss, keep the best checkpoint by valid MAE, report the test set.
+"""Train the age estimator (the head's loss: L1 by default), keep the best checkpoint by valid MAE, report the test set.
 
 Reads:  csv_dataset/{train,valid,test}_set.csv (split_dataset.py) and the images under data_dir.
 Writes: checkpoints/<run_name>/best.pt (best valid MAE) and last.pt (every epoch, for --resume);
         runs/<run_name>/ TensorBoard scalars, config.json (the resolved config) and results.json (final metrics);
         pics/learning_curves_<run_name>.png.
 
-Metrics: MAE in years and CS@5, the share of faces whose predicted age is within 5 years of the truth.
+Metrics: MAE in years, RMSE, CS@5 (the share of faces whose predicted age is within 5 years of the truth) and MAE
+per age decade; with --tta the test set is also evaluated with flip test-time augmentation.
 Speed: channels_last memory layout, bf16 autocast on CPUs with bf16 support (about 2x for ResNet-50 on a
 2-core Xeon), bf16 (or fp16 with loss scaling) autocast on CUDA.
 
@@ -42,6 +43,7 @@ from config import (
     parse_config,
     print_config,
     resolve_device,
+    save_figure,
     seed_everything,
 )
 from custom_dataset_dataloader import build_dataloader
@@ -294,9 +296,7 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str
     axes[1].legend()
     figure.suptitle(title)
     figure.tight_layout()
-    with atomic_write_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(cfg: Config) -> dict[str, Any]:
