@@ -35,6 +35,7 @@ import torch
 from config import Config, atomic_write_path, config_from_dict, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
+from model import DISTRIBUTION_HEADS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -95,20 +96,31 @@ class AgePredictor:
         self.image_size = self.cfg.image_size
 
     @torch.inference_mode()
-    def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
-        """uint8 crops (N, 3, S, S) -> ages (N,) float years; with tta, the mean with the mirrored crops."""
+    def predict_with_spread(self, crops: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 crops (N, 3, S, S) -> (ages (N,), spreads (N,) or None), in years. The spread (the standard
+        deviation of the predicted age distribution) exists for the dex / mean_variance heads of a .pt checkpoint;
+        exported files return ages only. With tta, both are averaged with the mirrored crops'."""
         if len(crops) == 0:
-            return np.zeros(0, dtype=np.float32)
+            return np.zeros(0, dtype=np.float32), None
         images = self.transform(torch.from_numpy(np.ascontiguousarray(crops)))  # (N, 3, S, S) float
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2N, 3, S, S)
+        spreads = None
         if self.kind == "onnx":
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+        elif self.kind == "checkpoint" and self.cfg.head in DISTRIBUTION_HEADS:
+            outputs = self.model.head_outputs(images.to(self.device))  # (N, K)
+            ages, spreads = self.model.ages_from_outputs(outputs).cpu(), self.model.spread(outputs).cpu()
         else:
             ages = self.model(images.to(self.device)).float().cpu()  # (N,) or (2N,)
         if tta:
             ages = ages.view(2, -1).mean(0)
-        return ages.numpy()
+            spreads = None if spreads is None else spreads.view(2, -1).mean(0)
+        return ages.numpy(), None if spreads is None else spreads.numpy()
+
+    def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
+        """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
+        return self.predict_with_spread(crops, tta)[0]
 
 
 @dataclass
@@ -133,8 +145,11 @@ def estimate_faces(
     else:
         boxes = detector.detect(image)
         crops = [resize_square(picture, size, predictor.crop_geometry.crop_box(box)) for box in boxes]
-    ages = predictor.predict(np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta)
-    return [Face(box, float(age)) for box, age in zip(boxes, ages, strict=True)]
+    ages, spreads = predictor.predict_with_spread(
+        np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
+    )
+    spreads = [None] * len(ages) if spreads is None else [float(spread) for spread in spreads]
+    return [Face(box, float(age), spread) for box, age, spread in zip(boxes, ages, spreads, strict=True)]
 
 
 def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -> np.ndarray:
@@ -198,9 +213,15 @@ class FaceTracker:
 
 
 def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[str, Any]]:
-    return [{"source": source, "frame": frame, "box": [round(value, 1) for value in face.box],
-             "age": round(face.age, 2), "spread": face.spread, **({"track": face.track} if face.track is not None
-                                                                   else {})} for face in faces]
+    """One JSON-ready dict per face: source, frame, box (x, y, w, h), age, spread (and track in videos)."""
+    rows = []
+    for face in faces:
+        row = {"source": source, "frame": frame, "box": [round(value, 1) for value in face.box],
+               "age": round(face.age, 2), "spread": None if face.spread is None else round(face.spread, 2)}
+        if face.track is not None:
+            row["track"] = face.track
+        rows.append(row)
+    return rows
 
 
 def _write_image(path: Path, canvas: np.ndarray) -> None:

@@ -70,3 +70,16 @@ def test_tta_is_reported_both_ways(split_config):
     results = train.main(replace(split_config, epochs=1, tta=True, head="dex", run_name="tta"))
     assert {"test_mae", "test_mae_tta", "test_cs5_tta", "test_mae_by_decade"} <= results.keys()
     assert Path(results["best_checkpoint"]).is_file()
+
+
+def test_inference_labels_distribution_heads_with_a_spread(tmp_path, face_folder):
+    import inference
+
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head="mean_variance")
+    model = build_model(cfg)
+    model.set_age_statistics(30.0, 12.0)
+    save_checkpoint(tmp_path / "best.pt", model, cfg)
+    image = sorted(face_folder.iterdir())[0]
+    rows = inference.main(Config(checkpoint=str(tmp_path / "best.pt"), input=str(image),
+                                 output=str(tmp_path / "out.jpg"), no_detect=True))
+    assert len(rows) == 1 and 5 < rows[0]["spread"] < 20 and 20 < rows[0]["age"] < 40
