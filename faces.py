@@ -100,17 +100,18 @@ class FaceDetector:
 
 
 def measure_crop_geometry(
-    image_paths: list[str | os.PathLike], detector: FaceDetector | None = None, minimum_found: int = 10
+    image_paths: list[str | os.PathLike], limit: int = 300, minimum_found: int = 10
 ) -> CropGeometry | None:
-    """Median crop geometry of training crops: detect the face in each (padded, small ones upscaled) and relate
-    the whole crop to the detector's box. None when fewer than `minimum_found` faces are detected."""
+    """Median crop geometry of training crops, over at most `limit` evenly spaced paths: detect the face in each
+    (padded, small ones upscaled) and relate the whole crop to the detector's box. None when fewer than
+    `minimum_found` faces are detected."""
     import cv2
 
     from custom_dataset_dataloader import open_rgb_image
 
-    detector = detector or FaceDetector(min_face_size=40)
+    detector = FaceDetector(min_face_size=40)
     measurements = []
-    for path in image_paths:
+    for path in image_paths[:: max(1, len(image_paths) // limit)][:limit]:
         try:
             image = np.asarray(open_rgb_image(path))
         except Exception:  # noqa: BLE001 - unreadable files are simply not measured
@@ -136,9 +137,8 @@ def measure_crop_geometry(
 def main(cfg: Config) -> CropGeometry | None:
     """Measure and print the crop geometry of the images in data_dir (a sample of up to 300)."""
     paths = sorted(path for path in Path(cfg.data_dir).rglob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    sample = paths[:: max(1, len(paths) // 300)][:300]
-    geometry = measure_crop_geometry(sample)
-    print(f"crop geometry of {cfg.data_dir} over {len(sample)} images: {geometry}")
+    geometry = measure_crop_geometry(paths, limit=300)
+    print(f"crop geometry of {cfg.data_dir} over {min(len(paths), 300)} images: {geometry}")
     return geometry
 
 

@@ -47,7 +47,8 @@ from config import (
     seed_everything,
 )
 from custom_dataset_dataloader import build_dataloader
-from model import build_model, load_checkpoint, save_checkpoint, unwrap
+from faces import measure_crop_geometry
+from model import REGRESSION_HEADS, build_model, load_checkpoint, save_checkpoint, unwrap
 
 CS_THRESHOLD = 5.0  # years, for CS@5
 
@@ -90,7 +91,7 @@ def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> tor
     """The training loss of the model's head, from its raw `head_outputs` and the true ages (B,) in years."""
     model = unwrap(model)
     head = model.head_name
-    if head in ("l1", "mse", "smooth_l1"):
+    if head in REGRESSION_HEADS:
         predicted = model.ages_from_outputs(outputs)  # (B,) years
         if head == "l1":
             return F.l1_loss(predicted, ages)
@@ -181,7 +182,7 @@ def evaluate(
             outputs = plain.head_outputs(images)  # float32
             predicted = plain.ages_from_outputs(outputs)  # (B,)
             if tta:
-                predicted = 0.5 * (predicted + plain.ages_from_outputs(plain.head_outputs(images.flip(-1))))
+                predicted = 0.5 * (predicted + plain(images.flip(-1)))
         total_loss += age_loss(plain, outputs, ages).item() * len(ages)
         predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
@@ -234,15 +235,10 @@ def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame, count: int 
     """How the training crops relate to the face detector's box (see faces.py), from up to `count` training
     images; stored in every checkpoint so that inference crops faces the same way. None without OpenCV or
     when the detector finds too few faces (inference then uses faces.DEFAULT_CROP_GEOMETRY)."""
+    paths = [Path(cfg.data_dir) / name for name in frame["image_name"]]
     try:
-        from faces import measure_crop_geometry
-    except ImportError:
-        return None
-    names = frame["image_name"].tolist()
-    sample = [Path(cfg.data_dir) / name for name in names[:: max(1, len(names) // count)][:count]]
-    try:
-        geometry = measure_crop_geometry(sample)
-    except ImportError:
+        geometry = measure_crop_geometry(paths, limit=count)
+    except ImportError:  # OpenCV is missing
         return None
     print(f"crop geometry of the training faces (for inference): {geometry}")
     return geometry.to_dict() if geometry else None
