@@ -25,7 +25,8 @@ from PIL import Image, ImageFilter
 
 from config import Config, parse_config
 from faces import FaceDetector
-from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces, newest_checkpoint
+from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
+from model import newest_checkpoint
 
 DEFAULT_FACES = Path(__file__).resolve().parent.parent / "shared" / "data" / "utkface200"
 

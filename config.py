@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "vit")
+DATASET_FORMATS = ("utkface", "fgnet", "agedb", "appa_real", "csv")
 
 
 class UsageError(SystemExit):
@@ -37,7 +38,9 @@ class UsageError(SystemExit):
 class Config:
     # --- paths (relative to where you run the scripts) ---
     data_dir: str = "data/UTKFace"  # folder of UTKFace images named [age]_[gender]_[race]_[date&time].jpg
-    csv_dir: str = "csv_dataset"  # eda.py writes utkface_dataset.csv here; split_dataset.py the three splits
+    dataset_format: str = "utkface"  # layout of data_dir: utkface | fgnet | agedb | appa_real | csv (see eda.py)
+    labels_csv: str = ""  # dataset_format=csv: a CSV of image path (relative to data_dir) and age (MORPH II, ...)
+    csv_dir: str = "csv_dataset"  # eda.py writes <dataset_format>_dataset.csv here; split_dataset.py the 3 splits
     checkpoint_dir: str = "checkpoints"  # best.pt and last.pt per run, in checkpoints/<run_name>/
     pics_dir: str = "pics"  # every figure (EDA plots, split histograms, learning curves)
     runs_dir: str = "runs"  # TensorBoard logs, resolved config and final metrics per run
@@ -47,6 +50,7 @@ class Config:
     valid_fraction: float = 0.1  # share of the data set in valid_set.csv
     test_fraction: float = 0.1  # share of the data set in test_set.csv
     min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
+    subject_split: bool = False  # split_dataset.py keeps each subject's images in one split (FG-NET, AgeDB, MORPH)
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
     check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means
@@ -56,22 +60,24 @@ class Config:
     scale_jitter: float = 0.07  # train augmentation: random zoom in [1 - x, 1 + x] (crop jitter)
     color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
     # --- model ---
-    model_name: str = "resnet"  # resnet (ResNet-50) | resnet18 (quick CPU runs) | efficientnet (B0) | vit (B/16)
+    model_name: str = "resnet18"  # resnet18 | resnet (ResNet-50) | efficientnet (B0) | vit (B/16); see README
     pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
     dropout: float = 0.2  # dropout before the head
-    head: str = "l1"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
+    head: str = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are capped)
     # --- optimisation ---
     epochs: int = 30  # passes over the training set
     batch_size: int = 64  # images per step
     optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 3e-4  # peak learning rate
+    lr: float = 2e-3  # peak learning rate
     weight_decay: float = 1e-4  # decoupled (adamw) or L2 (sgd) weight decay
     momentum: float = 0.9  # sgd momentum
+    nesterov: bool = True  # sgd: Nesterov momentum
     scheduler: str = "cosine"  # cosine (after linear warm-up) | step (x0.1 at 1/2 and 3/4 of training) | none
     warmup_epochs: float = 1.0  # linear warm-up length, in epochs
     grad_clip_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
     # --- run ---
+    preset: str = ""  # '' (the defaults above) | seed (the seed repo's recipe, PRESETS below); other --keys win
     run_name: str = ""  # folder name under runs/ and checkpoints/ ('' = <model_name>_<date>_<time>)
     resume: bool = False  # continue run_name (or the newest run) from its last.pt
     seed: int = 42  # seeds python, numpy and torch, and the split
@@ -96,8 +102,26 @@ class Config:
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
     format: str = "torchscript"  # export_jit.py: torchscript | onnx
+    # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
+    test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
+    exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)
+    bootstrap_samples: int = 1000  # analysis.errors: resamples behind each 95 % confidence interval
+    heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
     # --- demo.py ---
     demo_num_images: int = 2400  # synthetic faces demo.py generates
+
+
+# Named recipes: `--preset=NAME` sets these fields first; every other --key=value on the line is applied after.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The seed repository's method: ResNet-50 with an L1 head, SGD with momentum 0.9 at a constant lr 5e-4, L2
+    # weight decay 1e-3, batches of 100, augmented by flip, +/-10 degree rotation and colour jitter only (no
+    # crop jitter), no dropout. Execution settings (cache, bf16, channels_last) stay ours: they change speed only.
+    "seed": {
+        "model_name": "resnet", "head": "l1", "optimizer": "sgd", "momentum": 0.9, "nesterov": False, "lr": 5e-4,
+        "weight_decay": 1e-3, "batch_size": 100, "scheduler": "none", "warmup_epochs": 0.0, "dropout": 0.0,
+        "rotation_degrees": 10.0, "translate_fraction": 0.0, "scale_jitter": 0.0, "color_jitter": 0.2,
+    },
+}
 
 
 def _convert(text: str, annotation: Any, key: str) -> Any:
@@ -133,6 +157,11 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
     """Return `cfg` with every `--key=value` in `arguments` applied (bare `--flag` sets a bool to true)."""
     types_by_name = _field_types()
     changes: dict[str, Any] = {}
+    presets = [argument.partition("=")[2] for argument in arguments if argument.startswith("--preset=")]
+    if presets:
+        if presets[-1] and presets[-1] not in PRESETS:
+            raise SystemExit(f"error: unknown --preset={presets[-1]}. Valid presets: {', '.join(PRESETS)}")
+        cfg = replace(cfg, **PRESETS.get(presets[-1], {}))
     for argument in arguments:
         if not argument.startswith("--"):
             raise SystemExit(f"error: expected --key=value, got {argument!r}")
@@ -165,6 +194,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"optimizer={cfg.optimizer!r} is not one of adamw, sgd")
     if cfg.scheduler not in ("cosine", "step", "none"):
         problems.append(f"scheduler={cfg.scheduler!r} is not one of cosine, step, none")
+    if cfg.dataset_format not in DATASET_FORMATS:
+        problems.append(f"dataset_format={cfg.dataset_format!r} is not one of {', '.join(DATASET_FORMATS)}")
+    if cfg.preset and cfg.preset not in PRESETS:
+        problems.append(f"preset={cfg.preset!r} is not one of {', '.join(PRESETS)}")
     if cfg.format not in ("torchscript", "onnx"):
         problems.append(f"format={cfg.format!r} is not one of torchscript, onnx")
     if cfg.model_name == "vit" and cfg.image_size % 16:

@@ -35,12 +35,18 @@ from config import Config, UsageError, atomic_write_path, parse_config, print_co
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
+OPTIONAL_COLUMNS = ("subject", "apparent_age")  # kept when a data set has them (subject-exclusive split, APPA-REAL)
 SPLITS = ("train", "valid", "test")
 CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
 
 
 class DataError(UsageError):
     """Input data that cannot be used; the message names the file and the fix."""
+
+
+def dataset_csv_path(cfg: Config) -> Path:
+    """The data set CSV eda.py writes and split_dataset.py reads: csv_dir/<dataset_format>_dataset.csv."""
+    return Path(cfg.csv_dir) / f"{cfg.dataset_format}_dataset.csv"
 
 
 def split_csv_path(cfg: Config, split: str) -> Path:
@@ -53,7 +59,7 @@ def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path} does not exist. Run eda.py and split_dataset.py first (or `python demo.py`).")
     try:
-        frame = pd.read_csv(path, dtype={"image_name": str, "gender": str, "ethnicity": str})
+        frame = pd.read_csv(path, dtype={"image_name": str, "gender": str, "ethnicity": str, "subject": str})
     except pd.errors.EmptyDataError:
         raise DataError(f"{path} is empty. Re-run eda.py / split_dataset.py to rewrite it.") from None
     missing = [column for column in ("image_name", "age") if column not in frame.columns]
@@ -70,7 +76,7 @@ def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
         frame = frame[~bad_rows].reset_index(drop=True)
     if frame.empty:
         raise DataError(f"{path} has no usable rows. Re-run eda.py on a folder of UTKFace images.")
-    return frame[list(CSV_COLUMNS)]
+    return frame[[*CSV_COLUMNS, *(column for column in OPTIONAL_COLUMNS if column in frame.columns)]]
 
 
 def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:

@@ -1,16 +1,27 @@
-"""Exploratory data analysis of a UTKFace folder, and the data set CSV every later stage reads.
+"""Exploratory data analysis of a face data set, and the data set CSV every later stage reads.
 
-Reads:  data_dir, a folder (searched recursively) of images named [age]_[gender]_[race]_[date&time].jpg,
-        often with a trailing .chip.jpg (gender 0 male, 1 female; race 0 white, 1 black, 2 asian,
-        3 indian, 4 others).
-Writes: csv_dataset/utkface_dataset.csv (image_name relative to data_dir, age, gender, ethnicity),
-        pics/eda_samples.png, pics/eda_histograms.png, pics/eda_gender_ethnicity.png,
-        pics/eda_age_by_group.png; prints the gender x ethnicity table.
+Reads:  data_dir in one of these layouts (--dataset_format), searched recursively:
+        utkface    [age]_[gender]_[race]_[date&time].jpg, often with a trailing .chip.jpg (gender 0 male,
+                   1 female; race 0 white, 1 black, 2 asian, 3 indian, 4 others)
+        fgnet      FG-NET's images/001A02.JPG: subject 001 at age 2 (a trailing letter marks a second photo)
+        agedb      AgeDB's 0_MariaCallas_35_f.jpg: id, name (the subject), age, gender
+        appa_real  APPA-REAL's release folder: gt_avg_{train,valid,test}.csv (real and apparent age) with the
+                   images in {train,valid,test}/, the aligned *_face.jpg crop preferred; gender and race from
+                   allcategories_*.csv when present
+        csv        any other set (MORPH II, a plain folder): --labels_csv names a CSV with an image path
+                   column (image_name, path or file; relative to data_dir) and age, optionally gender,
+                   ethnicity and subject
+Writes: csv_dataset/<dataset_format>_dataset.csv (image_name relative to data_dir, age, gender, ethnicity,
+        and subject / apparent_age where the set has them), pics/eda_samples.png, pics/eda_histograms.png,
+        pics/eda_gender_ethnicity.png, pics/eda_age_by_group.png; prints the gender x ethnicity table.
 
 Malformed names (UTKFace has a few with a missing field) and unreadable images are counted and listed in
-a warning, never fatal. Every age is kept (no silent dropping of the 85+ tail).
+a warning, never fatal. Every age is kept (no silent dropping of the 85+ tail). Labels a set lacks are
+written as "unknown".
 
 Run:  python eda.py --data_dir=data/UTKFace
+      python eda.py --dataset_format=fgnet --data_dir=data/FGNET --csv_dir=csv_dataset/fgnet
+      python eda.py --dataset_format=csv --data_dir=data/MORPH --labels_csv=data/MORPH/labels.csv
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from custom_dataset_dataloader import (
     ETHNICITIES,
     GENDERS,
     DataError,
+    dataset_csv_path,
     describe_read_error,
     load_image,
     write_dataset_csv,
@@ -37,6 +49,9 @@ from custom_dataset_dataloader import (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_AGE = 120  # ages above this are treated as a malformed name, not a person
 _UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_[^_]+$")
+_FGNET_NAME = re.compile(r"^(\d{3})A(\d{2})[a-z]?$", re.IGNORECASE)
+_GENDER_WORDS = {"m": "male", "male": "male", "0": "male", "f": "female", "female": "female", "1": "female"}
+_APPA_RACES = {"caucasian": "white", "afroamerican": "black", "asian": "asian"}
 
 
 def parse_utkface_name(file_name: str) -> tuple[int, str, str] | None:
@@ -51,49 +66,163 @@ def parse_utkface_name(file_name: str) -> tuple[int, str, str] | None:
     return age, GENDERS[gender], ETHNICITIES[race]
 
 
-def scan_folder(data_dir: str, check_images: bool = True) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
-    """Parse every image name under data_dir; return (frame sorted by name, malformed names, unreadable -> reason)."""
+def parse_fgnet_name(file_name: str) -> tuple[int, str, str, str] | None:
+    """'001A02.JPG' -> (2, 'unknown', 'unknown', '001'): age, gender, ethnicity, subject; None if malformed."""
+    match = _FGNET_NAME.match(Path(file_name).stem)
+    if match is None:
+        return None
+    return int(match.group(2)), "unknown", "unknown", match.group(1)
+
+
+def parse_agedb_name(file_name: str) -> tuple[int, str, str, str] | None:
+    """'0_MariaCallas_35_f.jpg' -> (35, 'female', 'unknown', 'MariaCallas'); None if malformed."""
+    parts = Path(file_name).stem.split("_")
+    if len(parts) < 4 or not parts[0].isdigit() or not parts[-2].isdigit():
+        return None
+    age, gender = int(parts[-2]), _GENDER_WORDS.get(parts[-1].lower())
+    if gender is None or not 0 <= age <= MAX_AGE:
+        return None
+    return age, gender, "unknown", "_".join(parts[1:-2])
+
+
+NAME_PARSERS = {"utkface": parse_utkface_name, "fgnet": parse_fgnet_name, "agedb": parse_agedb_name}
+
+
+def list_images(root: Path) -> list[Path]:
+    """Every image file under root, recursively, sorted, hidden files and folders left out."""
+    return sorted(
+        path for path in root.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(root).parts)
+    )
+
+
+def _gender(value: object) -> str:
+    return _GENDER_WORDS.get(str(value).strip().lower(), "unknown")
+
+
+def _ethnicity(value: object) -> str:
+    text = str(value).strip().lower()
+    text = _APPA_RACES.get(text, text)
+    if text.isdigit() and int(text) < len(ETHNICITIES):
+        return ETHNICITIES[int(text)]
+    return text if text in ETHNICITIES else "unknown"
+
+
+def read_appa_real(root: Path) -> tuple[list[tuple], list[str]]:
+    """Rows (image_name, real age, gender, ethnicity, apparent age) of an APPA-REAL release folder, and the
+    label rows whose image is missing."""
+    rows, missing = [], []
+    label_files = sorted(root.glob("gt_avg_*.csv"))
+    if not label_files:
+        raise DataError(f"no gt_avg_*.csv in {root}; pass the APPA-REAL release folder (appa-real-release/)")
+    for label_file in label_files:
+        split = label_file.stem.removeprefix("gt_avg_")
+        labels = pd.read_csv(label_file)
+        categories_file = root / f"allcategories_{split}.csv"
+        categories = pd.read_csv(categories_file).set_index("file") if categories_file.is_file() else None
+        for row in labels.itertuples(index=False):
+            face = root / split / f"{row.file_name}_face.jpg"
+            path = face if face.is_file() else root / split / row.file_name
+            if not path.is_file():
+                missing.append(f"{split}/{row.file_name}")
+                continue
+            gender = ethnicity = "unknown"
+            if categories is not None and row.file_name in categories.index:
+                gender = _gender(categories.at[row.file_name, "gender"])
+                ethnicity = _ethnicity(categories.at[row.file_name, "race"])
+            rows.append((path.relative_to(root).as_posix(), int(row.real_age), gender, ethnicity,
+                         float(row.apparent_age_avg)))
+    return rows, missing
+
+
+def read_labels_csv(root: Path, labels_csv: str) -> tuple[list[tuple], list[str]]:
+    """Rows (image_name, age, gender, ethnicity, subject) from a CSV of image paths and ages, and the rows
+    whose image is missing or whose age is not a number."""
+    path = Path(labels_csv)
+    if not path.is_file():
+        raise DataError(f"--labels_csv={labels_csv} is not a file; give a CSV with an image path and an age column")
+    table = pd.read_csv(path, dtype=str)
+    table.columns = [column.strip().lower() for column in table.columns]
+    path_column = next((column for column in ("image_name", "path", "file", "filename") if column in table), None)
+    if path_column is None or "age" not in table:
+        raise DataError(f"{path} needs an image path column (image_name, path or file) and an age column; "
+                        f"it has {list(table.columns)}")
+    rows, bad = [], []
+    for row in table.itertuples(index=False):
+        row = row._asdict()
+        name, age = str(row[path_column]).strip(), pd.to_numeric(row["age"], errors="coerce")
+        if pd.isna(age) or not 0 <= age <= MAX_AGE or not (root / name).is_file():
+            bad.append(name)
+            continue
+        subject = row.get("subject")
+        rows.append((name, round(float(age)), _gender(row.get("gender", "")), _ethnicity(row.get("ethnicity", "")),
+                     "" if subject is None or pd.isna(subject) else str(subject).strip()))
+    return rows, bad
+
+
+def scan_folder(
+    data_dir: str, check_images: bool = True, dataset_format: str = "utkface", labels_csv: str = ""
+) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
+    """Read data_dir in its layout; return (frame sorted by name, malformed names or label rows, unreadable ->
+    reason). Subject and apparent-age columns are added where the layout has them."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(
             f"data folder {root} does not exist. Download UTKFace (see README: 'Get the data') into "
             f"{root}, pass --data_dir=<your folder>, or run `python demo.py` for a generated data set."
         )
-    files = sorted(
-        path for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
-    rows, malformed, unreadable = [], [], {}
-    iterator = files
+    columns = list(CSV_COLUMNS)
+    if dataset_format in NAME_PARSERS:
+        parser, labelled, malformed = NAME_PARSERS[dataset_format], [], []
+        for path in list_images(root):
+            labels = parser(path.name)
+            if labels is None:
+                malformed.append(path.relative_to(root).as_posix())
+            else:
+                labelled.append((path.relative_to(root).as_posix(), *labels))
+        if dataset_format != "utkface":
+            columns.append("subject")
+    elif dataset_format == "appa_real":
+        labelled, malformed = read_appa_real(root)
+        columns.append("apparent_age")
+    elif dataset_format == "csv":
+        labelled, malformed = read_labels_csv(root, labels_csv)
+        columns.append("subject")
+    else:
+        raise DataError(f"unknown dataset_format {dataset_format!r}")
+    rows, unreadable = [], {}
+    iterator = labelled
     if check_images:
         from tqdm import tqdm
 
-        iterator = tqdm(files, desc="checking images", leave=False, disable=None)
-    for path in iterator:
-        name = path.relative_to(root).as_posix()
-        labels = parse_utkface_name(path.name)
-        if labels is None:
-            malformed.append(name)
-            continue
+        iterator = tqdm(labelled, desc="checking images", leave=False, disable=None)
+    for row in iterator:
+        name, path = row[0], root / row[0]
         if check_images:
             try:
                 load_image(path, 32)
             except Exception as error:  # noqa: BLE001 - any decoder failure: list the file, go on
                 unreadable[name] = describe_read_error(error, path)
                 continue
-        rows.append((name, *labels))
-    frame = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
+        rows.append(row)
+    frame = pd.DataFrame(rows, columns=columns).sort_values("image_name", kind="stable").reset_index(drop=True)
+    if "subject" in frame and (frame["subject"] == "").all():
+        frame = frame.drop(columns="subject")
     if malformed:
-        warnings.warn(f"{len(malformed)} file name(s) do not follow [age]_[gender]_[race]_[date].jpg and are "
-                      f"skipped: {', '.join(malformed)}", stacklevel=2)
+        expected = {"utkface": "do not follow [age]_[gender]_[race]_[date].jpg", "fgnet": "do not follow 001A02.JPG",
+                    "agedb": "do not follow id_name_age_gender.jpg"}.get(
+            dataset_format, "have no image file or no valid age")
+        warnings.warn(f"{len(malformed)} file name(s) or label row(s) {expected} and are skipped: "
+                      f"{', '.join(malformed)}", stacklevel=2)
     if unreadable:
         listed = "\n  ".join(f"{name}: {reason}" for name, reason in unreadable.items())
         warnings.warn(f"{len(unreadable)} image(s) could not be decoded and are skipped:\n  {listed}", stacklevel=2)
     if frame.empty:
         raise DataError(
-            f"no usable UTKFace images in {root} ({len(files)} image files, {len(malformed)} malformed names, "
-            f"{len(unreadable)} unreadable). Point --data_dir at the folder of [age]_[gender]_[race]_*.jpg files."
+            f"no usable {dataset_format} images in {root} ({len(labelled)} labelled, {len(malformed)} malformed, "
+            f"{len(unreadable)} unreadable). Point --data_dir at the data set's folder and check --dataset_format "
+            "(utkface expects [age]_[gender]_[race]_*.jpg files)."
         )
     return frame, malformed, unreadable
 
@@ -157,6 +286,9 @@ def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
     for axis, column, names in ((axes[0], "gender", GENDERS), (axes[1], "ethnicity", ETHNICITIES)):
         present = [name for name in names if (frame[column] == name).any()]
         groups = [frame.loc[frame[column] == name, "age"].to_numpy() for name in present]
+        if not groups:  # the data set has no such label (AgeDB: no ethnicity)
+            axis.set_visible(False)
+            continue
         axis.violinplot(groups, showextrema=False)
         axis.boxplot(groups, widths=0.15, showfliers=False)
         axis.set_xticks(range(1, len(present) + 1), present)
@@ -170,15 +302,17 @@ def main(cfg: Config) -> pd.DataFrame:
 
     matplotlib.use("Agg")
     print_config(cfg, "eda.py")
-    frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images)
-    csv_path = Path(cfg.csv_dir) / "utkface_dataset.csv"
+    frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv)
+    csv_path = dataset_csv_path(cfg)
     write_dataset_csv(frame, csv_path)
     pics = Path(cfg.pics_dir)
     table = gender_ethnicity_table(frame)
     plot_samples(frame, cfg.data_dir, pics / "eda_samples.png", cfg.seed)
     plot_histograms(frame, pics / "eda_histograms.png")
-    plot_crosstab(table, pics / "eda_gender_ethnicity.png")
-    plot_age_by_group(frame, pics / "eda_age_by_group.png")
+    if frame["gender"].isin(GENDERS).any() and frame["ethnicity"].isin(ETHNICITIES).any():
+        plot_crosstab(table, pics / "eda_gender_ethnicity.png")
+    if frame["gender"].isin(GENDERS).any() or frame["ethnicity"].isin(ETHNICITIES).any():
+        plot_age_by_group(frame, pics / "eda_age_by_group.png")
     ages = frame["age"]
     print(f"\n{len(frame)} images kept, {len(malformed)} malformed names, {len(unreadable)} unreadable images")
     print(f"age: min {ages.min()}, max {ages.max()}, mean {ages.mean():.1f}, median {ages.median():.0f}, "

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from config import Config, atomic_write_path, parse_config, print_config
-from model import load_model
+from model import load_model, newest_checkpoint
 
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # years
 
@@ -73,7 +73,6 @@ def main(cfg: Config) -> dict:
     # both still work and are what inference.py loads without model code, so their notices are silenced here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX")
-    from inference import newest_checkpoint
 
     checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")

@@ -35,18 +35,10 @@ import torch
 from config import Config, atomic_write_path, config_from_dict, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
-from model import DISTRIBUTION_HEADS
+from model import DISTRIBUTION_HEADS, newest_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
-
-
-def newest_checkpoint(cfg: Config) -> Path:
-    candidates = sorted(Path(cfg.checkpoint_dir).glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"error: no checkpoint given and none in {cfg.checkpoint_dir}/*/best.pt; train one first "
-                         "(python train.py, or python demo.py) or pass --checkpoint=...")
-    return candidates[-1]
 
 
 def is_torchscript(path: Path) -> bool:

@@ -138,6 +138,9 @@ class AgeEstimationModel(nn.Module):
         self.register_buffer("age_mean", torch.tensor(33.0))  # overwritten from the training set
         self.register_buffer("age_std", torch.tensor(20.0))
         self.register_buffer("age_grid", torch.arange(max_age + 1, dtype=torch.float32), persistent=False)
+        # Divides the logits in probability_at_least and spread (fitted on the valid set by train.py); the age
+        # itself is always the untempered prediction, so calibrating never changes the MAE.
+        self.register_buffer("temperature", torch.tensor(1.0))
         self.set_age_statistics(33.0, 20.0)
 
     @torch.no_grad()
@@ -179,7 +182,9 @@ class AgeEstimationModel(nn.Module):
         return self.ages_from_outputs(self.head_outputs(images))  # (B,) years
 
     def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
-        """(B,) P(age >= threshold) from `head_outputs` (distribution and coral heads), non-increasing in threshold."""
+        """(B,) P(age >= threshold) from `head_outputs` (distribution and coral heads), non-increasing in threshold,
+        calibrated by the model's temperature."""
+        outputs = outputs / self.temperature
         if self.head_name == "coral":
             if threshold <= 0:
                 return outputs.new_ones(len(outputs))
@@ -192,7 +197,7 @@ class AgeEstimationModel(nn.Module):
         """(B,) standard deviation in years of the predicted age distribution (distribution heads)."""
         if self.head_name not in DISTRIBUTION_HEADS:
             raise ValueError(f"head {self.head_name!r} predicts no distribution; use dex or mean_variance")
-        probabilities = outputs.softmax(1)
+        probabilities = (outputs / self.temperature).softmax(1)
         mean = probabilities @ self.age_grid
         return (probabilities @ self.age_grid.square() - mean.square()).clamp_min(0).sqrt()
 
@@ -231,6 +236,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checkpoint
 
 
+def newest_checkpoint(cfg: Config) -> Path:
+    """The most recently written checkpoint_dir/*/best.pt (used when no --checkpoint is given)."""
+    candidates = sorted(Path(cfg.checkpoint_dir).glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
+    if not candidates:
+        raise SystemExit(f"error: no checkpoint given and none in {cfg.checkpoint_dir}/*/best.pt; train one first "
+                         "(python train.py, or python demo.py) or pass --checkpoint=...")
+    return candidates[-1]
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
@@ -238,7 +252,9 @@ def load_model(
     checkpoint = load_checkpoint(path)
     cfg = config_from_dict(checkpoint["config"])
     model = build_model(replace(cfg, pretrained=False))
-    model.load_state_dict(checkpoint["model"])
+    state = dict(checkpoint["model"])
+    state.setdefault("temperature", torch.tensor(1.0))  # checkpoints written before calibration existed
+    model.load_state_dict(state)
     return model.to(device).eval(), cfg, checkpoint
 
 

@@ -1,12 +1,14 @@
-"""Stratified, seeded train/valid/test split on age.
+"""Stratified, seeded train/valid/test split on age (or by subject).
 
-Reads:  csv_dataset/utkface_dataset.csv (written by eda.py).
+Reads:  csv_dataset/<dataset_format>_dataset.csv (written by eda.py).
 Writes: csv_dataset/train_set.csv, valid_set.csv, test_set.csv (same columns) and pics/split_age_histograms.png;
         prints the counts.
 
 Stratification: neighbouring ages are merged into bins until each bin holds at least min_images_per_age_bin
 images (so ages with one or two images never break the split), then every bin is shuffled with the seed and
 cut 80/10/10 (valid_fraction / test_fraction). The same CSV and seed give byte-identical split files.
+With --subject_split (data sets with identities: FG-NET, AgeDB, MORPH), whole subjects are dealt to the splits
+instead, so no person appears in two of them.
 
 Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fraction=0.1]
 """
@@ -20,7 +22,14 @@ import numpy as np
 import pandas as pd
 
 from config import Config, parse_config, print_config, save_figure
-from custom_dataset_dataloader import SPLITS, read_dataset_csv, split_csv_path, write_dataset_csv
+from custom_dataset_dataloader import (
+    SPLITS,
+    DataError,
+    dataset_csv_path,
+    read_dataset_csv,
+    split_csv_path,
+    write_dataset_csv,
+)
 
 
 def age_bins(ages: np.ndarray, min_count: int) -> np.ndarray:
@@ -63,6 +72,27 @@ def stratified_split(
     return {split: frame[assignment == split].reset_index(drop=True) for split in SPLITS}
 
 
+def subject_split(
+    frame: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int
+) -> dict[str, pd.DataFrame]:
+    """Split by subject: all images of one person land in one split (images of one person on both sides of
+    the split inflate the test score). Subjects are shuffled with the seed and dealt to test, then valid,
+    until each holds its share of the images; the rest train."""
+    frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
+    subjects = np.array(sorted(frame["subject"].astype(str).unique()))
+    np.random.default_rng(seed).shuffle(subjects)
+    sizes = frame["subject"].astype(str).value_counts()
+    targets = {"test": test_fraction * len(frame), "valid": valid_fraction * len(frame)}
+    assignment, filled = {}, dict.fromkeys(targets, 0.0)
+    for subject in subjects:
+        split = next((name for name in targets if filled[name] < targets[name]), "train")
+        assignment[subject] = split
+        if split in filled:
+            filled[split] += sizes[subject]
+    splits = frame["subject"].astype(str).map(assignment)
+    return {split: frame[splits == split].reset_index(drop=True) for split in SPLITS}
+
+
 def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
     import matplotlib
 
@@ -83,9 +113,15 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py")
-    source = Path(cfg.csv_dir) / "utkface_dataset.csv"
-    frame = read_dataset_csv(source)
-    splits = stratified_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed, cfg.min_images_per_age_bin)
+    frame = read_dataset_csv(dataset_csv_path(cfg))
+    if cfg.subject_split:
+        if "subject" not in frame:
+            raise DataError(f"--subject_split needs a subject column, which {dataset_csv_path(cfg)} lacks "
+                            "(FG-NET, AgeDB and --labels_csv with a subject column have one)")
+        splits = subject_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+    else:
+        splits = stratified_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed,
+                                  cfg.min_images_per_age_bin)
     for name, split in splits.items():
         write_dataset_csv(split, split_csv_path(cfg, name))
     figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"

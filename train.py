@@ -48,7 +48,7 @@ from config import (
 )
 from custom_dataset_dataloader import build_dataloader
 from faces import measure_crop_geometry
-from model import REGRESSION_HEADS, build_model, load_checkpoint, save_checkpoint, unwrap
+from model import DISTRIBUTION_HEADS, REGRESSION_HEADS, build_model, load_checkpoint, save_checkpoint, unwrap
 
 CS_THRESHOLD = 5.0  # years, for CS@5
 
@@ -87,10 +87,11 @@ def _to_device(images: torch.Tensor, ages: torch.Tensor, device: torch.device, c
 MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
 
 
-def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
-    """The training loss of the model's head, from its raw `head_outputs` and the true ages (B,) in years."""
+def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, head: str | None = None) -> torch.Tensor:
+    """The training loss of the model's head (or of `head`, whose outputs must have the same shape), from the
+    raw `head_outputs` and the true ages (B,) in years."""
     model = unwrap(model)
-    head = model.head_name
+    head = head or model.head_name
     if head in REGRESSION_HEADS:
         predicted = model.ages_from_outputs(outputs)  # (B,) years
         if head == "l1":
@@ -170,12 +171,14 @@ def evaluate(
     dtype: torch.dtype | None = None,
     channels_last: bool = False,
     tta: bool = False,
+    keep_outputs: bool = False,
 ) -> dict[str, Any]:
     """The head's loss, MAE, RMSE, CS@5 and MAE per age decade over `loader`, plus the predictions and targets
-    (lists, years). tta: the age is the mean of the predictions for the image and its mirror image."""
+    (lists, years). tta: the age is the mean of the predictions for the image and its mirror image.
+    keep_outputs: also return the raw head outputs (N, ...) as "outputs" (for calibration)."""
     model.eval()
     plain = unwrap(model)
-    total_loss, predictions, targets = 0.0, [], []
+    total_loss, predictions, targets, kept = 0.0, [], [], []
     for images, ages, _, _ in loader:
         images, ages = _to_device(images, ages, device, channels_last)
         with _autocast(device, dtype):
@@ -186,6 +189,8 @@ def evaluate(
         total_loss += age_loss(plain, outputs, ages).item() * len(ages)
         predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
+        if keep_outputs:
+            kept.append(outputs.float().cpu())
     predicted, target = torch.cat(predictions), torch.cat(targets)
     error = (predicted - target).abs()
     decades = (target // 10).long()
@@ -198,7 +203,49 @@ def evaluate(
                           for decade in decades.unique().tolist()},
         "predictions": predicted.tolist(),
         "targets": target.tolist(),
+        **({"outputs": torch.cat(kept)} if keep_outputs else {}),
     }
+
+
+ADULT_AGE = 18  # the threshold whose probability is calibrated and reported (age-restricted services ask this)
+
+
+def expected_calibration_error(probabilities: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> float:
+    """ECE of binary probabilities (N,) against 0/1 outcomes (N,): the size-weighted mean over equal-width
+    probability bins of |mean predicted probability - observed frequency|."""
+    probabilities, outcomes = probabilities.double(), outcomes.double()
+    bin_index = (probabilities * bins).long().clamp(0, bins - 1)  # (N,)
+    error = 0.0
+    for index in range(bins):
+        members = bin_index == index
+        if members.any():
+            error += members.double().mean().item() * abs(
+                probabilities[members].mean().item() - outcomes[members].mean().item())
+    return error
+
+
+def fit_temperature(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> float:
+    """The temperature T that minimises the head's negative log-likelihood of the true ages given outputs / T
+    (valid-set outputs (N, K) and ages (N,)); a grid over T in [0.25, 4], which cannot diverge."""
+    plain = unwrap(model)
+    loss_head = "coral" if plain.head_name == "coral" else "dex"  # plain NLL (mean_variance adds penalty terms)
+    temperatures = torch.logspace(-2, 2, 161, base=2.0)  # 0.25 .. 4
+    losses = [age_loss(plain, outputs / temperature, ages, loss_head).item() for temperature in temperatures]
+    return temperatures[int(torch.tensor(losses).argmin())].item()
+
+
+def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
+    """Fit the model's temperature on the valid set's outputs, set it, and report on the test set the expected
+    calibration error of P(age >= ADULT_AGE) before and after (dicts from evaluate(keep_outputs=True))."""
+    plain = unwrap(model)
+    temperature = fit_temperature(plain, valid["outputs"], torch.tensor(valid["targets"]))
+    outcomes = (torch.tensor(test["targets"]) >= ADULT_AGE).double()
+    results = {"temperature": temperature}
+    for name, value in (("uncalibrated", 1.0), ("calibrated", temperature)):
+        plain.temperature.fill_(value)
+        probability = plain.probability_at_least(test["outputs"].to(plain.temperature.device), ADULT_AGE).cpu()
+        results[f"test_ece_adult_{name}"] = expected_calibration_error(probability, outcomes)
+    return results
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -207,7 +254,7 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     no_decay = [parameter for parameter in model.parameters() if parameter.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
@@ -394,7 +441,16 @@ def main(cfg: Config) -> dict[str, Any]:
         unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
     else:  # epochs=0: evaluate the model as built
         save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
-    test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last)
+    probabilistic = cfg.head in (*DISTRIBUTION_HEADS, "coral")
+    test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, keep_outputs=probabilistic)
+    calibration = {}
+    if probabilistic:
+        valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last, keep_outputs=True)
+        calibration = calibrate(model, valid_metrics, test_metrics)
+        best_state = load_checkpoint(best_path)
+        best_state["model"] = unwrap(model).state_dict()
+        save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
+                                                  if key not in ("model", "config")})
     tta_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, tta=True) if cfg.tta else None
     test_ages = torch.tensor(test_metrics["targets"])
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
@@ -405,6 +461,7 @@ def main(cfg: Config) -> dict[str, Any]:
         "test_cs5": test_metrics["cs5"],
         "mean_age_baseline_test_mae": baseline_mae,
         "test_mae_by_decade": test_metrics["mae_by_decade"],
+        **calibration,
         **({"test_mae_tta": tta_metrics["mae"], "test_cs5_tta": tta_metrics["cs5"]} if tta_metrics else {}),
         "best_valid_mae": best_valid_mae,
         "epochs": cfg.epochs,
@@ -423,6 +480,10 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"\ntest set ({len(test_ages)} images), best checkpoint: MAE {test_metrics['mae']:.2f} years, "
           f"CS@5 {test_metrics['cs5']:.3f}, RMSE {test_metrics['rmse']:.2f} "
           f"(predicting the mean training age: MAE {baseline_mae:.2f})")
+    if calibration:
+        print(f"P(age >= {ADULT_AGE}) on the test set: expected calibration error "
+              f"{calibration['test_ece_adult_uncalibrated']:.3f} -> {calibration['test_ece_adult_calibrated']:.3f} "
+              f"with temperature {calibration['temperature']:.2f} fitted on the valid set")
     if tta_metrics:
         print(f"with flip TTA: MAE {tta_metrics['mae']:.2f} years, CS@5 {tta_metrics['cs5']:.3f}")
     print(f"checkpoints: {checkpoint_dir}/  TensorBoard + results.json: {run_dir}/")

@@ -45,18 +45,21 @@ def face_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture
-def split_config(tmp_path: Path, face_folder: Path) -> Config:
-    """A config whose csv_dir already holds the data set CSV and the three splits of `face_folder`."""
+def write_splits(cfg: Config) -> Config:
+    """Write the data set CSV of cfg.data_dir and its three splits into cfg.csv_dir; returns cfg."""
     import eda
     import split_dataset
-
-    cfg = make_config(tmp_path, face_folder, check_images=False)
-    frame, _, _ = eda.scan_folder(cfg.data_dir, check_images=False)
     from custom_dataset_dataloader import write_dataset_csv
 
+    frame, _, _ = eda.scan_folder(cfg.data_dir, check_images=False)
     write_dataset_csv(frame, Path(cfg.csv_dir) / "utkface_dataset.csv")
     splits = split_dataset.stratified_split(frame, 0.1, 0.1, cfg.seed, cfg.min_images_per_age_bin)
     for name, split in splits.items():
         write_dataset_csv(split, split_dataset.split_csv_path(cfg, name))
     return cfg
+
+
+@pytest.fixture
+def split_config(tmp_path: Path, face_folder: Path) -> Config:
+    """A config whose csv_dir already holds the data set CSV and the three splits of `face_folder`."""
+    return write_splits(make_config(tmp_path, face_folder, check_images=False))

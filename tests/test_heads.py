@@ -1,7 +1,6 @@
 """Every head predicts years, learns, and the ordinal/distribution heads keep their guarantees."""
 
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,10 +65,37 @@ def test_distribution_heads_export_with_parity(tmp_path, head):
         assert result["max_abs_difference"] <= export_jit.TOLERANCE[export_format]
 
 
-def test_tta_is_reported_both_ways(split_config):
+def test_tta_and_calibration_are_reported(split_config):
+    from model import load_model
+
     results = train.main(replace(split_config, epochs=1, tta=True, head="dex", run_name="tta"))
     assert {"test_mae", "test_mae_tta", "test_cs5_tta", "test_mae_by_decade"} <= results.keys()
-    assert Path(results["best_checkpoint"]).is_file()
+    assert 0.25 <= results["temperature"] <= 4.0
+    assert 0 <= results["test_ece_adult_calibrated"] <= 1 and 0 <= results["test_ece_adult_uncalibrated"] <= 1
+    model, _, _ = load_model(results["best_checkpoint"])
+    assert model.temperature.item() == pytest.approx(results["temperature"])  # stored with the checkpoint
+
+
+def test_temperature_fit_recovers_the_true_temperature():
+    """Ages drawn from softmax(logits / 2) are best explained by temperature 2; ECE falls once it is applied."""
+    torch.manual_seed(0)
+    model = AgeEstimationModel("resnet18", image_size=32, head="dex", max_age=60)
+    logits = 4.0 * torch.randn(4000, 61)  # (N, K)
+    ages = torch.multinomial((logits / 2.0).softmax(1), 1).squeeze(1).float()  # (N,)
+    temperature = train.fit_temperature(model, logits, ages)
+    assert temperature == pytest.approx(2.0, rel=0.1)
+    outcomes = (ages >= 30).float()
+    before = train.expected_calibration_error(model.probability_at_least(logits, 30), outcomes)
+    model.temperature.fill_(temperature)
+    after = train.expected_calibration_error(model.probability_at_least(logits, 30), outcomes)
+    assert after < 0.03 < before
+
+
+def test_expected_calibration_error_of_known_cases():
+    outcomes = torch.tensor([1.0, 0.0] * 50)
+    assert train.expected_calibration_error(torch.full((100,), 0.5), outcomes) == pytest.approx(0.0)
+    assert train.expected_calibration_error(outcomes, outcomes) == pytest.approx(0.0)  # certain and right
+    assert train.expected_calibration_error(1 - outcomes, outcomes) == pytest.approx(1.0)  # certain and wrong
 
 
 def test_inference_labels_distribution_heads_with_a_spread(tmp_path, face_folder):

@@ -1,0 +1,74 @@
+"""Analyses of a trained checkpoint on a CSV of faces; each writes its tables to runs/analysis/ and figures to pics/.
+
+    python -m analysis.errors       error and bias by age decade, gender, ethnicity (bootstrap intervals)
+    python -m analysis.sensitivity  MAE under growing brightness, blur, noise, JPEG, rotation, occlusion, ...
+    python -m analysis.heatmaps     Grad-CAM maps per age group (CNNs; Grad-CAM on the token grid for the ViT)
+
+Every analysis takes --checkpoint (default: the newest checkpoints/*/best.pt) and --test_csv (default: that
+checkpoint's own test split). Images are read and resized exactly as the checkpoint was trained (its image size
+and normalisation, from the config stored in it), so a CSV of another data set gives a cross-data-set result:
+pass its --data_dir and --test_csv, and --exclude_csv to leave out faces that the training set also holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from config import Config, resolve_device
+from custom_dataset_dataloader import DataError, read_dataset_csv, split_csv_path, write_dataset_csv
+from model import AgeEstimationModel, load_model, newest_checkpoint
+
+
+@dataclass
+class Evaluation:
+    """A checkpoint's model and the data to analyse, in the checkpoint's own preprocessing."""
+
+    model: AgeEstimationModel  # eval mode, on `device`
+    model_cfg: Config  # the checkpoint's config with the data paths of this analysis
+    csv_path: Path  # the CSV of the faces analysed (after --exclude_csv)
+    device: torch.device
+    tag: str  # <run>__<csv stem>: names every output file
+
+
+def analysis_dir(cfg: Config) -> Path:
+    return Path(cfg.runs_dir) / "analysis"
+
+
+def exclude_rows(frame: pd.DataFrame, exclude_csv: str) -> pd.DataFrame:
+    """`frame` without the rows whose file name (the last path part) appears in any of the comma-separated CSVs."""
+    names: set[str] = set()
+    for path in filter(None, (part.strip() for part in exclude_csv.split(","))):
+        names.update(Path(name).name for name in read_dataset_csv(path)["image_name"])
+    return frame[~frame["image_name"].map(lambda name: Path(name).name).isin(names)]
+
+
+def prepare_evaluation(cfg: Config) -> Evaluation:
+    """Load the checkpoint and resolve the CSV: data_dir and csv_dir come from the command line when given,
+    otherwise from the checkpoint (its own test split)."""
+    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
+    device = resolve_device(cfg.device)
+    model, trained_cfg, _ = load_model(checkpoint, device)
+    defaults = Config()
+    data_dir = cfg.data_dir if cfg.data_dir != defaults.data_dir else trained_cfg.data_dir
+    csv_dir = cfg.csv_dir if cfg.csv_dir != defaults.csv_dir else trained_cfg.csv_dir
+    model_cfg = replace(trained_cfg, data_dir=data_dir, csv_dir=csv_dir, cache_dir=cfg.cache_dir,
+                        use_cache=cfg.use_cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                        device=cfg.device, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+    csv_path = Path(cfg.test_csv) if cfg.test_csv else split_csv_path(model_cfg, "test")
+    tag = f"{checkpoint.parent.name}__{csv_path.stem}"
+    if cfg.exclude_csv:
+        frame = read_dataset_csv(csv_path)
+        kept = exclude_rows(frame, cfg.exclude_csv)
+        if kept.empty:
+            raise DataError(f"--exclude_csv={cfg.exclude_csv} leaves none of the {len(frame)} rows of {csv_path}")
+        print(f"{csv_path}: {len(kept)} of {len(frame)} rows kept after leaving out those in {cfg.exclude_csv}")
+        tag += "__excluded"
+        csv_path = analysis_dir(cfg) / f"{tag}.csv"
+        write_dataset_csv(kept, csv_path)
+    print(f"checkpoint {checkpoint}: {trained_cfg.model_name}, head {trained_cfg.head}, {trained_cfg.image_size} px; "
+          f"analysing {csv_path} with images from {data_dir}")
+    return Evaluation(model, model_cfg, csv_path, device, tag)
