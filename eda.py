@@ -85,6 +85,7 @@ def parse_agedb_name(file_name: str) -> tuple[int, str, str, str] | None:
     return age, gender, "unknown", "_".join(parts[1:-2])
 
 
+DATASET_NAMES = {"utkface": "UTKFace", "fgnet": "FG-NET", "agedb": "AgeDB", "appa_real": "APPA-REAL", "csv": "labelled"}
 NAME_PARSERS = {"utkface": parse_utkface_name, "fgnet": parse_fgnet_name, "agedb": parse_agedb_name}
 
 
@@ -220,9 +221,9 @@ def scan_folder(
         warnings.warn(f"{len(unreadable)} image(s) could not be decoded and are skipped:\n  {listed}", stacklevel=2)
     if frame.empty:
         raise DataError(
-            f"no usable {dataset_format} images in {root} ({len(labelled)} labelled, {len(malformed)} malformed, "
-            f"{len(unreadable)} unreadable). Point --data_dir at the data set's folder and check --dataset_format "
-            "(utkface expects [age]_[gender]_[race]_*.jpg files)."
+            f"no usable {DATASET_NAMES.get(dataset_format, dataset_format)} images in {root} ({len(labelled)} "
+            f"labelled, {len(malformed)} malformed, {len(unreadable)} unreadable). Point --data_dir at the data "
+            "set's folder and check --dataset_format (utkface expects [age]_[gender]_[race]_*.jpg files)."
         )
     return frame, malformed, unreadable
 

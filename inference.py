@@ -268,6 +268,7 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
     show = cfg.show and _display_available()
     frame_index, started, fps = 0, time.perf_counter(), None
     temporary = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}") if output else None
+    keep = False  # the video is renamed into place only after the loop ends normally (or Ctrl-C stops a stream)
     try:
         while True:
             ok, frame = capture.read()
@@ -293,11 +294,18 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
                 except cv2.error:  # a build without GUI support (opencv-python-headless): carry on headless
                     show = False
             frame_index += 1
+        keep = True
+    except KeyboardInterrupt:
+        keep = True  # stopping a webcam recording with Ctrl-C keeps what was recorded
+        print(f"\nstopped after {frame_index} frames")
     finally:
         capture.release()
         if writer is not None:
             writer.release()
-            os.replace(temporary, output)
+            if keep:
+                os.replace(temporary, output)
+            else:  # a failure midway: no half-written video under the output name
+                temporary.unlink(missing_ok=True)
         if show:
             cv2.destroyAllWindows()
     seconds = time.perf_counter() - started

@@ -21,7 +21,7 @@ UTK200 = REAL_DATA / "utkface200"
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A small untrained-but-non-trivial checkpoint with a stored crop geometry."""
-    cfg = Config(model_name="resnet18", pretrained=False, image_size=32)
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head="l1")
     torch.manual_seed(0)
     model = AgeEstimationModel("resnet18", image_size=32)
     model.set_age_statistics(35.0, 15.0)
@@ -67,7 +67,7 @@ def test_exports_match_eager_and_carry_their_config(checkpoint, tmp_path, export
 
 @pytest.mark.parametrize("model_name", ["efficientnet", "vit"])
 def test_every_backbone_traces(tmp_path, model_name):
-    cfg = Config(model_name=model_name, pretrained=False, image_size=32)
+    cfg = Config(model_name=model_name, pretrained=False, image_size=32, head="l1")
     model = AgeEstimationModel(model_name, image_size=32)
     torch.nn.init.normal_(model.head[1].weight, std=0.05)
     save_checkpoint(tmp_path / "best.pt", model, cfg)
@@ -103,15 +103,22 @@ def test_image_without_a_face_is_reported_not_an_error(checkpoint, tmp_path, cap
     assert (tmp_path / "out.jpg").is_file() and (tmp_path / "out.jsonl").read_text() == ""
 
 
+def write_face_video(video: Path, face_folder: Path, frames: int = 6) -> Path:
+    """A 64 x 64 mp4 of one generated face, `frames` frames long."""
+    import cv2
+
+    face = np.asarray(Image.open(sorted(face_folder.iterdir())[0]).resize((64, 64)))
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 64))
+    for _ in range(frames):
+        writer.write(cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    writer.release()
+    return video
+
+
 def test_video_path_runs_headless(checkpoint, tmp_path, face_folder):
     import cv2
 
-    video = tmp_path / "clip.mp4"
-    face = np.asarray(Image.open(sorted(face_folder.iterdir())[0]).resize((64, 64)))
-    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (64, 64))
-    for _ in range(6):
-        writer.write(cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
-    writer.release()
+    video = write_face_video(tmp_path / "clip.mp4", face_folder)
     output = tmp_path / "clip_age.mp4"
     cfg = Config(checkpoint=str(checkpoint), input=str(video), output=str(output), no_detect=True, show=False)
     rows = inference.main(cfg)
@@ -119,6 +126,24 @@ def test_video_path_runs_headless(checkpoint, tmp_path, face_folder):
     capture = cv2.VideoCapture(str(output))
     assert capture.isOpened() and int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     capture.release()
+
+
+def test_a_video_run_that_fails_midway_leaves_no_partial_file(checkpoint, tmp_path, face_folder, monkeypatch):
+    video = write_face_video(tmp_path / "clip.mp4", face_folder)
+    calls = []
+
+    def failing_draw(image, faces, fps=None):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("disk full")
+        return image
+
+    monkeypatch.setattr(inference, "draw_faces", failing_draw)
+    output = tmp_path / "clip_age.mp4"
+    with pytest.raises(RuntimeError, match="disk full"):
+        inference.main(Config(checkpoint=str(checkpoint), input=str(video), output=str(output), no_detect=True,
+                              show=False))
+    assert not output.exists() and list(tmp_path.glob(".clip_age*")) == []
 
 
 def test_missing_input_is_a_clear_error(checkpoint, tmp_path):
