@@ -49,11 +49,17 @@ def group_labels(frame: pd.DataFrame) -> dict[str, pd.Series]:
     gender = frame["gender"].where(frame["gender"].isin(GENDERS))
     ethnicity = frame["ethnicity"].where(frame["ethnicity"].isin(ETHNICITIES))
     return {
-        "decade": decade.map(lambda start: f"{start:02d}-{start + 9:02d}"),
+        "decade": decade.map(lambda start: f"{start}-{start + 9}"),
         "gender": gender,
         "ethnicity": ethnicity,
         "gender_ethnicity": gender + " " + ethnicity,
     }
+
+
+def _group_order(group: str) -> tuple[int, str]:
+    """Decades by their first year ('100-109' after '90-99'), other groups alphabetically."""
+    head = group.split("-")[0]
+    return (int(head), group) if head.isdigit() else (0, group)
 
 
 def group_table(frame: pd.DataFrame, samples: int = 1000, seed: int = 0) -> pd.DataFrame:
@@ -64,7 +70,7 @@ def group_table(frame: pd.DataFrame, samples: int = 1000, seed: int = 0) -> pd.D
     rows: list[dict[str, Any]] = []
     for grouping, labels in group_labels(frame).items():
         grouping_rows = []
-        for group in sorted(labels.dropna().unique()):
+        for group in sorted(labels.dropna().unique(), key=_group_order):
             signed = errors[(labels == group).to_numpy()]
             mae_low, mae_high = bootstrap_interval(np.abs(signed), samples, generator)
             bias_low, bias_high = bootstrap_interval(signed, samples, generator)
@@ -99,7 +105,7 @@ def plot_groups(table: pd.DataFrame, path: Path, title: str) -> None:
         axis.axhline(0, color="black", linewidth=0.8)
         axis.set_xticks(positions, [f"{group}\n(n={count})" for group, count in zip(rows["group"], rows["images"],
                                                                                      strict=True)],
-                        rotation=60 if grouping == "gender_ethnicity" else 0, fontsize=8)
+                        rotation={"gender_ethnicity": 60, "decade": 45}.get(grouping, 0), fontsize=8)
         axis.set(title=grouping.replace("_", " x "), ylabel="years")
     axes[0].legend()
     figure.suptitle(f"{title}: MAE and bias per group, bootstrap 95 % intervals")

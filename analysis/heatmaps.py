@@ -3,7 +3,7 @@
 Reads:  --checkpoint (default: the newest checkpoints/*/best.pt) and --test_csv (default: its own test split).
 Writes: pics/heatmaps_<run>__<csv>_examples.png: example faces of each age group with their maps;
         pics/heatmaps_<run>__<csv>_average.png: the mean map of each age group (up to --heatmap_images faces
-        spread evenly over the groups), over the mean face of that group;
+        spread evenly over the groups), maps only with the face bands marked (no face pixels: shareable);
         runs/analysis/<run>__<csv>_heatmaps.csv: per age group, the share of the mean map falling in each
         horizontal band of the face (forehead, eyes, nose, mouth, chin), a number behind the figure.
 
@@ -132,13 +132,19 @@ def main(cfg: Config) -> dict[str, Any]:
     examples_path = Path(cfg.pics_dir) / f"heatmaps_{setup.tag}_examples.png"
     save_figure(figure, examples_path)
 
-    figure, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 3.0), squeeze=False)
-    for axis, name in zip(axes[0], maps, strict=True):
-        axis.imshow(faces[name].mean(0))
-        axis.imshow(maps[name].mean(0), cmap="jet", alpha=0.55)
+    figure, axes = plt.subplots(1, len(maps), figsize=(2.6 * len(maps), 3.2), squeeze=False)
+    for axis, name in zip(axes[0], maps, strict=True):  # maps only: no face pixels, so the figure can be shared
+        average = maps[name].mean(0)
+        axis.imshow(average, cmap="jet", vmin=0, vmax=max(float(average.max()), 1e-6))
+        side = average.shape[0]
+        for band, (top, _) in FACE_BANDS.items():
+            axis.axhline(top * side - 0.5, color="white", linewidth=0.6)
+            if axis is axes[0, 0]:
+                axis.text(-1, (top + 0.05) * side, band, ha="right", fontsize=8)
         axis.set_title(f"age {name} (n={len(maps[name])})", fontsize=10)
-        axis.axis("off")
-    figure.suptitle(f"{setup.tag}: mean Grad-CAM map per age group over the group's mean face")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    figure.suptitle(f"{setup.tag}: mean Grad-CAM map per age group (bands of an aligned face)")
     average_path = Path(cfg.pics_dir) / f"heatmaps_{setup.tag}_average.png"
     save_figure(figure, average_path)
 
