@@ -1,7 +1,7 @@
 """The seed's five-step tuning procedure, each trial a call of train.main (no copied training loop).
 
-1. The loss of the untrained model on one batch, beside the loss of always predicting the mean training age
-   (the head starts at zero, so both should match: a sanity check of the data and the loss).
+1. The error of the untrained model on one batch, beside the error of always predicting the mean training age
+   (every head starts at the mean age, so both should about match: a sanity check of the data and the head).
 2. Overfit a small fixed training subset (tune_overfit_images, no augmentation, no regularisation) and show the
    training loss going towards zero: the model and the optimisation can learn.
 3. A learning-rate sweep (tune_learning_rates) for tune_epochs epochs each.
@@ -50,7 +50,9 @@ def trial_config(cfg: Config, name: str, **changes) -> Config:
 
 
 def initial_loss(cfg: Config) -> dict[str, float]:
-    """Step 1: L1 loss of the untrained model on one training batch vs a mean-age predictor's."""
+    """Step 1: the untrained model's error (years) on one training batch vs a mean-age predictor's; every head
+    starts at the mean age (the distribution heads at a discretised normal around it, whose expectation is a little
+    above the mean because ages below 0 are cut off)."""
     seed_everything(cfg.seed)
     loader = build_dataloader(replace(cfg, num_workers=0), "train")
     ages_all = torch.tensor(loader.dataset.ages)
@@ -60,7 +62,8 @@ def initial_loss(cfg: Config) -> dict[str, float]:
     with torch.no_grad():
         model_loss = (model(images) - ages).abs().mean().item()
     mean_loss = (ages - ages_all.mean()).abs().mean().item()
-    print(f"step 1: untrained model L1 on one batch {model_loss:.2f} years; mean-age predictor {mean_loss:.2f} years")
+    print(f"step 1: untrained model's mean absolute error on one batch {model_loss:.2f} years; "
+          f"mean-age predictor {mean_loss:.2f} years")
     return {"model_loss": model_loss, "mean_predictor_loss": mean_loss}
 
 
@@ -76,7 +79,8 @@ def overfit_subset(cfg: Config) -> list[float]:
             translate_fraction=0.0, scale_jitter=0.0, dropout=0.0, weight_decay=0.0,
         ))
     losses = [row["train_loss"] for row in results["history"]]
-    print(f"step 2: training L1 on {len(subset)} fixed images: " + " -> ".join(f"{loss:.2f}" for loss in losses))
+    trajectory = " -> ".join(f"{loss:.2f}" for loss in losses)
+    print(f"step 2: training loss ({cfg.head}) on {len(subset)} fixed images: {trajectory}")
     return losses
 
 
