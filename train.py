@@ -327,12 +327,12 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str
 
     epochs = [row["epoch"] for row in history]
     figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(epochs, [row["train_loss"] for row in history], "o-", label="train L1 loss")
-    axes[0].plot(epochs, [row["valid_loss"] for row in history], "o-", label="valid L1 loss")
+    axes[0].plot(epochs, [row["train_loss"] for row in history], "o-", label="train")
+    axes[0].plot(epochs, [row["valid_loss"] for row in history], "o-", label="valid")
     axes[1].plot(epochs, [row["valid_mae"] for row in history], "o-", color="tab:green", label="valid MAE")
     axes[1].plot(epochs, [row["valid_cs5"] * 100 for row in history], "o-", color="tab:purple", label="valid CS@5 %")
     axes[2].plot(epochs, [row["lr"] for row in history], "o-", color="tab:gray")
-    axes[0].set(xlabel="epoch", ylabel="years", title="loss")
+    axes[0].set(xlabel="epoch", ylabel="loss of the head", title="loss")
     axes[1].set(xlabel="epoch", title="validation")
     axes[2].set(xlabel="epoch", ylabel="learning rate", title="learning rate (end of epoch)")
     axes[0].legend()
