@@ -52,9 +52,11 @@ class Config:
     min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
     subject_split: bool = False  # split_dataset.py keeps each subject's images in one split (FG-NET, AgeDB, MORPH)
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
+    loading: str = "batch"  # batch: cached uint8 batches augmented on the device | sample: per image, in workers
     check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
     normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means
     normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel standard deviations
+    flip: bool = True  # train augmentation: mirror half of the faces left-right
     rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
     scale_jitter: float = 0.07  # train augmentation: random zoom in [1 - x, 1 + x] (crop jitter)
@@ -76,6 +78,8 @@ class Config:
     scheduler: str = "cosine"  # cosine (after linear warm-up) | step (x0.1 at 1/2 and 3/4 of training) | none
     warmup_epochs: float = 1.0  # linear warm-up length, in epochs
     grad_clip_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
+    accumulation_steps: int = 1  # split each batch into this many micro-batches (less memory, same optimizer steps)
+    sync_batchnorm: bool = True  # torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)
     # --- run ---
     preset: str = ""  # '' (the defaults above) | seed (the seed repo's recipe, PRESETS below); other --keys win
     run_name: str = ""  # folder name under runs/ and checkpoints/ ('' = <model_name>_<date>_<time>)
@@ -198,6 +202,11 @@ def validate(cfg: Config) -> None:
         problems.append(f"dataset_format={cfg.dataset_format!r} is not one of {', '.join(DATASET_FORMATS)}")
     if cfg.preset and cfg.preset not in PRESETS:
         problems.append(f"preset={cfg.preset!r} is not one of {', '.join(PRESETS)}")
+    if cfg.loading not in ("batch", "sample"):
+        problems.append(f"loading={cfg.loading!r} is not one of batch, sample")
+    if cfg.accumulation_steps < 1 or cfg.batch_size % cfg.accumulation_steps:
+        problems.append(f"batch_size={cfg.batch_size} must be a multiple of "
+                        f"accumulation_steps={cfg.accumulation_steps} (>= 1)")
     if cfg.format not in ("torchscript", "onnx"):
         problems.append(f"format={cfg.format!r} is not one of torchscript, onnx")
     if cfg.model_name == "vit" and cfg.image_size % 16:

@@ -12,6 +12,15 @@ Augmentation (train only, the seed's recipe plus crop jitter): random horizontal
 shift and zoom (a detector's box at inference is never exactly the training crop), colour jitter; then
 scaling to [0, 1] and ImageNet normalisation. It runs on the uint8 tensors, so the cache saves the decode.
 
+Two loading paths give the same batches (tests/test_fast_path.py checks it):
+- loading=batch (default, the fast path): `BatchLoader` indexes whole batches of the cached uint8 array (kept
+  resident on the GPU when it fits, memory-mapped on the CPU) and `BatchAugmentation` augments the whole batch
+  on the training device, each image with its own random draw. No worker processes, no per-image Python.
+- loading=sample (the plain path, and the fallback without a cache): a DataLoader whose workers read and
+  augment image by image with torchvision.transforms.v2 (`build_transforms`).
+Both draw their order from a DistributedSampler, so a torchrun job shards each epoch across ranks and a
+single process sees the same global batches.
+
 Check it on the split CSVs:  python custom_dataset_dataloader.py [--data_dir=...] [--image_size=...]
 """
 
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import warnings
@@ -28,7 +38,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from config import Config, UsageError, atomic_write_path, parse_config, print_config
 
@@ -147,7 +158,7 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     steps = []
     if train:
         steps += [
-            v2.RandomHorizontalFlip(),
+            v2.RandomHorizontalFlip(0.5 if cfg.flip else 0.0),
             v2.RandomAffine(  # rotation + the shift and zoom a face detector's box jitters by at inference
                 cfg.rotation_degrees,
                 translate=(cfg.translate_fraction, cfg.translate_fraction),
@@ -310,20 +321,172 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     return AgeDataset(frame, cfg.data_dir, cfg.image_size, build_transforms(cfg, train), cache_path)
 
 
-def build_dataloader(cfg: Config, split: str, csv_path: str | None = None) -> DataLoader:
-    """Shuffled, last-partial-batch-dropped loader for train; ordered loaders for valid and test."""
+class BatchAugmentation:
+    """uint8 batch (B, 3, S, S) on any device -> normalised float32 batch (B, 3, S, S) on that device.
+
+    train=True draws, per image, the augmentations of `build_transforms`: a horizontal flip, rotation + shift +
+    zoom (one bilinear `grid_sample` over the whole batch, zeros outside the image like RandomAffine) and
+    brightness, contrast and saturation factors (torchvision's definitions, applied in that order). Random
+    numbers come from the global torch generator of the batch's device.
+    """
+
+    def __init__(self, cfg: Config, train: bool):
+        self.flip = train and cfg.flip
+        self.rotation = math.radians(cfg.rotation_degrees) if train else 0.0
+        self.translate = 2 * cfg.translate_fraction if train else 0.0  # grid coordinates span 2 per side
+        self.scale = cfg.scale_jitter if train else 0.0
+        self.color = cfg.color_jitter if train else 0.0
+        self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
+
+    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        images = pixels.float().div_(255)  # (B, 3, S, S) in [0, 1]
+        if self.rotation or self.translate or self.scale:
+            images = self._affine(images)
+        elif self.flip:
+            mirrored = torch.rand(len(images), device=images.device) < 0.5
+            images = torch.where(mirrored[:, None, None, None], images.flip(-1), images)
+        if self.color:
+            images = self._color(images)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+    def _uniform(self, images: torch.Tensor, half_width: float, centre: float = 0.0) -> torch.Tensor:
+        return torch.empty(len(images), device=images.device).uniform_(centre - half_width, centre + half_width)
+
+    def _affine(self, images: torch.Tensor) -> torch.Tensor:
+        angle = self._uniform(images, self.rotation)  # (B,) radians
+        zoom = self._uniform(images, self.scale, 1.0)  # (B,) > 1 enlarges the face
+        shift_x, shift_y = self._uniform(images, self.translate), self._uniform(images, self.translate)
+        mirror = torch.ones_like(angle)
+        if self.flip:
+            mirror = torch.where(torch.rand_like(angle) < 0.5, -1.0, 1.0)
+        cosine, sine = angle.cos() / zoom, angle.sin() / zoom
+        theta = torch.stack([  # (B, 2, 3): output grid position -> input position, mirrored first
+            torch.stack([cosine * mirror, -sine, shift_x], 1),
+            torch.stack([sine * mirror, cosine, shift_y], 1),
+        ], 1)
+        grid = F.affine_grid(theta, list(images.shape), align_corners=False)  # (B, S, S, 2)
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    def _color(self, images: torch.Tensor) -> torch.Tensor:
+        def factor() -> torch.Tensor:
+            return self._uniform(images, self.color, 1.0).clamp_(min=0).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+
+        def gray(batch: torch.Tensor) -> torch.Tensor:
+            return (0.299 * batch[:, 0:1] + 0.587 * batch[:, 1:2] + 0.114 * batch[:, 2:3])  # (B, 1, S, S)
+
+        images = (images * factor()).clamp_(0, 1)  # brightness
+        mean_gray = gray(images).mean((1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        images = ((images - mean_gray) * factor() + mean_gray).clamp_(0, 1)  # contrast
+        images_gray = gray(images)
+        return ((images - images_gray) * factor() + images_gray).clamp_(0, 1)  # saturation
+
+
+class BatchLoader:
+    """The fast path (loading=batch): iterates like the DataLoader below, over the decoded cache.
+
+    Each batch is one fancy-index of the uint8 array (rows sorted, so the memory map is read in order), then
+    augmented and normalised on `device` by BatchAugmentation. On CUDA the array is copied to the GPU once when it
+    takes less than a quarter of the free memory, so batches never cross the bus; otherwise (and on the CPU) it
+    stays memory-mapped and only the batch is read: memory does not grow with the data set.
+    Yields (images (B, 3, S, S) float on device, ages (B,) float32, genders (B,), ethnicities (B,)).
+    """
+
+    def __init__(
+        self,
+        dataset: AgeDataset,
+        augmentation: BatchAugmentation,
+        batch_size: int,
+        sampler: DistributedSampler | list[int],
+        device: torch.device,
+        drop_last: bool,
+    ):
+        self.dataset, self.augmentation, self.batch_size = dataset, augmentation, batch_size
+        self.sampler, self.device, self.drop_last = sampler, device, drop_last
+        self.ages = torch.from_numpy(dataset.ages)
+        self.genders, self.ethnicities = torch.from_numpy(dataset.genders), torch.from_numpy(dataset.ethnicities)
+        self._array: np.ndarray | None = None
+        self._resident: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
+
+    def _pixels(self, indices: np.ndarray) -> torch.Tensor:
+        """uint8 (B, 3, S, S) on self.device for data-set positions `indices` (B,)."""
+        if self._array is None:
+            self._array = np.load(self.dataset.cache_path, mmap_mode="r")
+            if self.device.type == "cuda":
+                free_bytes, _ = torch.cuda.mem_get_info(self.device)
+                if self._array.itemsize * len(self.dataset) * math.prod(self._array.shape[1:]) < free_bytes / 4:
+                    rows = np.ascontiguousarray(self._array[self.dataset.cache_rows])
+                    self._resident = torch.from_numpy(rows).to(self.device)  # (N, 3, S, S) uint8
+        if self._resident is not None:
+            return self._resident[torch.from_numpy(indices).to(self.device)]
+        rows = self.dataset.cache_rows[indices]
+        order = np.argsort(rows, kind="stable")
+        pixels = np.empty((len(rows), *self._array.shape[1:]), dtype=np.uint8)
+        pixels[order] = self._array[rows[order]]
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
+
+    def __iter__(self):
+        indices = np.fromiter(iter(self.sampler), dtype=np.int64)
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, len(indices)), self.batch_size):
+            batch = indices[start:start + self.batch_size]
+            images = self.augmentation(self._pixels(batch))  # (B, 3, S, S) float
+            chosen = torch.from_numpy(batch)
+            yield images, self.ages[chosen], self.genders[chosen], self.ethnicities[chosen]
+
+
+def shard(count: int, rank: int, world_size: int) -> list[int]:
+    """The contiguous block of positions 0..count-1 that `rank` evaluates; blocks in rank order cover them all once."""
+    size = math.ceil(count / world_size)
+    return list(range(min(rank * size, count), min((rank + 1) * size, count)))
+
+
+def build_dataloader(
+    cfg: Config,
+    split: str,
+    csv_path: str | None = None,
+    device: torch.device | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader | BatchLoader:
+    """Shuffled, last-partial-batch-dropped loader for train; ordered loaders for valid and test.
+
+    Under torchrun (world_size > 1) each rank gets batch_size / world_size images of every global batch of the
+    train split (a DistributedSampler reshuffled per epoch by `sampler.set_epoch`) and one contiguous block of
+    the valid/test rows. loading=batch returns a BatchLoader whose batches are already on `device`.
+    """
     train = split == "train"
     dataset = build_dataset(cfg, split, train, csv_path)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.batch_size % world_size:
+        raise UsageError(f"batch_size={cfg.batch_size} is the global batch: make it a multiple of the "
+                         f"{world_size} processes")
+    batch_size = cfg.batch_size // world_size
+    if train:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.seed,
+                                     drop_last=world_size > 1)
+        drop_last = len(dataset) > cfg.batch_size
+    else:
+        sampler, drop_last = shard(len(dataset), rank, world_size), False
+    if cfg.loading == "batch" and dataset.cache_path is not None:
+        augmentation = BatchAugmentation(cfg, train)
+        return BatchLoader(dataset, augmentation, batch_size, sampler, device or torch.device("cpu"), drop_last)
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > cfg.batch_size,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
         num_workers=cfg.num_workers,
         persistent_workers=False,  # fresh workers per epoch, seeded from `generator`: epochs are reproducible
         pin_memory=torch.cuda.is_available(),
-        generator=generator,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 

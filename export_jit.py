@@ -44,7 +44,9 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
     import onnx
 
-    with atomic_write_path(path) as temporary:
+    with atomic_write_path(path) as temporary, warnings.catch_warnings():
+        # forward's raw_outputs flag is traced as its default (False: ages in years), which is what is wanted
+        warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
         torch.onnx.export(
             model, (example,), str(temporary), input_names=["images"], output_names=["ages"],
             dynamic_axes={"images": {0: "batch"}, "ages": {0: "batch"}}, opset_version=17, dynamo=False,

@@ -178,8 +178,11 @@ class AgeEstimationModel(nn.Module):
             return torch.sigmoid(outputs).sum(1)
         return outputs.softmax(1) @ self.age_grid
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.ages_from_outputs(self.head_outputs(images))  # (B,) years
+    def forward(self, images: torch.Tensor, raw_outputs: bool = False) -> torch.Tensor:
+        """(B,) ages in years; raw_outputs=True returns `head_outputs` (training asks for them through forward,
+        which DistributedDataParallel needs to synchronise gradients)."""
+        outputs = self.head_outputs(images)
+        return outputs if raw_outputs else self.ages_from_outputs(outputs)
 
     def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
         """(B,) P(age >= threshold) from `head_outputs` (distribution and coral heads), non-increasing in threshold,

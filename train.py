@@ -13,6 +13,14 @@ Speed: channels_last memory layout, bf16 autocast on CPUs with bf16 support (abo
 Resume: `--resume` continues run_name (or the newest run in checkpoint_dir) from its last.pt with the stored
 config; only epochs, device and num_workers are taken from the command line, so a run can be extended.
 
+Several GPUs (or processes): `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel. batch_size
+stays the global batch (each rank takes batch_size / N images of it, drawn by a DistributedSampler reshuffled
+every epoch), the valid and test sets are split into N blocks whose predictions are gathered, so every rank
+computes the same metrics; rank 0 alone prints, writes TensorBoard, checkpoints and results. On GPUs the batch
+norms become SyncBatchNorm (sync_batchnorm=true); on CPUs (gloo) each rank normalises its own share, which is
+what a single process does with accumulation_steps=N (tests/test_distributed.py checks the two give the same
+weights).
+
 Run:  python train.py --model_name=resnet --epochs=30      then: tensorboard --logdir runs
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import replace
@@ -124,27 +133,43 @@ def train_one_epoch(
     channels_last: bool = False,
     grad_clip_norm: float = 0.0,
     description: str = "train",
+    accumulation_steps: int = 1,
+    show_progress: bool = True,
 ) -> dict[str, float]:
-    """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years)."""
+    """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years).
+
+    accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
+    accumulates their gradients before one optimiser step: the same step as n torchrun ranks sharing the batch.
+    """
     from tqdm import tqdm
 
     model.train()
+    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
     total_loss, total_error, total_images = 0.0, 0.0, 0
-    progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True, disable=None)  # off when not a terminal
+    progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True,
+                    disable=None if show_progress else True)  # off when not a terminal
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = _to_device(images, ages, device, channels_last)
-        with _autocast(device, dtype):
-            outputs = unwrap(model).head_outputs(images)  # float32: (B,), (B, K) or (B, K - 1)
-        loss = age_loss(model, outputs, ages)
-        if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
-            raise DivergedError(f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; "
-                                "the checkpoints of earlier epochs are kept. Lower --lr or set --grad_clip_norm=1.0")
         optimizer.zero_grad(set_to_none=True)
+        for micro in range(accumulation_steps):
+            part = slice(micro, None, accumulation_steps)
+            last = micro == accumulation_steps - 1
+            with contextlib.nullcontext() if last or not distributed else model.no_sync():  # reduce once per step
+                with _autocast(device, dtype):
+                    outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
+                loss = age_loss(model, outputs, ages[part])
+                if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
+                    raise DivergedError(
+                        f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; the "
+                        "checkpoints of earlier epochs are kept. Lower --lr or set --grad_clip_norm=1.0")
+                scaled = loss / accumulation_steps
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            with torch.no_grad():
+                total_error += (unwrap(model).ages_from_outputs(outputs.detach()) - ages[part]).abs().sum().item()
+            total_loss += loss.item() * len(outputs)
+            total_images += len(outputs)
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         if grad_clip_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
         if scaler is not None:
@@ -154,11 +179,6 @@ def train_one_epoch(
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        with torch.no_grad():
-            error = (unwrap(model).ages_from_outputs(outputs.detach()) - ages).abs().sum().item()
-        total_loss += loss.item() * len(ages)
-        total_error += error
-        total_images += len(ages)
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
     return {"loss": total_loss / max(total_images, 1), "mae": total_error / max(total_images, 1)}
 
@@ -191,7 +211,16 @@ def evaluate(
         targets.append(ages.cpu())
         if keep_outputs:
             kept.append(outputs.float().cpu())
-    predicted, target = torch.cat(predictions), torch.cat(targets)
+    predicted, target = torch.cat(predictions or [torch.zeros(0)]), torch.cat(targets or [torch.zeros(0)])
+    outputs = torch.cat(kept) if kept else None
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # each rank evaluated one contiguous block (custom_dataset_dataloader.shard): join them in rank order
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (total_loss, predicted, target, outputs))
+        total_loss = sum(part[0] for part in gathered)
+        predicted, target = torch.cat([part[1] for part in gathered]), torch.cat([part[2] for part in gathered])
+        if keep_outputs:
+            outputs = torch.cat([part[3] for part in gathered if part[3] is not None])
     error = (predicted - target).abs()
     decades = (target // 10).long()
     return {
@@ -203,7 +232,7 @@ def evaluate(
                           for decade in decades.unique().tolist()},
         "predictions": predicted.tolist(),
         "targets": target.tolist(),
-        **({"outputs": torch.cat(kept)} if keep_outputs else {}),
+        **({"outputs": outputs} if keep_outputs else {}),
     }
 
 
@@ -342,8 +371,51 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str
     save_figure(figure, path)
 
 
+def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device) of this process: torchrun's environment when it launched us, else (0, 1, ...).
+
+    Under torchrun the process group is started here (nccl on CUDA, gloo on CPU) and each rank takes the GPU of
+    its LOCAL_RANK."""
+    device = resolve_device(cfg.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world_size, device
+
+
+def _broadcast(value: Any, world_size: int) -> Any:
+    """Rank 0's `value` on every rank (a run name that contains the time must be the same everywhere)."""
+    if world_size == 1:
+        return value
+    holder = [value]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Train, keep best.pt by valid MAE, evaluate it on the test set; returns the final metrics and paths."""
+    rank, world_size, device = setup_distributed(cfg)
+    try:
+        return _train(cfg, rank, world_size, device)
+    finally:
+        if world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    is_main = rank == 0  # the one rank that prints, logs and writes files
     resume_from = find_resume_run(cfg) if cfg.resume else None
     resume_state = None
     if resume_from is not None:
@@ -353,21 +425,29 @@ def main(cfg: Config) -> dict[str, Any]:
                       run_name=resume_from.parent.name)
         run_name = cfg.run_name
     else:
-        run_name = new_run_name(cfg)
+        run_name = _broadcast(new_run_name(cfg), world_size)
         cfg = replace(cfg, run_name=run_name)
-    print_config(cfg, "train.py")
-    device = resolve_device(cfg.device)
+    if is_main:
+        print_config(cfg, "train.py")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
     dtype = autocast_dtype(cfg, device)
 
     seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
-    loaders = {split: build_dataloader(cfg, split) for split in ("train", "valid", "test")}
+    if is_main:  # rank 0 builds the caches first; the others then find them
+        loaders = {split: build_dataloader(cfg, split, device=device) for split in ("train", "valid", "test")}
+    _barrier(world_size)
+    loaders = {split: build_dataloader(cfg, split, device=device, rank=rank, world_size=world_size)
+               for split in ("train", "valid", "test")}
     train_ages = torch.tensor(loaders["train"].dataset.ages)
-    crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame)
+    crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame) if is_main else None
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
+    if world_size > 1 and device.type == "cuda" and cfg.sync_batchnorm:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -385,25 +465,30 @@ def main(cfg: Config) -> dict[str, Any]:
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} (best valid MAE {best_valid_mae:.2f})")
-    write_json(run_dir / "config.json", config_to_dict(cfg))
+    writer = None
+    if is_main:
+        write_json(run_dir / "config.json", config_to_dict(cfg))
+        from torch.utils.tensorboard import SummaryWriter
 
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
-    print(f"device {device}, autocast {dtype}, {len(loaders['train'].dataset)} train / "
-          f"{len(loaders['valid'].dataset)} valid / {len(loaders['test'].dataset)} test images")
+        writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
+        print(f"device {device}, autocast {dtype}, {type(loaders['train']).__name__} (loading={cfg.loading}), "
+              f"{world_size} process(es), {len(loaders['train'].dataset)} train / "
+              f"{len(loaders['valid'].dataset)} valid / {len(loaders['test'].dataset)} test images")
     started = time.perf_counter()
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             # Shuffling and augmentation of an epoch depend only on (seed, epoch): a run resumed from last.pt
             # continues exactly as the uninterrupted run would have (with deterministic=true, bit for bit on CPU).
-            torch.manual_seed(cfg.seed * 1000 + epoch)
-            loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch)
+            torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # augmentation and dropout draws
+            loaders["train"].sampler.set_epoch(epoch)  # the order: the same permutation on every rank
+            if isinstance(loaders["train"], DataLoader):
+                loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # worker seeds
             epoch_started = time.perf_counter()
             train_metrics = train_one_epoch(
                 model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
                 cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
+                accumulation_steps=cfg.accumulation_steps, show_progress=is_main,
             )
             valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)
             learning_rate = optimizer.param_groups[0]["lr"]
@@ -413,13 +498,16 @@ def main(cfg: Config) -> dict[str, Any]:
                 "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"], "lr": learning_rate,
                 "seconds": seconds,
             })
+            improved = valid_metrics["mae"] < best_valid_mae
+            if improved:
+                best_valid_mae = valid_metrics["mae"]
+            if not is_main:
+                continue
             for name, value in (("loss/train", train_metrics["loss"]), ("loss/valid", valid_metrics["loss"]),
                                 ("mae/train", train_metrics["mae"]), ("mae/valid", valid_metrics["mae"]),
                                 ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate)):
                 writer.add_scalar(name, value, epoch)
-            improved = valid_metrics["mae"] < best_valid_mae
             if improved:
-                best_valid_mae = valid_metrics["mae"]
                 save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae,
                                 crop_geometry=crop_geometry)
             save_checkpoint(
@@ -431,15 +519,18 @@ def main(cfg: Config) -> dict[str, Any]:
                   f"{valid_metrics['mae']:6.2f}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
                   f"{seconds:5.1f}s{'  * best' if improved else ''}", flush=True)
     except KeyboardInterrupt:
-        writer.close()
+        if writer is not None:
+            writer.close()
         finished = f"{last_path} holds epoch {epoch - 1}" if last_path.is_file() else "no epoch had finished"
         raise SystemExit(f"\ninterrupted during epoch {epoch}: {finished}; continue with "
                          f"`python train.py --resume --run_name={run_name}`") from None
-    writer.close()
+    if writer is not None:
+        writer.close()
+    _barrier(world_size)  # best.pt is complete before any rank reads it
 
     if best_path.is_file():
         unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
-    else:  # epochs=0: evaluate the model as built
+    elif is_main:  # epochs=0: evaluate the model as built
         save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
     probabilistic = cfg.head in (*DISTRIBUTION_HEADS, "coral")
     test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, keep_outputs=probabilistic)
@@ -447,6 +538,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if probabilistic:
         valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last, keep_outputs=True)
         calibration = calibrate(model, valid_metrics, test_metrics)
+    if calibration and is_main:
         best_state = load_checkpoint(best_path)
         best_state["model"] = unwrap(model).state_dict()
         save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
@@ -472,6 +564,8 @@ def main(cfg: Config) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "history": history,
     }
+    if not is_main:
+        return results
     write_json(run_dir / "results.json", results)
     if history:
         curves_path = Path(cfg.pics_dir) / f"learning_curves_{run_name}.png"

@@ -56,8 +56,9 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
     data_dir = cfg.data_dir if cfg.data_dir != defaults.data_dir else trained_cfg.data_dir
     csv_dir = cfg.csv_dir if cfg.csv_dir != defaults.csv_dir else trained_cfg.csv_dir
     model_cfg = replace(trained_cfg, data_dir=data_dir, csv_dir=csv_dir, cache_dir=cfg.cache_dir,
-                        use_cache=cfg.use_cache, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                        device=cfg.device, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+                        use_cache=cfg.use_cache, loading=cfg.loading, batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, device=cfg.device, mixed_precision=cfg.mixed_precision,
+                        seed=cfg.seed)
     csv_path = Path(cfg.test_csv) if cfg.test_csv else split_csv_path(model_cfg, "test")
     tag = f"{checkpoint.parent.name}__{csv_path.stem}"
     if cfg.exclude_csv:
