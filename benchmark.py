@@ -1,0 +1,377 @@
+"""Speed and memory of our training pipeline against the seed repository's, of data loading, and of inference.
+
+Contenders alternate inside every repeat (A, B, A, B, ...), so drift of the machine (heat, other load) falls on
+all of them; each figure is the median over the repeats.
+
+1. Training throughput: images/s over whole optimiser steps, data loading included, for resnet18 and resnet
+   (ResNet-50) with the same image size, batch size, optimizer, head and initial weights:
+   - seed: a faithful re-implementation of the seed repository's pipeline: a DataLoader whose workers decode each
+     JPEG with PIL every epoch and apply torchvision transforms per image (Resize, RandomHorizontalFlip,
+     RandomRotation(10), ColorJitter(0.2, 0.2, 0.2), ToTensor, Normalize); fp32, NCHW;
+   - ours: train.py's default path: loading=batch from the decoded cache, whole-batch augmentation,
+     channels_last, bf16 autocast when the CPU supports it (train.autocast_dtype).
+   Both run train.train_one_epoch, so the optimiser step is the same code.
+2. Data loading alone (no model), at 128 px: the seed's JPEG path, our per-image path from the cache
+   (loading=sample, DataLoader workers) and our batch path (loading=batch), augmentation included in each, plus
+   the batch path without augmentation (reading and normalising only).
+3. Inference: batch throughput (64 faces) and single-face latency of the eager model (fp32 NCHW, and bf16 +
+   channels_last), its TorchScript export and its ONNX Runtime export.
+4. Peak memory of each contender: the proportional set size (PSS, shared pages split fairly) of this process
+   and its DataLoader workers, sampled every 50 ms while it runs (Linux; n/a elsewhere).
+
+Reads:  --data_dir, a folder of UTKFace-named images (default: 1,200 faces generated at 200 px, the size of
+        UTKFace's aligned crops, in a temporary folder). Caches are built in that temporary folder too.
+Writes: runs/benchmark/benchmark_<date>_<time>.json (every repeat of every contender); prints the table.
+
+Run:  python benchmark.py                                   # ~5 minutes on 2 CPU cores
+      python benchmark.py --data_dir=../shared/data/utkface200 --image_size=64 --device=cpu
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from config import Config, atomic_write_path, parse_config, print_config, resolve_device, seed_everything
+
+BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
+    data_dir="", image_size=64, pretrained=False, batch_size=64, optimizer="sgd", lr=5e-4, num_workers=2,
+)
+GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
+MODELS = ("resnet18", "resnet")  # the small backbone and the seed's ResNet-50
+STEPS = {"resnet18": (2, 12), "resnet": (1, 5)}  # per model: (warm-up steps, timed steps)
+REPEATS = 3
+LOADING_SIZE, LOADING_BATCHES = 128, 12
+LATENCY_RUNS = 20
+
+
+class PeakMemory:
+    """Peak PSS in MiB of this process and its child processes while the `with` block runs (None off Linux)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval, self.peak_mib = interval, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        if _pss_bytes(_process_tree()) is not None:
+            self.peak_mib = 0.0
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self.peak_mib is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            total = _pss_bytes(_process_tree())
+            if total is not None:
+                self.peak_mib = max(self.peak_mib, total / 2**20)
+            self._stop.wait(self.interval)
+
+
+def _process_tree(pid: str = "self") -> list[str]:
+    """This process and all its descendants, from /proc/<pid>/task/*/children."""
+    pids, index = [str(Path(f"/proc/{pid}").resolve().name)], 0
+    while index < len(pids):
+        for children in Path(f"/proc/{pids[index]}/task").glob("*/children"):
+            try:
+                pids += children.read_text().split()
+            except OSError:
+                pass
+        index += 1
+    return pids
+
+
+def _pss_bytes(pids: list[str]) -> int | None:
+    total, found = 0, False
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    found = True
+                    break
+        except OSError:
+            continue
+    return total if found else None
+
+
+class SeedFaceDataset(torch.utils.data.Dataset):
+    """The seed repository's data set: open the JPEG with PIL on every access, torchvision transforms per image."""
+
+    def __init__(self, paths: list[Path], ages: list[float], image_size: int, mean: tuple, std: tuple):
+        from torchvision import transforms
+
+        self.paths, self.ages = paths, ages
+        self.transform = transforms.Compose([
+            transforms.Resize((image_size, image_size)),
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomRotation(10),
+            transforms.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        from PIL import Image
+
+        with Image.open(self.paths[index]) as image:
+            pixels = self.transform(image.convert("RGB"))  # (3, S, S) float32
+        return pixels, torch.tensor(self.ages[index], dtype=torch.float32), -1, -1
+
+
+def seed_loader(cfg: Config, csv_path: Path, image_size: int) -> torch.utils.data.DataLoader:
+    from custom_dataset_dataloader import read_dataset_csv, resolve_image_path
+
+    frame = read_dataset_csv(csv_path)
+    paths = [resolve_image_path(cfg.data_dir, name) for name in frame["image_name"]]
+    dataset = SeedFaceDataset(paths, frame["age"].astype(float).tolist(), image_size, cfg.normalize_mean,
+                              cfg.normalize_std)
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                       num_workers=cfg.num_workers)
+
+
+def our_loader(cfg: Config, csv_path: Path, device: torch.device):
+    from custom_dataset_dataloader import build_dataloader
+
+    return build_dataloader(cfg, "train", csv_path=str(csv_path), device=device)
+
+
+class _Steps:
+    """`count` batches taken from a shared iterator (so warm-up and timed steps continue one stream)."""
+
+    def __init__(self, batches: Iterator, count: int):
+        self.batches, self.count = batches, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(self.batches, self.count)
+
+
+def _forever(loader: Any) -> Iterator:
+    epoch = 0
+    while True:
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Path, device: torch.device) -> dict:
+    """images/s of whole training steps (data included) and peak memory, for one contender and backbone."""
+    import train
+    from model import build_model
+
+    model_cfg = replace(cfg, model_name=model_name)
+    warmup, timed = STEPS[model_name]
+    with PeakMemory() as memory:
+        seed_everything(cfg.seed)
+        model = build_model(model_cfg)
+        model.set_age_statistics(33.0, 20.0)
+        fast = contender == "ours"
+        dtype = train.autocast_dtype(model_cfg, device) if fast else None
+        model = model.to(device, memory_format=torch.channels_last if fast else torch.contiguous_format)
+        optimizer = train.build_optimizer(model_cfg, model)
+        loader = our_loader(model_cfg, csv_path, device) if fast else seed_loader(model_cfg, csv_path, cfg.image_size)
+        batches = _forever(loader)
+        arguments = dict(device=device, dtype=dtype, channels_last=fast, show_progress=False)
+        train.train_one_epoch(model, _Steps(batches, warmup), optimizer, None, **arguments)
+        started = time.perf_counter()
+        train.train_one_epoch(model, _Steps(batches, timed), optimizer, None, **arguments)
+        seconds = time.perf_counter() - started
+        del batches  # stops the seed's worker processes
+    return {"images_per_second": timed * cfg.batch_size / seconds, "peak_mib": memory.peak_mib}
+
+
+def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
+    """images/s of augmented, normalised batches at LOADING_SIZE px, with no model."""
+    from custom_dataset_dataloader import BatchAugmentation
+
+    loading = "sample" if contender == "cache, per image" else "batch"
+    loading_cfg = replace(cfg, image_size=LOADING_SIZE, loading=loading)
+    with PeakMemory() as memory:
+        if contender == "seed JPEG":
+            loader = seed_loader(loading_cfg, csv_path, LOADING_SIZE)
+        else:
+            loader = our_loader(loading_cfg, csv_path, torch.device("cpu"))
+        if contender == "cache, batch, no augmentation":
+            loader.augmentation = BatchAugmentation(loading_cfg, train=False)  # read + normalise only
+        batches = _forever(loader)
+        next(batches)  # worker start-up and the first batch are not counted
+        started = time.perf_counter()
+        count = sum(len(images) for images, *_ in itertools.islice(batches, LOADING_BATCHES))
+        seconds = time.perf_counter() - started
+        del batches
+    return {"images_per_second": count / seconds, "peak_mib": memory.peak_mib}
+
+
+def inference_runners(cfg: Config, folder: Path) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Eager fp32, eager bf16 + channels_last, TorchScript and ONNX Runtime versions of one resnet18."""
+    import export_jit
+    import train
+    from model import build_model
+
+    seed_everything(cfg.seed)
+    model = build_model(replace(cfg, model_name="resnet18")).eval()
+    example = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    runners: dict[str, Callable[[torch.Tensor], Any]] = {"eager fp32": model}
+    fast_model = build_model(replace(cfg, model_name="resnet18")).eval()
+    fast_model.load_state_dict(model.state_dict())
+    fast_model = fast_model.to(memory_format=torch.channels_last)
+    dtype = train.autocast_dtype(cfg, torch.device("cpu"))
+
+    def fast(images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            return fast_model(images.contiguous(memory_format=torch.channels_last))
+
+    runners["eager bf16 + channels_last" if dtype else "eager channels_last"] = fast
+    metadata = {"config.json": "{}"}
+    export_jit.export_torchscript(model, example, folder / "model.torchscript", metadata)
+    runners["TorchScript"] = torch.jit.load(str(folder / "model.torchscript"))
+    try:
+        import onnxruntime
+
+        export_jit.export_onnx(model, example, folder / "model.onnx", metadata)
+        session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        runners["ONNX Runtime"] = lambda images: session.run(None, {"images": images.numpy()})[0]
+    except ImportError:
+        print("onnx / onnxruntime not installed: the ONNX Runtime row is skipped")
+    return runners
+
+
+@torch.inference_mode()
+def measure_inference(runner: Callable[[torch.Tensor], Any], image_size: int, batch_size: int) -> dict:
+    batch, single = torch.randn(batch_size, 3, image_size, image_size), torch.randn(1, 3, image_size, image_size)
+    with PeakMemory() as memory:
+        runner(batch)
+        runner(single)
+        started = time.perf_counter()
+        for _ in range(3):
+            runner(batch)
+        throughput = 3 * batch_size / (time.perf_counter() - started)
+        latencies = []
+        for _ in range(LATENCY_RUNS):
+            started = time.perf_counter()
+            runner(single)
+            latencies.append(1000 * (time.perf_counter() - started))
+    return {"images_per_second": throughput, "latency_ms": statistics.median(latencies), "peak_mib": memory.peak_mib}
+
+
+def prepare_data(cfg: Config, folder: Path) -> tuple[Config, Path]:
+    """The data set CSV of cfg.data_dir (generated faces when it does not exist) and the caches it needs."""
+    import eda
+    from custom_dataset_dataloader import build_image_cache, read_dataset_csv, write_dataset_csv
+
+    if not cfg.data_dir:
+        from demo import generate_dataset
+
+        data_dir = folder / "faces"
+        print(f"no --data_dir: generating {GENERATED_FACES} faces at {GENERATED_SIZE} px in "
+              f"{data_dir}", flush=True)
+        generate_dataset(data_dir, GENERATED_FACES, seed=cfg.seed, size=GENERATED_SIZE)
+        cfg = replace(cfg, data_dir=str(data_dir))
+    frame, _, _ = eda.scan_folder(cfg.data_dir, check_images=False)
+    csv_path = folder / "benchmark_set.csv"
+    write_dataset_csv(frame, csv_path)
+    cfg = replace(cfg, cache_dir=str(folder / "cache"))
+    for size in sorted({cfg.image_size, LOADING_SIZE}):
+        started = time.perf_counter()
+        build_image_cache(read_dataset_csv(csv_path), cfg.data_dir, size, cfg.cache_dir, csv_path.stem,
+                          cfg.num_workers)
+        print(f"decoded cache of {len(frame)} images at {size} px built in {time.perf_counter() - started:.1f}s "
+              "(once per data set and size; train.py reuses it)", flush=True)
+    return cfg, csv_path
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [run[key] for run in runs if run.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def _row(name: str, runs: list[dict], baseline: float | None = None, latency: bool = False) -> str:
+    speed, memory = _median(runs, "images_per_second"), _median(runs, "peak_mib")
+    text = f"  {name:<30}{speed:>10.1f} img/s"
+    if latency:
+        text += f"{_median(runs, 'latency_ms'):>10.2f} ms"
+    text += f"{memory:>10.0f} MiB" if memory is not None else f"{'n/a':>14}"
+    if baseline:
+        text += f"   x{speed / baseline:.2f}"
+    return text
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Run every measurement, print the table, write the JSON; returns {section: {contender: [runs]}}."""
+    print_config(cfg, "benchmark.py")
+    device = resolve_device(cfg.device)
+    started = time.perf_counter()
+    results: dict[str, dict[str, list[dict]]] = {}
+    with tempfile.TemporaryDirectory(prefix="benchmark_") as temporary:
+        folder = Path(temporary)
+        cfg, csv_path = prepare_data(cfg, folder)
+        for model_name in MODELS:
+            section = results.setdefault(f"training {model_name}", {"seed": [], "ours": []})
+            for repeat in range(REPEATS):
+                for contender in section:
+                    section[contender].append(measure_training(cfg, model_name, contender, csv_path, device))
+                    print(f"training {model_name} repeat {repeat + 1}/{REPEATS} {contender}: "
+                          f"{section[contender][-1]['images_per_second']:.1f} img/s", flush=True)
+        loading = results.setdefault("loading", {
+            "seed JPEG": [], "cache, per image": [], "cache, batch": [], "cache, batch, no augmentation": []})
+        for _ in range(REPEATS):
+            for contender in loading:
+                loading[contender].append(measure_loading(cfg, contender, csv_path))
+        runners = inference_runners(cfg, folder)
+        inference = results.setdefault("inference", {name: [] for name in runners})
+        for _ in range(REPEATS):
+            for name, runner in runners.items():
+                inference[name].append(measure_inference(runner, cfg.image_size, cfg.batch_size))
+
+    processor = f"{torch.get_num_threads()} threads, {device}"
+    print(f"\n=== benchmark ({processor}; median of {REPEATS} alternating repeats; memory = peak PSS of the "
+          "process and its workers) ===")
+    for model_name in MODELS:
+        section = results[f"training {model_name}"]
+        print(f"training {model_name}, {cfg.image_size} px, batch {cfg.batch_size}, {cfg.optimizer}, data included")
+        print(_row("seed pipeline (PIL, fp32)", section["seed"]))
+        print(_row("ours (cache, bf16, NHWC)", section["ours"], _median(section["seed"], "images_per_second")))
+    print(f"data loading alone, {LOADING_SIZE} px, batch {cfg.batch_size}, augmentation included")
+    baseline = _median(results["loading"]["seed JPEG"], "images_per_second")
+    for name, runs in results["loading"].items():
+        print(_row(name, runs, None if name == "seed JPEG" else baseline))
+    print(f"inference resnet18, {cfg.image_size} px: batch of {cfg.batch_size} (img/s) and one face (ms)")
+    baseline = _median(results["inference"]["eager fp32"], "images_per_second")
+    for name, runs in results["inference"].items():
+        print(_row(name, runs, None if name == "eager fp32" else baseline, latency=True))
+    seconds = time.perf_counter() - started
+    print(f"benchmark finished in {seconds:.0f}s")
+    output = Path(cfg.runs_dir) / "benchmark" / f"benchmark_{datetime.now():%Y%m%d_%H%M%S}.json"
+    with atomic_write_path(output) as path:
+        path.write_text(json.dumps({"config": {"image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                                               "data_dir": cfg.data_dir, "device": str(device)},
+                                    "seconds": seconds, "results": results}, indent=2) + "\n")
+    print(f"every repeat: {output}")
+    return results
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:], base=BENCHMARK_DEFAULTS))
