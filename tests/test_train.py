@@ -96,3 +96,4 @@ def test_autocast_choice():
     assert train.autocast_dtype(cfg, torch.device("cpu")) is None
     chosen = train.autocast_dtype(train.Config(), torch.device("cpu"))
     assert chosen in (None, torch.bfloat16)
+    assert train.autocast_dtype(train.Config(model_name="efficientnet"), torch.device("cpu")) is None  # slower in bf16
