@@ -472,7 +472,9 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             scaler.load_state_dict(resume_state["scaler"])
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
-        print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} (best valid MAE {best_valid_mae:.2f})")
+        if is_main:
+            print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} "
+                  f"(best valid MAE {best_valid_mae:.2f})")
     writer = None
     if is_main:
         write_json(run_dir / "config.json", config_to_dict(cfg))

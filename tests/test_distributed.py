@@ -64,3 +64,14 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(spl
             continue  # DDP keeps rank 0's running statistics; accumulation updates them once per half-batch
         torch.testing.assert_close(distributed_state[name], value, atol=2e-4, rtol=1e-3, msg=name)
     # (test MAEs differ a little: they use the batch-norm running statistics, which are not compared above)
+
+    resumed = subprocess.run(  # --resume under torchrun: continues the run from last.pt to a third epoch
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
+         *_command_line(replace(cfg, epochs=3, resume=True))],
+        capture_output=True, text=True, timeout=240, env=environment, cwd=ROOT,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming distributed from" in resumed.stdout and resumed.stdout.count("resuming") == 1
+    history = json.loads((run_dirs[0] / "results.json").read_text())["history"]
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert sorted(path.name for path in Path(cfg.runs_dir).iterdir()) == ["distributed", "single"]
