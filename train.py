@@ -150,7 +150,8 @@ def train_one_epoch(
     from tqdm import tqdm
 
     model.train()
-    distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+    parallel = getattr(model, "_orig_mod", model)  # under torch.compile
+    distributed = isinstance(parallel, nn.parallel.DistributedDataParallel)
     total_loss, total_error, total_images = 0.0, 0.0, 0
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True,
                     disable=None if show_progress else True)  # off when not a terminal
@@ -160,7 +161,7 @@ def train_one_epoch(
         for micro in range(accumulation_steps):
             part = slice(micro, None, accumulation_steps)
             last = micro == accumulation_steps - 1
-            with contextlib.nullcontext() if last or not distributed else model.no_sync():  # reduce once per step
+            with contextlib.nullcontext() if last or not distributed else parallel.no_sync():  # reduce once a step
                 with _autocast(device, dtype):
                     outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
                 loss = age_loss(model, outputs, ages[part])
@@ -186,6 +187,10 @@ def train_one_epoch(
         if scheduler is not None:
             scheduler.step()
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
+    if distributed:  # sums over every rank's share of the epoch
+        totals = torch.tensor([total_loss, total_error, total_images], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(totals)
+        total_loss, total_error, total_images = totals.tolist()
     return {"loss": total_loss / max(total_images, 1), "mae": total_error / max(total_images, 1)}
 
 

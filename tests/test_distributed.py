@@ -63,6 +63,9 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(spl
         if "running" in name or "num_batches" in name:
             continue  # DDP keeps rank 0's running statistics; accumulation updates them once per half-batch
         torch.testing.assert_close(distributed_state[name], value, atol=2e-4, rtol=1e-3, msg=name)
+    for distributed_epoch, single_epoch in zip(results["history"], single["history"], strict=True):
+        # training loss and MAE summed over both ranks' halves: the same as one process over the whole batches
+        assert distributed_epoch["train_loss"] == pytest.approx(single_epoch["train_loss"], rel=1e-3)
     # (test MAEs differ a little: they use the batch-norm running statistics, which are not compared above)
 
     resumed = subprocess.run(  # --resume under torchrun: continues the run from last.pt to a third epoch
