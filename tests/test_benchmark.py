@@ -1,0 +1,45 @@
+"""benchmark.py end to end on the tiny generated faces, with every loop cut to one step (the figures themselves
+are for the README, not for tests)."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+import benchmark
+
+
+def test_benchmark_measures_every_contender_and_writes_its_json(split_config, monkeypatch, capsys):
+    monkeypatch.setattr(benchmark, "MODELS", ("resnet18",))
+    monkeypatch.setattr(benchmark, "STEPS", {"resnet18": (1, 1)})
+    monkeypatch.setattr(benchmark, "REPEATS", 1)
+    monkeypatch.setattr(benchmark, "LOADING_SIZE", 32)
+    monkeypatch.setattr(benchmark, "LOADING_BATCHES", 1)
+    monkeypatch.setattr(benchmark, "LATENCY_RUNS", 2)
+    cfg = replace(split_config, batch_size=8, num_workers=0, optimizer="sgd")
+    results = benchmark.main(cfg)
+
+    training = results["training resnet18"]
+    assert set(training) == {"seed", "ours"}
+    assert set(results["loading"]) == {"seed JPEG", "cache, per image", "cache, batch", "cache, batch, no augmentation"}
+    assert {"eager fp32", "TorchScript", "ONNX Runtime"} <= set(results["inference"])
+    for section in results.values():
+        for runs in section.values():
+            assert len(runs) == 1 and runs[0]["images_per_second"] > 0
+            assert runs[0]["peak_mib"] is None or runs[0]["peak_mib"] > 50  # at least torch itself
+    written = sorted((Path(cfg.runs_dir) / "benchmark").glob("benchmark_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["results"] == results
+    table = capsys.readouterr().out
+    assert "seed pipeline (PIL, fp32)" in table and "img/s" in table
+
+
+def test_seed_dataset_reads_jpegs_with_the_seed_transforms(split_config):
+    from custom_dataset_dataloader import split_csv_path
+
+    loader = benchmark.seed_loader(replace(split_config, batch_size=4, num_workers=0), split_csv_path(split_config,
+                                   "train"), image_size=32)
+    images, ages, _, _ = next(iter(loader))
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
+    assert ages.dtype == torch.float32 and torch.all(ages >= 0)
+    assert images.min() < -1 and images.max() > 1  # ImageNet-normalised, not [0, 1]
