@@ -446,11 +446,12 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
 
     seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
-    if is_main:  # rank 0 builds the caches first; the others then find them
-        loaders = {split: build_dataloader(cfg, split, device=device) for split in ("train", "valid", "test")}
-    _barrier(world_size)
+    if not is_main:
+        _barrier(world_size)  # under torchrun rank 0 builds the decoded caches first; the others then find them
     loaders = {split: build_dataloader(cfg, split, device=device, rank=rank, world_size=world_size)
                for split in ("train", "valid", "test")}
+    if is_main:
+        _barrier(world_size)
     train_ages = torch.tensor(loaders["train"].dataset.ages)
     crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame) if is_main else None
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
