@@ -347,9 +347,10 @@ class BatchAugmentation:
             images[mirrored] = images[mirrored].flip(-1)
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         scale = 1 / (255 * torch.tensor(self.std, device=images.device).view(1, 3, 1, 1))  # pixel value -> normalised
+        shift = mean * 255 * scale  # normalised = pixel * scale - shift
         if not self.color:
-            return images.mul_(scale).sub_(mean * 255 * scale)
-        return self._color(images, scale, mean * 255 * scale)
+            return images.mul_(scale).sub_(shift)
+        return self._color(images, scale, shift)
 
     def _uniform(self, images: torch.Tensor, half_width: float, centre: float = 0.0) -> torch.Tensor:
         return torch.empty(len(images), device=images.device).uniform_(centre - half_width, centre + half_width)
