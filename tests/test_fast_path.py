@@ -124,3 +124,47 @@ def test_rank_shards_add_up_to_the_single_process_batches(split_config, loading)
     blocks = [build_dataloader(cfg, "valid", rank=rank, world_size=2) for rank in (0, 1)]
     joined = torch.cat([ages for block in blocks for ages in (batch[1] for batch in block)])
     assert torch.equal(joined, torch.cat([batch[1] for batch in build_dataloader(cfg, "valid")]))
+
+
+def test_matmul_convolutions_match_the_convolutions_they_replace(tmp_path):
+    import copy
+
+    from config import Config
+    from model import MatmulConv2d, load_model, save_checkpoint, use_matmul_convolutions
+
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=64)
+    torch.manual_seed(0)
+    plain = build_model(cfg)
+    fast = copy.deepcopy(plain)
+    assert use_matmul_convolutions(fast, cfg.image_size) == 5  # layer4: 4 3x3 convolutions + the 1x1 shortcut
+    swapped = [name for name, module in fast.named_modules() if isinstance(module, MatmulConv2d)]
+    assert all(name.startswith("backbone.layer4.") for name in swapped)
+    assert list(fast.state_dict()) == list(plain.state_dict())  # checkpoints stay interchangeable
+
+    images = torch.randn(6, 3, 64, 64).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
+    for model in (plain, fast):
+        model.backbone(images).square().mean().backward()  # (B, 512) features; train-mode batch norms
+    torch.testing.assert_close(fast.backbone(images), plain.backbone(images), atol=1e-5, rtol=1e-5)
+    plain_parameters = dict(plain.named_parameters())
+    for name, parameter in fast.named_parameters():
+        if parameter.grad is not None:
+            torch.testing.assert_close(parameter.grad, plain_parameters[name].grad, atol=1e-6, rtol=1e-4)
+
+    save_checkpoint(tmp_path / "fast.pt", fast, cfg)  # loads back into the plain architecture
+    reloaded, _, _ = load_model(tmp_path / "fast.pt")
+    assert not any(isinstance(module, MatmulConv2d) for module in reloaded.modules())
+    fast.eval(), reloaded.eval()
+    torch.testing.assert_close(reloaded.backbone(images), fast.backbone(images), atol=1e-5, rtol=1e-5)
+
+
+def test_place_model_swaps_only_tiny_maps_of_resnets_on_the_cpu():
+    from config import Config
+    from model import MatmulConv2d
+
+    def swapped(cfg: Config) -> int:
+        model = train.place_model(cfg, build_model(cfg), torch.device("cpu"))
+        return sum(isinstance(module, MatmulConv2d) for module in model.modules())
+
+    assert swapped(Config(model_name="resnet", pretrained=False, image_size=64)) > 0
+    assert swapped(Config(model_name="resnet18", pretrained=False, image_size=128)) == 0  # 4 x 4 maps: convolutions
+    assert swapped(Config(model_name="efficientnet", pretrained=False, image_size=64)) == 0
