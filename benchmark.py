@@ -9,21 +9,22 @@ all of them; each figure is the median over the repeats.
      JPEG with PIL every epoch and apply torchvision transforms per image (Resize, RandomHorizontalFlip,
      RandomRotation(10), ColorJitter(0.2, 0.2, 0.2), ToTensor, Normalize); fp32, NCHW;
    - ours: train.py's default path: loading=batch from the decoded cache, whole-batch augmentation,
-     channels_last, bf16 autocast when the CPU supports it (train.autocast_dtype).
-   Both run train.train_one_epoch, so the optimiser step is the same code.
+     channels_last, bf16 autocast when the CPU supports it (train.autocast_dtype), and train.place_model (on the
+     CPU, the ResNets' convolutions on tiny maps as matrix products).
+   Both run train.train_one_epoch with train.build_optimizer (fused), so the optimiser step is the same code.
 2. Data loading alone (no model), at 128 px: the seed's JPEG path, our per-image path from the cache
    (loading=sample, DataLoader workers) and our batch path (loading=batch), augmentation included in each, plus
    the batch path without augmentation (reading and normalising only).
 3. Inference: batch throughput (64 faces) and single-face latency of the eager model (fp32 NCHW, and bf16 +
    channels_last), its TorchScript export and its ONNX Runtime export.
 4. Peak memory of each contender: the proportional set size (PSS, shared pages split fairly) of this process
-   and its DataLoader workers, sampled every 50 ms while it runs (Linux; n/a elsewhere).
+   and its DataLoader workers, sampled every 0.5 s while it runs (Linux; n/a elsewhere).
 
 Reads:  --data_dir, a folder of UTKFace-named images (default: 1,200 faces generated at 200 px, the size of
         UTKFace's aligned crops, in a temporary folder). Caches are built in that temporary folder too.
 Writes: runs/benchmark/benchmark_<date>_<time>.json (every repeat of every contender); prints the table.
 
-Run:  python benchmark.py                                   # ~5 minutes on 2 CPU cores
+Run:  python benchmark.py                                   # about 3 minutes on 2 CPU cores
       python benchmark.py --data_dir=../shared/data/utkface200 --image_size=64 --device=cpu
 """
 
