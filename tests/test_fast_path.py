@@ -153,7 +153,8 @@ def test_matmul_convolutions_match_the_convolutions_they_replace(tmp_path):
     save_checkpoint(tmp_path / "fast.pt", fast, cfg)  # loads back into the plain architecture
     reloaded, _, _ = load_model(tmp_path / "fast.pt")
     assert not any(isinstance(module, MatmulConv2d) for module in reloaded.modules())
-    fast.eval(), reloaded.eval()
+    fast.eval()
+    reloaded.eval()
     torch.testing.assert_close(reloaded.backbone(images), fast.backbone(images), atol=1e-5, rtol=1e-5)
 
 
