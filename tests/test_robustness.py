@@ -33,7 +33,10 @@ def command_line(cfg: Config) -> list[str]:
 def start_and_interrupt(cfg: Config, sig: int) -> subprocess.CompletedProcess:
     """Start train.py, wait until epoch 1 is saved, then send `sig` during epoch 2."""
     last = Path(cfg.checkpoint_dir) / cfg.run_name / "last.pt"
-    process = subprocess.Popen(command_line(cfg), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell starts background jobs with SIGINT ignored, and a child inherits that (Python then never raises
+    # KeyboardInterrupt): give the child the default disposition, as a terminal would.
+    process = subprocess.Popen(command_line(cfg), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300  # generous: a fresh virtual environment compiles every module on first import
     while not last.is_file() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
