@@ -221,9 +221,11 @@ class MatmulConv2d(nn.Conv2d):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, O, H', W')
         batch, _, height, width = images.shape
-        (kernel_height, kernel_width), (stride_height, stride_width) = self.kernel_size, self.stride
-        out_height = (height + 2 * self.padding[0] - self.dilation[0] * (kernel_height - 1) - 1) // stride_height + 1
-        out_width = (width + 2 * self.padding[1] - self.dilation[1] * (kernel_width - 1) - 1) // stride_width + 1
+        out_height, out_width = (
+            (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+            for size, padding, dilation, kernel, stride
+            in zip((height, width), self.padding, self.dilation, self.kernel_size, self.stride, strict=True)
+        )
         columns = F.unfold(images, self.kernel_size, self.dilation, self.padding, self.stride)  # (B, C*kh*kw, L)
         columns = columns.transpose(1, 2).reshape(batch * out_height * out_width, -1)  # (B*L, C*kh*kw)
         outputs = F.linear(columns, self.weight.flatten(1), self.bias)  # (B*L, O)
