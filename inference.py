@@ -5,10 +5,11 @@ Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit
         checkpoints/*/best.pt. --input: an image, a folder of images, a video file, or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a
         JSON line per face beside it (<output>.jsonl, or predictions.jsonl in an output folder):
-        {"source", "frame", "box": [x, y, w, h], "age", "spread"}.
+        {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread"}.
 
-Each face is found by faces.FaceDetector and cropped with the crop geometry stored in the model file, which
-train.py measured on the training images: the model sees the same kind of crop it was trained on. All faces of
+Each face is found by faces.FaceDetector (MTCNN: a box and five landmarks) and aligned on its landmarks with the
+crop geometry stored in the model file, which train.py measured on the training images: the model sees the same
+kind of crop it was trained on. All faces of
 a frame are predicted in one batch; --tta averages with the mirrored face. --no_detect treats every input image
 as an already-cropped face. In a video a face is tracked by box overlap and its age smoothed across frames.
 Unreadable files are named in a warning and skipped; a photo without a face is reported, not an error.
@@ -80,10 +81,11 @@ class AgePredictor:
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
         self.cfg = config_from_dict(config)
-        self.crop_geometry = CropGeometry.from_dict(geometry) if geometry else DEFAULT_CROP_GEOMETRY
-        if not geometry:
-            warnings.warn(f"{path} carries no measured crop geometry; using the UTKFace default "
-                          f"{DEFAULT_CROP_GEOMETRY}", stacklevel=2)
+        self.crop_geometry = CropGeometry.from_dict(geometry) or DEFAULT_CROP_GEOMETRY
+        if not CropGeometry.from_dict(geometry):
+            warnings.warn(f"{path} carries no landmark crop geometry (an older file, or training faces the detector "
+                          "did not find); aligning faces like UTKFace's crops (faces.DEFAULT_CROP_GEOMETRY)",
+                          stacklevel=2)
         self.transform = build_transforms(self.cfg, train=False)
         self.image_size = self.cfg.image_size
 
@@ -121,6 +123,7 @@ class Face:
     age: float
     spread: float | None = None
     track: int | None = None
+    landmarks: np.ndarray | None = None  # (5, 2) x, y in pixels (faces.LANDMARK_NAMES), None without detection
 
 
 def estimate_faces(
@@ -129,19 +132,20 @@ def estimate_faces(
     """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
     from PIL import Image
 
-    picture = Image.fromarray(image)
     size = predictor.image_size
     if detector is None:
-        boxes = [(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))]
-        crops = [resize_square(picture, size)]
+        boxes, landmarks = [(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))], [None]
+        crops = [resize_square(Image.fromarray(image), size)]
     else:
-        boxes = detector.detect(image)
-        crops = [resize_square(picture, size, predictor.crop_geometry.crop_box(box)) for box in boxes]
+        detected = detector.detect_faces(image)
+        boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
+        crops = [predictor.crop_geometry.crop(image, face.landmarks, size) for face in detected]
     ages, spreads = predictor.predict_with_spread(
         np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
     )
     spreads = [None] * len(ages) if spreads is None else [float(spread) for spread in spreads]
-    return [Face(box, float(age), spread) for box, age, spread in zip(boxes, ages, spreads, strict=True)]
+    return [Face(box, float(age), spread, landmarks=points)
+            for box, age, spread, points in zip(boxes, ages, spreads, landmarks, strict=True)]
 
 
 def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -> np.ndarray:
@@ -154,6 +158,8 @@ def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -
         x, y, width, height = (round(value) for value in face.box)
         label = f"{face.age:.0f}" if face.spread is None else f"{face.age:.0f} +/- {face.spread:.0f}"
         cv2.rectangle(canvas, (x, y), (x + width, y + height), (0, 220, 0), thickness)
+        for point_x, point_y in [] if face.landmarks is None else face.landmarks:
+            cv2.circle(canvas, (round(point_x), round(point_y)), thickness + 1, (0, 220, 0), -1)
         scale = max(0.5, width / 160)
         (text_width, text_height), baseline = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(0, y - text_height - baseline - 4)
@@ -205,11 +211,14 @@ class FaceTracker:
 
 
 def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per face: source, frame, box (x, y, w, h), age, spread (and track in videos)."""
+    """One JSON-ready dict per face: source, frame, box (x, y, w, h), landmarks, age, spread (and track in
+    videos)."""
     rows = []
     for face in faces:
+        landmarks = None if face.landmarks is None else np.round(face.landmarks, 1).tolist()
         row = {"source": source, "frame": frame, "box": [round(value, 1) for value in face.box],
-               "age": round(face.age, 2), "spread": None if face.spread is None else round(face.spread, 2)}
+               "landmarks": landmarks, "age": round(face.age, 2),
+               "spread": None if face.spread is None else round(face.spread, 2)}
         if face.track is not None:
             row["track"] = face.track
         rows.append(row)

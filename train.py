@@ -122,9 +122,12 @@ def _to_device(images: torch.Tensor, ages: torch.Tensor, device: torch.device, c
 MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
 
 
-def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, head: str | None = None) -> torch.Tensor:
+def age_loss(
+    model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, head: str | None = None, label_sigma: float = 0.0
+) -> torch.Tensor:
     """The training loss of the model's head (or of `head`, whose outputs must have the same shape), from the
-    raw `head_outputs` and the true ages (B,) in years."""
+    raw `head_outputs` and the true ages (B,) in years. label_sigma > 0 (dex): the target is a Gaussian over the
+    ages with that standard deviation instead of the one-hot age (label distribution learning, Gao et al. 2017)."""
     model = unwrap(model)
     head = head or model.head_name
     if head in REGRESSION_HEADS:
@@ -138,6 +141,10 @@ def age_loss(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, head: 
     if head == "coral":  # task k: is the age above k?
         levels = (classes[:, None] > torch.arange(model.max_age, device=ages.device)[None, :]).float()  # (B, K-1)
         return F.binary_cross_entropy_with_logits(outputs, levels, reduction="none").sum(1).mean()
+    if head == "dex" and label_sigma > 0:
+        distance = (model.age_grid[None, :] - ages.clamp(0, model.max_age)[:, None]) / label_sigma  # (B, K)
+        targets = (-0.5 * distance.square()).softmax(1)  # (B, K) a normalised Gaussian around each age
+        return -(targets * outputs.float().log_softmax(1)).sum(1).mean()
     cross_entropy = F.cross_entropy(outputs, classes)
     if head == "dex":
         return cross_entropy
@@ -161,6 +168,7 @@ def train_one_epoch(
     description: str = "train",
     accumulation_steps: int = 1,
     show_progress: bool = True,
+    label_sigma: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years).
 
@@ -184,7 +192,7 @@ def train_one_epoch(
             with contextlib.nullcontext() if last or not distributed else parallel.no_sync():  # reduce once a step
                 with _autocast(device, dtype):
                     outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
-                loss = age_loss(model, outputs, ages[part])
+                loss = age_loss(model, outputs, ages[part], label_sigma=label_sigma)
                 if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
                     raise DivergedError(
                         f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; the "
@@ -342,13 +350,13 @@ def build_scheduler(
 
 
 def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame, count: int = 100) -> dict | None:
-    """How the training crops relate to the face detector's box (see faces.py), from up to `count` training
-    images; stored in every checkpoint so that inference crops faces the same way. None without OpenCV or
-    when the detector finds too few faces (inference then uses faces.DEFAULT_CROP_GEOMETRY)."""
+    """Where the detector's five landmarks sit in the training crops (see faces.py), from up to `count` training
+    images; stored in every checkpoint so that inference aligns faces the same way. None without OpenCV or the
+    detector's weights, or when the detector finds too few faces (inference then uses faces.DEFAULT_CROP_GEOMETRY)."""
     paths = [Path(cfg.data_dir) / name for name in frame["image_name"]]
     try:
         geometry = measure_crop_geometry(paths, limit=count)
-    except ImportError:  # OpenCV is missing
+    except ImportError:  # OpenCV or the mtcnn package is missing
         return None
     print(f"crop geometry of the training faces (for inference): {geometry}")
     return geometry.to_dict() if geometry else None
@@ -527,7 +535,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             train_metrics = train_one_epoch(
                 model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
                 cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
-                accumulation_steps=cfg.accumulation_steps, show_progress=is_main,
+                accumulation_steps=cfg.accumulation_steps, show_progress=is_main, label_sigma=cfg.label_sigma,
             )
             valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)
             learning_rate = optimizer.param_groups[0]["lr"]

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import eda
 import split_dataset
-from faces import CropGeometry
+from faces import DEFAULT_CROP_GEOMETRY
 
 
 @given(st.integers(0, 120), st.integers(0, 1), st.integers(0, 4), st.text("0123456789", min_size=1, max_size=20),
@@ -45,15 +45,13 @@ def test_split_partitions_and_stratifies(ages, seed):
                 assert abs(counts[name] - share * total) <= 1, (name, counts, total)
 
 
-@given(
-    st.tuples(st.floats(-500, 2000), st.floats(-500, 2000), st.floats(5, 1000), st.floats(5, 1000)),
-    st.floats(-0.5, 0.5), st.floats(-0.5, 0.5), st.floats(0.3, 3.0),
-)
-def test_crop_geometry_round_trips_through_any_box(box, center_dx, center_dy, scale):
-    geometry = CropGeometry(center_dx, center_dy, scale)
-    crop = geometry.crop_box(box)
-    assert crop[2] == pytest.approx(scale * box[2])
-    recovered = CropGeometry.relating(box, crop)
-    assert recovered.center_dx == pytest.approx(center_dx, abs=1e-6)
-    assert recovered.center_dy == pytest.approx(center_dy, abs=1e-6)
-    assert recovered.scale == pytest.approx(scale, rel=1e-9)
+@given(st.floats(0.2, 5.0), st.floats(-3.1, 3.1), st.floats(-500, 2000), st.floats(-500, 2000), st.integers(16, 256))
+def test_crop_transform_inverts_any_similarity(scale, angle, shift_x, shift_y, size):
+    """Landmarks moved by any scale, rotation and shift are mapped back exactly onto the crop's landmark positions."""
+    template = np.array(DEFAULT_CROP_GEOMETRY.landmarks) * size - 0.5  # (5, 2) crop pixel centres
+    rotation = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    landmarks = template @ rotation.T + np.array([shift_x, shift_y]) + 0.5  # in a photo, continuous coordinates
+    matrix = DEFAULT_CROP_GEOMETRY.transform(landmarks, size)  # (2, 3)
+    mapped = (landmarks - 0.5) @ matrix[:, :2].T + matrix[:, 2]
+    assert np.allclose(mapped, template, atol=1e-6 * max(1.0, size))
+    assert np.hypot(*matrix[0, :2]) == pytest.approx(1 / scale, rel=1e-6)
