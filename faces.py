@@ -181,7 +181,9 @@ class FaceDetector:
     def __init__(self, min_face_size: int = 40, max_side: int = 1280, thresholds: tuple = THRESHOLDS):
         self.min_face_size, self.max_side, self.thresholds = min_face_size, max_side, thresholds
         self.networks = []
-        for network, name in ((ProposalNetwork(), "pnet"), (RefinementNetwork(), "rnet"), (OutputNetwork(), "onet")):
+        with torch.random.fork_rng(devices=[]):  # the layers' random initialisation must not move train.py's seeds
+            networks = ProposalNetwork(), RefinementNetwork(), OutputNetwork()
+        for network, name in zip(networks, ("pnet", "rnet", "onet"), strict=True):
             network.load_keras_weights(load_mtcnn_weights(name))
             self.networks.append(network.eval())
 

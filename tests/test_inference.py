@@ -183,8 +183,10 @@ def test_detected_faces_in_a_generated_video_keep_one_track(checkpoint, tmp_path
     rows = inference.main(Config(checkpoint=str(checkpoint), input=str(video), output=str(tmp_path / "walk_age.mp4"),
                                  show=False))
     assert [row["frame"] for row in rows] == [0, 1, 2, 3] and {row["track"] for row in rows} == {0}
-    for row in rows:
-        assert inference.box_overlap(row["box"], (90 + 6 * row["frame"], 60, 120, 120)) > 0.4
+    for row in rows:  # the drawn face fills part of its 120 px tile: its box lies within the tile, moving with it
+        x, y, width, height = row["box"]
+        left = 90 + 6 * row["frame"]
+        assert left - 5 <= x and x + width <= left + 125 and 55 <= y and y + height <= 185 and width > 30
         assert len(row["landmarks"]) == 5 and 0 < row["age"] < 120
 
 
@@ -248,8 +250,8 @@ def test_geometry_measured_on_real_crops_is_close_to_the_default():
 
 
 def test_a_checkpoint_without_landmark_geometry_uses_the_default(tmp_path):
-    model = AgeEstimationModel("resnet18", image_size=32)
-    save_checkpoint(tmp_path / "old.pt", model, Config(model_name="resnet18", pretrained=False, image_size=32),
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head="l1")
+    save_checkpoint(tmp_path / "old.pt", AgeEstimationModel("resnet18", image_size=32), cfg,
                     crop_geometry={"center_dx": 0.01, "center_dy": 0.09, "scale": 0.95, "measured_on": 100})
     with pytest.warns(UserWarning, match="no landmark crop geometry"):
         predictor = inference.AgePredictor(tmp_path / "old.pt")

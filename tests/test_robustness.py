@@ -89,8 +89,8 @@ def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(spli
     original = train.age_loss
     steps = []
 
-    def poisoned(model, outputs, ages):
-        loss = original(model, outputs, ages)
+    def poisoned(model, outputs, ages, **options):
+        loss = original(model, outputs, ages, **options)
         if model.training:
             steps.append(1)
             if len(steps) == 8:  # step 2 of epoch 2 (6 steps per epoch)
