@@ -29,6 +29,21 @@ def test_each_head_starts_near_the_mean_age_and_its_loss_falls(split_config, hea
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+def test_dex_label_smoothing_is_cross_entropy_to_a_gaussian_over_the_ages():
+    model = AgeEstimationModel("resnet18", image_size=32, head="dex", max_age=100)
+    ages = torch.tensor([3.0, 27.0, 64.0])
+    outputs = torch.randn(3, 101)  # (B, K) logits
+    one_hot = torch.nn.functional.cross_entropy(outputs, ages.long())
+    assert train.age_loss(model, outputs, ages, label_sigma=0.05) == pytest.approx(one_hot.item(), rel=1e-4)
+    targets = torch.exp(-0.5 * ((torch.arange(101.0)[None] - ages[:, None]) / 2.0) ** 2)
+    targets = targets / targets.sum(1, keepdim=True)  # (B, K)
+    logits = targets.clamp_min(1e-30).log()  # a prediction equal to the target
+    best = train.age_loss(model, logits, ages, label_sigma=2.0)
+    entropy = -(targets * logits).sum(1).mean()
+    assert best == pytest.approx(entropy.item(), rel=1e-4)
+    assert train.age_loss(model, logits + 0.3 * torch.randn(3, 101), ages, label_sigma=2.0) > best
+
+
 def test_coral_probabilities_are_rank_consistent():
     model = AgeEstimationModel("resnet18", image_size=32, head="coral", max_age=90)
     torch.nn.init.normal_(model.head[1].weight, std=0.5)
