@@ -239,7 +239,7 @@ def test_real_faces_pasted_into_scenes_are_found():
         for target in boxes:
             total += 1
             found += max((inference.box_overlap(target, box) for box in detected), default=0) >= 0.4
-    assert total >= 10 and found / total >= 0.8
+    assert total >= 10 and found / total >= 0.9  # 99.6 % of 249 in benchmark_inference.py
 
 
 @needs_real_faces
