@@ -130,16 +130,11 @@ def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Im
         return image.convert("RGB")
 
 
-def resize_square(image: Image.Image, image_size: int, box: tuple[float, float, float] | None = None) -> np.ndarray:
-    """Crop the square (left, top, side) — by default the centred one — and resize it: uint8 (3, S, S).
-
-    Parts of the square outside the image are black, as in UTKFace's own aligned crops. Training (via
-    load_image) and inference (via a face box) share this function, so both see identical pixels.
-    """
-    if box is None:
-        side = min(image.size)
-        box = ((image.width - side) / 2, (image.height - side) / 2, side)
-    left, top, side = box
+def resize_square(image: Image.Image, image_size: int) -> np.ndarray:
+    """Crop the centred square and resize it: uint8 (3, S, S). Training (via load_image) and inference with
+    --no_detect share this function, so both see identical pixels (detected faces are aligned by faces.py)."""
+    side = min(image.size)
+    left, top = (image.width - side) / 2, (image.height - side) / 2
     region = (round(left), round(top), round(left + side), round(top + side))
     square = image.crop(region)
     square = square.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)

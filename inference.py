@@ -9,10 +9,10 @@ Writes: annotated images / video (a box and the age per face) at --output (defau
 
 Each face is found by faces.FaceDetector (MTCNN: a box and five landmarks) and aligned on its landmarks with the
 crop geometry stored in the model file, which train.py measured on the training images: the model sees the same
-kind of crop it was trained on. All faces of
-a frame are predicted in one batch; --tta averages with the mirrored face. --no_detect treats every input image
-as an already-cropped face. In a video a face is tracked by box overlap and its age smoothed across frames.
-Unreadable files are named in a warning and skipped; a photo without a face is reported, not an error.
+kind of crop it was trained on. All faces of a frame are predicted in one batch; --tta averages with the mirrored
+face. --no_detect treats every input image as an already-cropped face. In a video a face is tracked by box
+overlap and its age smoothed across frames. Unreadable files are named in a warning and skipped; a photo without
+a face is reported, not an error.
 
 Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best.pt] [--output=annotated.jpg]
       python inference.py --input=0          (webcam; q or Esc quits)
@@ -81,8 +81,9 @@ class AgePredictor:
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
         self.cfg = config_from_dict(config)
-        self.crop_geometry = CropGeometry.from_dict(geometry) or DEFAULT_CROP_GEOMETRY
-        if not CropGeometry.from_dict(geometry):
+        measured = CropGeometry.from_dict(geometry)
+        self.crop_geometry = measured or DEFAULT_CROP_GEOMETRY
+        if measured is None:
             warnings.warn(f"{path} carries no landmark crop geometry (an older file, or training faces the detector "
                           "did not find); aligning faces like UTKFace's crops (faces.DEFAULT_CROP_GEOMETRY)",
                           stacklevel=2)
