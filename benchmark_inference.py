@@ -77,13 +77,14 @@ def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int
         scene, boxes, placed = paste_scene(chosen, rng)
         faces = estimate_faces(scene, predictor, detector)
         direct = predictor.predict(np.stack([load_image(path, predictor.image_size) for path in placed]))
-        false_detections += sum(max(box_overlap(box, face.box) for box in boxes) < 0.4 for face in faces)
-        for box, direct_age in zip(boxes, direct, strict=True):
+        overlaps = np.array([[box_overlap(box, face.box) for face in faces] for box in boxes]).reshape(
+            len(boxes), len(faces))  # (pasted, detected) IoU
+        false_detections += int((overlaps.max(0, initial=0.0) < 0.4).sum())
+        for row, direct_age in zip(overlaps, direct, strict=True):
             total += 1
-            overlaps = [box_overlap(box, face.box) for face in faces]
-            if overlaps and max(overlaps) >= 0.4:
+            if row.max(initial=0.0) >= 0.4:
                 found += 1
-                differences.append(abs(faces[int(np.argmax(overlaps))].age - float(direct_age)))
+                differences.append(abs(faces[int(row.argmax())].age - float(direct_age)))
     return {"faces": total, "recall": found / max(total, 1), "false_detections": false_detections,
             "mean_abs_age_difference": float(np.mean(differences)),
             "median_abs_age_difference": float(np.median(differences))}
