@@ -1,4 +1,4 @@
-"""Train the age estimator (the head's loss: L1 by default), keep the best checkpoint by valid MAE, report the test set.
+"""Train the age estimator (DEX head by default), keep the best checkpoint by valid MAE, report the test set.
 
 Reads:  csv_dataset/{train,valid,test}_set.csv (split_dataset.py) and the images under data_dir.
 Writes: checkpoints/<run_name>/best.pt (best valid MAE) and last.pt (every epoch, for --resume);
@@ -28,6 +28,7 @@ Run:  python train.py --model_name=resnet --epochs=30      then: tensorboard --l
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -155,6 +156,34 @@ def age_loss(
     return cross_entropy + mean_weight * 0.5 * (mean - ages).square().mean() + variance_weight * variance.mean()
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights and batch-norm statistics (Polyak averaging, as timm's
+    ModelEmaV2): after every optimiser step average = decay * average + (1 - decay) * weights. The decay ramps up
+    as (1 + n) / (10 + n) over the first steps, so the random initial weights are forgotten quickly."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        current = unwrap(model).state_dict()
+        for name, averaged in self.module.state_dict().items():
+            if averaged.is_floating_point():
+                averaged.lerp_(current[name], 1.0 - decay)
+            else:  # batch-norm step counters
+                averaged.copy_(current[name])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -169,8 +198,10 @@ def train_one_epoch(
     accumulation_steps: int = 1,
     show_progress: bool = True,
     label_sigma: float = 0.0,
+    average: WeightAverage | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years).
+    average: a WeightAverage updated after every optimiser step.
 
     accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
     accumulates their gradients before one optimiser step: the same step as n torchrun ranks sharing the batch.
@@ -212,6 +243,8 @@ def train_one_epoch(
             scaler.update()
         else:
             optimizer.step()
+        if average is not None:
+            average.update(model)
         if scheduler is not None:
             scheduler.step()
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
@@ -496,6 +529,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    evaluated = average.module if average is not None else model  # the weights that are validated and kept
 
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
     run_dir = Path(cfg.runs_dir) / run_name
@@ -507,6 +542,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
+        if average is not None:
+            average.load_state_dict(resume_state["average"])
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         if is_main:
@@ -536,13 +573,17 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
                 model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
                 cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
                 accumulation_steps=cfg.accumulation_steps, show_progress=is_main, label_sigma=cfg.label_sigma,
+                average=average,
             )
-            valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)
+            valid_metrics = evaluate(evaluated, loaders["valid"], device, dtype, cfg.channels_last)
+            raw_valid_mae = (evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)["mae"]
+                             if average is not None else valid_metrics["mae"])
             learning_rate = optimizer.param_groups[0]["lr"]
             seconds = time.perf_counter() - epoch_started
             history.append({
                 "epoch": epoch, "train_loss": train_metrics["loss"], "valid_loss": valid_metrics["loss"],
                 "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"], "lr": learning_rate,
+                **({"valid_mae_raw_weights": raw_valid_mae} if average is not None else {}),
                 "seconds": seconds,
             })
             improved = valid_metrics["mae"] < best_valid_mae
@@ -552,18 +593,21 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
                 continue
             for name, value in (("loss/train", train_metrics["loss"]), ("loss/valid", valid_metrics["loss"]),
                                 ("mae/train", train_metrics["mae"]), ("mae/valid", valid_metrics["mae"]),
-                                ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate)):
+                                ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate),
+                                *((("mae/valid_raw_weights", raw_valid_mae),) if average is not None else ())):
                 writer.add_scalar(name, value, epoch)
             if improved:
-                save_checkpoint(best_path, model, cfg, epoch=epoch, valid_mae=best_valid_mae,
+                save_checkpoint(best_path, evaluated, cfg, epoch=epoch, valid_mae=best_valid_mae,
                                 crop_geometry=crop_geometry)
             save_checkpoint(
                 last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
                 crop_geometry=crop_geometry, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                **({"average": average.state_dict()} if average is not None else {}),
             )
+            raw = f" (raw weights {raw_valid_mae:5.2f})" if average is not None else ""
             print(f"epoch {epoch:3d}/{cfg.epochs}  train MAE {train_metrics['mae']:6.2f}  valid MAE "
-                  f"{valid_metrics['mae']:6.2f}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
+                  f"{valid_metrics['mae']:6.2f}{raw}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
                   f"{seconds:5.1f}s{'  * best' if improved else ''}", flush=True)
     except KeyboardInterrupt:
         if writer is not None:

@@ -97,3 +97,38 @@ def test_autocast_choice():
     chosen = train.autocast_dtype(train.Config(), torch.device("cpu"))
     assert chosen in (None, torch.bfloat16)
     assert train.autocast_dtype(train.Config(model_name="efficientnet"), torch.device("cpu")) is None  # slower in bf16
+
+
+def test_weight_average_forgets_the_start_and_follows_the_weights(split_config):
+    model = build_model(split_config)
+    average = train.WeightAverage(model, decay=0.9)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.fill_(1.0)
+    model.backbone.layer1[0].bn1.num_batches_tracked.fill_(7)
+    average.update(model)  # ramped decay (1 + 1) / (10 + 1): mostly the new weights already
+    first = next(average.module.parameters())
+    assert first.requires_grad is False and not average.module.training
+    assert torch.allclose(first, torch.full_like(first, 1.0), atol=0.2)
+    for _ in range(100):
+        average.update(model)
+    assert all(torch.allclose(value, torch.ones_like(value), atol=1e-4) for value in average.module.parameters())
+    assert average.module.backbone.layer1[0].bn1.num_batches_tracked.item() == 7  # counters are copied, not averaged
+    restored = train.WeightAverage(build_model(split_config), decay=0.9)
+    restored.load_state_dict(average.state_dict())
+    assert restored.updates == 101 and torch.equal(next(restored.module.parameters()), first)
+
+
+def test_training_with_a_weight_average_keeps_and_resumes_the_average(split_config):
+    cfg = replace(split_config, epochs=1, run_name="averaged", ema_decay=0.99)
+    results = train.main(cfg)
+    assert {"valid_mae", "valid_mae_raw_weights"} <= results["history"][0].keys()
+    best = load_checkpoint(Path(results["best_checkpoint"]))
+    last = load_checkpoint(Path(results["last_checkpoint"]))
+    averaged = last["average"]["model"]
+    assert last["average"]["updates"] == len(build_dataloader(cfg, "train"))
+    name = "backbone.conv1.weight" if "backbone.conv1.weight" in averaged else next(iter(averaged))
+    assert torch.equal(best["model"][name], averaged[name])  # best.pt holds the average
+    assert not torch.equal(last["model"][name], averaged[name])  # last.pt keeps the raw weights for resuming
+    resumed = train.main(replace(cfg, epochs=2, resume=True, run_name="averaged"))
+    assert load_checkpoint(Path(resumed["last_checkpoint"]))["average"]["updates"] == 2 * last["average"]["updates"]
