@@ -79,7 +79,7 @@ class Config:
     scheduler: str = "cosine"  # cosine (after linear warm-up) | step (x0.1 at 1/2 and 3/4 of training) | none
     warmup_epochs: float = 1.0  # linear warm-up length, in epochs
     grad_clip_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
-    ema_decay: float = 0.0  # > 0: evaluate and keep an exponential moving average of the weights (per step; 0 = off)
+    ema_decay: float = 0.998  # evaluate and keep an exponential moving average of the weights (per step; 0 = off)
     accumulation_steps: int = 1  # split each batch into this many micro-batches (less memory, same optimizer steps)
     sync_batchnorm: bool = True  # torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)
     # --- run ---

@@ -529,8 +529,6 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     optimizer = build_optimizer(cfg, model)
     scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    evaluated = average.module if average is not None else model  # the weights that are validated and kept
 
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
     run_dir = Path(cfg.runs_dir) / run_name
@@ -542,13 +540,15 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         scheduler.load_state_dict(resume_state["scheduler"])
         if scaler is not None and "scaler" in resume_state:
             scaler.load_state_dict(resume_state["scaler"])
-        if average is not None:
-            average.load_state_dict(resume_state["average"])
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         if is_main:
             print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} "
                   f"(best valid MAE {best_valid_mae:.2f})")
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if average is not None and resume_state is not None and "average" in resume_state:
+        average.load_state_dict(resume_state["average"])  # (a run from before ema_decay starts its average here)
+    evaluated = average.module if average is not None else model  # the weights that are validated and kept
     writer = None
     if is_main:
         write_json(run_dir / "config.json", config_to_dict(cfg))
