@@ -77,3 +77,10 @@ def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
     with atomic_write_path(path) as temporary:
         temporary.write_text("new")
     assert path.read_text() == "new"
+
+
+def test_the_seed_preset_is_the_seed_recipe_and_other_keys_win():
+    cfg = parse_config(["--preset=seed", "--epochs=3"])
+    assert (cfg.model_name, cfg.head, cfg.optimizer, cfg.lr, cfg.batch_size) == ("resnet", "l1", "sgd", 5e-4, 100)
+    assert cfg.ema_decay == 0.0 and cfg.scheduler == "none" and cfg.epochs == 3  # none of our additions
+    assert parse_config(["--preset=seed", "--lr=1e-3"]).lr == 1e-3
