@@ -61,6 +61,7 @@ class Config:
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
     scale_jitter: float = 0.07  # train augmentation: random zoom in [1 - x, 1 + x] (crop jitter)
     color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
+    mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     # --- model ---
     model_name: str = "resnet18"  # resnet18 | resnet (ResNet-50) | efficientnet (B0) | vit (B/16); see README
     pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
@@ -219,6 +220,8 @@ def validate(cfg: Config) -> None:
         problems.append("valid_fraction + test_fraction must lie between 0 and 1")
     if cfg.image_size < 16 or cfg.batch_size < 1 or cfg.epochs < 0:
         problems.append("image_size must be >= 16, batch_size >= 1 and epochs >= 0")
+    if cfg.mixup_alpha < 0:
+        problems.append(f"mixup_alpha={cfg.mixup_alpha} must be >= 0 (0 turns mixup off)")
     if problems:
         raise SystemExit("error: " + "; ".join(problems))
 

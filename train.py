@@ -199,9 +199,15 @@ def train_one_epoch(
     show_progress: bool = True,
     label_sigma: float = 0.0,
     average: WeightAverage | None = None,
+    mixup_alpha: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years).
     average: a WeightAverage updated after every optimiser step.
+
+    mixup_alpha > 0 (mixup, Zhang et al. 2018): each batch is blended with a shuffled copy of itself,
+    lam * x + (1 - lam) * x[perm] with one lam ~ Beta(alpha, alpha) per batch, and the loss is the same blend of the
+    head's losses against both ages; for the soft-label heads that is the cross-entropy with the blended target
+    distribution. The epoch's MAE is then measured against the blended age lam * a + (1 - lam) * a[perm].
 
     accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
     accumulates their gradients before one optimiser step: the same step as n torchrun ranks sharing the batch.
@@ -216,6 +222,12 @@ def train_one_epoch(
                     disable=None if show_progress else True)  # off when not a terminal
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = _to_device(images, ages, device, channels_last)
+        partner_ages, mix = ages, 1.0
+        if mixup_alpha > 0:
+            mix = float(torch.distributions.Beta(mixup_alpha, mixup_alpha).sample())
+            permutation = torch.randperm(len(images), device=images.device)
+            images = images.lerp(images[permutation], 1 - mix)  # (B, 3, H, W): mix * x + (1 - mix) * x[perm]
+            partner_ages = ages[permutation]
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation_steps):
             part = slice(micro, None, accumulation_steps)
@@ -224,6 +236,9 @@ def train_one_epoch(
                 with _autocast(device, dtype):
                     outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
                 loss = age_loss(model, outputs, ages[part], label_sigma=label_sigma)
+                if mix < 1:
+                    partner_loss = age_loss(model, outputs, partner_ages[part], label_sigma=label_sigma)
+                    loss = mix * loss + (1 - mix) * partner_loss
                 if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
                     raise DivergedError(
                         f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; the "
@@ -231,7 +246,8 @@ def train_one_epoch(
                 scaled = loss / accumulation_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             with torch.no_grad():
-                total_error += (unwrap(model).ages_from_outputs(outputs.detach()) - ages[part]).abs().sum().item()
+                target = mix * ages[part] + (1 - mix) * partner_ages[part]  # (b,) the blended age
+                total_error += (unwrap(model).ages_from_outputs(outputs.detach()) - target).abs().sum().item()
             total_loss += loss.item() * len(outputs)
             total_images += len(outputs)
         if scaler is not None:
@@ -573,6 +589,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
                 model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
                 cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
                 accumulation_steps=cfg.accumulation_steps, show_progress=is_main, label_sigma=cfg.label_sigma,
+                mixup_alpha=cfg.mixup_alpha,
                 average=average,
             )
             valid_metrics = evaluate(evaluated, loaders["valid"], device, dtype, cfg.channels_last)

@@ -11,7 +11,8 @@ from custom_dataset_dataloader import build_dataloader
 from model import build_model, load_checkpoint
 
 
-def test_a_few_steps_lower_the_loss(split_config):
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+def test_a_few_steps_lower_the_loss(split_config, mixup_alpha):
     torch.manual_seed(0)
     cfg = replace(split_config, batch_size=16, lr=3e-3, rotation_degrees=0.0, color_jitter=0.0)
     loader = build_dataloader(cfg, "train")
@@ -20,7 +21,8 @@ def test_a_few_steps_lower_the_loss(split_config):
     model.set_age_statistics(ages.mean().item(), ages.std().item())
     optimizer = train.build_optimizer(cfg, model)
     device = torch.device("cpu")
-    losses = [train.train_one_epoch(model, loader, optimizer, None, device)["loss"] for _ in range(6)]
+    losses = [train.train_one_epoch(model, loader, optimizer, None, device, mixup_alpha=mixup_alpha)["loss"]
+              for _ in range(6)]
     assert losses[-1] < 0.75 * losses[0], losses
 
 
@@ -132,3 +134,30 @@ def test_training_with_a_weight_average_keeps_and_resumes_the_average(split_conf
     assert not torch.equal(last["model"][name], averaged[name])  # last.pt keeps the raw weights for resuming
     resumed = train.main(replace(cfg, epochs=2, resume=True, run_name="averaged"))
     assert load_checkpoint(Path(resumed["last_checkpoint"]))["average"]["updates"] == 2 * last["average"]["updates"]
+
+
+@pytest.mark.parametrize("head", ["dex", "l1"])
+def test_mixup_blends_the_images_and_the_losses_of_both_ages(split_config, monkeypatch, head):
+    torch.manual_seed(0)
+    cfg = replace(split_config, head=head, label_sigma=2.0, image_size=32)
+    model = build_model(cfg)
+    model.set_age_statistics(30.0, 10.0)
+    images, ages = torch.rand(4, 3, 32, 32), torch.tensor([5.0, 20.0, 40.0, 70.0])  # (B, 3, H, W), (B,)
+    seen = []
+    model.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].clone()))
+    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self: torch.tensor(0.3))
+    monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.arange(n - 1, -1, -1))  # reversal
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: the loss can be recomputed
+    metrics = train.train_one_epoch(model, [(images, ages, None, None)], optimizer, None, torch.device("cpu"),
+                                    label_sigma=2.0, mixup_alpha=0.4)
+    mixed = 0.3 * images + 0.7 * images.flip(0)
+    torch.testing.assert_close(seen[0], mixed)
+    with torch.no_grad():
+        outputs = model(mixed, raw_outputs=True)
+        expected = (0.3 * train.age_loss(model, outputs, ages, label_sigma=2.0)
+                    + 0.7 * train.age_loss(model, outputs, ages.flip(0), label_sigma=2.0))
+        blended_ages = 0.3 * ages + 0.7 * ages.flip(0)
+        expected_mae = (model.ages_from_outputs(outputs) - blended_ages).abs().mean()
+    assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-4)
+    assert metrics["mae"] == pytest.approx(expected_mae.item(), rel=1e-4)
+
