@@ -222,12 +222,13 @@ def train_one_epoch(
                     disable=None if show_progress else True)  # off when not a terminal
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = _to_device(images, ages, device, channels_last)
-        partner_ages, mix = ages, 1.0
+        partner_ages, blended_ages, mix = ages, ages, 1.0
         if mixup_alpha > 0:
             mix = float(torch.distributions.Beta(mixup_alpha, mixup_alpha).sample())
             permutation = torch.randperm(len(images), device=images.device)
             images = images.lerp(images[permutation], 1 - mix)  # (B, 3, H, W): mix * x + (1 - mix) * x[perm]
             partner_ages = ages[permutation]
+            blended_ages = ages.lerp(partner_ages, 1 - mix)  # (B,) the age the epoch's MAE is measured against
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation_steps):
             part = slice(micro, None, accumulation_steps)
@@ -246,8 +247,8 @@ def train_one_epoch(
                 scaled = loss / accumulation_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             with torch.no_grad():
-                target = mix * ages[part] + (1 - mix) * partner_ages[part]  # (b,) the blended age
-                total_error += (unwrap(model).ages_from_outputs(outputs.detach()) - target).abs().sum().item()
+                predicted = unwrap(model).ages_from_outputs(outputs.detach())  # (b,) years
+                total_error += (predicted - blended_ages[part]).abs().sum().item()
             total_loss += loss.item() * len(outputs)
             total_images += len(outputs)
         if scaler is not None:

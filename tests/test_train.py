@@ -160,4 +160,3 @@ def test_mixup_blends_the_images_and_the_losses_of_both_ages(split_config, monke
         expected_mae = (model.ages_from_outputs(outputs) - blended_ages).abs().mean()
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert metrics["mae"] == pytest.approx(expected_mae.item(), rel=1e-4)
-
