@@ -61,6 +61,7 @@ class Config:
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
     scale_jitter: float = 0.07  # train augmentation: random zoom in [1 - x, 1 + x] (crop jitter)
     color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
+    erase_probability: float = 0.0  # train augmentation: share of faces with one random rectangle set to the mean
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     # --- model ---
     model_name: str = "resnet18"  # resnet18 | resnet (ResNet-50) | efficientnet (B0) | vit (B/16); see README
@@ -220,6 +221,8 @@ def validate(cfg: Config) -> None:
         problems.append("valid_fraction + test_fraction must lie between 0 and 1")
     if cfg.image_size < 16 or cfg.batch_size < 1 or cfg.epochs < 0:
         problems.append("image_size must be >= 16, batch_size >= 1 and epochs >= 0")
+    if not 0 <= cfg.erase_probability <= 1:
+        problems.append(f"erase_probability={cfg.erase_probability} must lie in [0, 1] (0 turns erasing off)")
     if cfg.mixup_alpha < 0:
         problems.append(f"mixup_alpha={cfg.mixup_alpha} must be >= 0 (0 turns mixup off)")
     if problems:

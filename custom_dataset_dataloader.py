@@ -10,7 +10,8 @@ Preprocessing is the same with and without the cache (`load_image`): EXIF orient
 RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
 Augmentation (train only, the seed's recipe plus crop jitter): random horizontal flip, small rotation with a small
 shift and zoom (a detector's box at inference is never exactly the training crop), colour jitter; then
-scaling to [0, 1] and ImageNet normalisation. It runs on the uint8 tensors, so the cache saves the decode.
+scaling to [0, 1] and ImageNet normalisation; optionally random erasing (erase_probability). It runs on the
+uint8 tensors, so the cache saves the decode.
 
 Two loading paths give the same batches (tests/test_fast_path.py checks it):
 - loading=batch (default, the fast path): `BatchLoader` indexes whole batches of the cached uint8 array (kept
@@ -48,6 +49,8 @@ ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race co
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
 OPTIONAL_COLUMNS = ("subject", "apparent_age")  # kept when a data set has them (subject-exclusive split, APPA-REAL)
 SPLITS = ("train", "valid", "test")
+ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image one rectangle covers (torchvision's defaults)
+ERASE_ASPECT = (0.3, 3.3)  # random erasing: height / width of the rectangle
 CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
 
 
@@ -163,6 +166,8 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
             v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter),
         ]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.normalize_mean, cfg.normalize_std)]
+    if train and cfg.erase_probability:
+        steps.append(v2.RandomErasing(cfg.erase_probability, scale=ERASE_AREA, ratio=ERASE_ASPECT, value=0))
     return v2.Compose(steps)
 
 
@@ -321,8 +326,11 @@ class BatchAugmentation:
 
     train=True draws, per image, the augmentations of `build_transforms`: a horizontal flip, rotation + shift +
     zoom (one bilinear `grid_sample` over the whole batch, zeros outside the image like RandomAffine) and
-    brightness, contrast and saturation factors (torchvision's definitions, applied in that order). Random
-    numbers come from the global torch generator of the batch's device.
+    brightness, contrast and saturation factors (torchvision's definitions, applied in that order), then, with
+    probability erase_probability, one rectangle set to 0 after normalisation, i.e. the mean colour (random
+    erasing, Zhong et al. 2020: area and aspect drawn as torchvision's RandomErasing draws them, the rectangle
+    clipped to the image where torchvision would draw again). Random numbers come from the global torch generator
+    of the batch's device.
     """
 
     def __init__(self, cfg: Config, train: bool):
@@ -331,6 +339,7 @@ class BatchAugmentation:
         self.translate = 2 * cfg.translate_fraction if train else 0.0  # grid coordinates span 2 per side
         self.scale = cfg.scale_jitter if train else 0.0
         self.color = cfg.color_jitter if train else 0.0
+        self.erase = cfg.erase_probability if train else 0.0
         self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -343,12 +352,30 @@ class BatchAugmentation:
         mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
         scale = 1 / (255 * torch.tensor(self.std, device=images.device).view(1, 3, 1, 1))  # pixel value -> normalised
         shift = mean * 255 * scale  # normalised = pixel * scale - shift
-        if not self.color:
-            return images.mul_(scale).sub_(shift)
-        return self._color(images, scale, shift)
+        images = self._color(images, scale, shift) if self.color else images.mul_(scale).sub_(shift)
+        if self.erase:
+            images.masked_fill_(self._erase_mask(images), 0.0)
+        return images
 
     def _uniform(self, images: torch.Tensor, half_width: float, centre: float = 0.0) -> torch.Tensor:
         return torch.empty(len(images), device=images.device).uniform_(centre - half_width, centre + half_width)
+
+    def _erase_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) bool: one random rectangle in each chosen image, nothing in the others."""
+        count, _, height, width = images.shape
+        area = self._uniform(images, (ERASE_AREA[1] - ERASE_AREA[0]) / 2, sum(ERASE_AREA) / 2) * height * width
+        low, high = math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1])
+        aspect = self._uniform(images, (high - low) / 2, (high + low) / 2).exp()  # (B,) height / width
+        box_height = (area * aspect).sqrt().round().clamp(1, height)  # (B,) pixels
+        box_width = (area / aspect).sqrt().round().clamp(1, width)
+        top = (torch.rand_like(area) * (height - box_height + 1)).floor()  # (B,) first row
+        left = (torch.rand_like(area) * (width - box_width + 1)).floor()
+        rows = torch.arange(height, device=images.device).view(1, height, 1)  # (1, S, 1)
+        columns = torch.arange(width, device=images.device).view(1, 1, width)  # (1, 1, S)
+        inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + box_height).view(-1, 1, 1))
+                  & (columns >= left.view(-1, 1, 1)) & (columns < (left + box_width).view(-1, 1, 1)))  # (B, S, S)
+        chosen = torch.rand(count, device=images.device) < self.erase  # (B,)
+        return (inside & chosen.view(-1, 1, 1)).unsqueeze(1)
 
     def _affine(self, images: torch.Tensor) -> torch.Tensor:
         angle = self._uniform(images, self.rotation)  # (B,) radians

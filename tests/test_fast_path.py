@@ -169,3 +169,30 @@ def test_place_model_swaps_only_tiny_maps_of_resnets_on_the_cpu():
     assert swapped(Config(model_name="resnet", pretrained=False, image_size=64)) > 0
     assert swapped(Config(model_name="resnet18", pretrained=False, image_size=128)) == 0  # 4 x 4 maps: convolutions
     assert swapped(Config(model_name="efficientnet", pretrained=False, image_size=64)) == 0
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_chosen_share_of_faces(split_config):
+    cfg = replace(split_config, **{**NO_AUGMENTATION, "erase_probability": 0.5})
+    pixels = torch.full((256, 3, 32, 32), 200, dtype=torch.uint8)  # far from the mean, so erased pixels stand out
+    torch.manual_seed(0)
+    output = BatchAugmentation(cfg, train=True)(pixels)
+    erased = output == 0  # (B, 3, S, S): the normalised mean colour
+    assert torch.equal(erased, erased[:, :1].expand_as(erased))  # all three channels together
+    erased = erased[:, 0]  # (B, S, S)
+    chosen = erased.any((1, 2))
+    assert 96 < chosen.sum() < 160  # about half of the faces
+    untouched = _normalise(cfg, pixels)
+    torch.testing.assert_close(output[~chosen], untouched[~chosen])
+    for mask in erased[chosen]:
+        rows, columns = mask.any(1).nonzero().squeeze(1), mask.any(0).nonzero().squeeze(1)
+        box = mask[rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1]
+        assert box.all() and box.sum() == mask.sum()  # one solid rectangle
+        assert 0.01 < mask.float().mean() < 0.34  # ERASE_AREA, less where the rectangle was clipped to the image
+    assert not BatchAugmentation(cfg, train=False)(pixels).eq(0).any()  # never at evaluation
+
+
+def test_random_erasing_is_in_the_per_image_path_too(split_config):
+    cfg = replace(split_config, **{**NO_AUGMENTATION, "erase_probability": 1.0, "loading": "sample"})
+    loader = build_dataloader(cfg, "train")
+    images, _, _, _ = next(iter(loader))
+    assert (images == 0).all(1).flatten(1).any(1).all()  # every face has erased (mean-colour) pixels
