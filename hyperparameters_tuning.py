@@ -76,7 +76,8 @@ def overfit_subset(cfg: Config) -> list[float]:
             write_dataset_csv(subset, Path(folder) / f"{split}_set.csv")
         results = train.main(trial_config(
             cfg, "overfit", csv_dir=folder, epochs=cfg.tune_overfit_epochs, rotation_degrees=0.0, color_jitter=0.0,
-            translate_fraction=0.0, scale_jitter=0.0, flip=False, dropout=0.0, weight_decay=0.0,
+            translate_fraction=0.0, scale_jitter=0.0, flip=False, erase_probability=0.0, mixup_alpha=0.0, dropout=0.0,
+            weight_decay=0.0,
         ))
     losses = [row["train_loss"] for row in results["history"]]
     trajectory = " -> ".join(f"{loss:.2f}" for loss in losses)

@@ -36,3 +36,15 @@ def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monk
 def test_bad_value_lists_are_clear_errors():
     with pytest.raises(SystemExit, match="comma-separated"):
         tuning.parse_values("1e-3,fast")
+
+
+def test_the_overfit_step_turns_every_augmentation_and_regulariser_off(split_config, monkeypatch):
+    cfg = replace(split_config, erase_probability=0.5, mixup_alpha=0.4, weight_decay=0.05, dropout=0.2,
+                  tune_overfit_images=32, tune_overfit_epochs=2)
+    seen = []
+    monkeypatch.setattr(train, "main", lambda trial: seen.append(trial) or {"history": [{"train_loss": 1.0}]})
+    tuning.overfit_subset(cfg)
+    (trial,) = seen
+    assert (trial.erase_probability, trial.mixup_alpha, trial.weight_decay, trial.dropout) == (0, 0, 0, 0)
+    assert (trial.rotation_degrees, trial.translate_fraction, trial.scale_jitter, trial.color_jitter) == (0, 0, 0, 0)
+    assert not trial.flip and trial.epochs == 2
