@@ -1,4 +1,4 @@
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, asdict
 
 import pytest
 import torch
@@ -84,3 +84,11 @@ def test_the_seed_preset_is_the_seed_recipe_and_other_keys_win():
     assert (cfg.model_name, cfg.head, cfg.optimizer, cfg.lr, cfg.batch_size) == ("resnet", "l1", "sgd", 5e-4, 100)
     assert cfg.ema_decay == 0.0 and cfg.scheduler == "none" and cfg.epochs == 3  # none of our additions
     assert parse_config(["--preset=seed", "--lr=1e-3"]).lr == 1e-3
+
+
+def test_the_long_preset_changes_only_its_three_settings():
+    cfg, defaults = parse_config(["--preset=long"]), Config()
+    assert (cfg.epochs, cfg.weight_decay, cfg.erase_probability) == (40, 0.05, 0.5)
+    changed = {name for name, value in asdict(cfg).items() if value != asdict(defaults)[name]}
+    assert changed == {"preset", "epochs", "weight_decay", "erase_probability"}
+    assert parse_config(["--preset=long", "--epochs=20"]).epochs == 20
