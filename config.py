@@ -237,10 +237,12 @@ def validate(cfg: Config) -> None:
 def parse_config(arguments: list[str] | None = None, base: Config | None = None) -> Config:
     """The one entry point every script uses: defaults from this file, then command-line overrides."""
     arguments = sys.argv[1:] if arguments is None else arguments
-    if any(argument in ("-h", "--help") for argument in arguments):
-        print(describe())
+    help_flags = ("-h", "--help")
+    cfg = apply_overrides(base or Config(), [argument for argument in arguments if argument not in help_flags])
+    if any(argument in help_flags for argument in arguments):
+        print(describe(cfg))  # the settings this line would run with (--preset=long --help shows the preset's)
         raise SystemExit(0)
-    return apply_overrides(base or Config(), arguments)
+    return cfg
 
 
 def describe(cfg: Config | None = None) -> str:

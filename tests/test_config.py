@@ -1,3 +1,4 @@
+import re
 from dataclasses import FrozenInstanceError, asdict
 
 import pytest
@@ -92,3 +93,12 @@ def test_the_long_preset_changes_only_its_three_settings():
     changed = {name for name, value in asdict(cfg).items() if value != asdict(defaults)[name]}
     assert changed == {"preset", "epochs", "weight_decay", "erase_probability"}
     assert parse_config(["--preset=long", "--epochs=20"]).epochs == 20
+
+
+def test_help_prints_the_settings_the_line_would_run_with(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        parse_config(["--preset=long", "--lr=1e-3", "--help"])
+    assert stopped.value.code == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"^ +epochs += 40$", printed, re.MULTILINE)
+    assert re.search(r"^ +lr += 0\.001$", printed, re.MULTILINE)
