@@ -88,9 +88,9 @@ def test_the_seed_preset_is_the_seed_recipe_and_other_keys_win():
 
 
 def test_the_long_preset_changes_only_its_three_settings():
-    cfg, defaults = parse_config(["--preset=long"]), Config()
+    cfg, defaults = parse_config(["--preset=long"]), asdict(Config())
     assert (cfg.epochs, cfg.weight_decay, cfg.erase_probability) == (40, 0.05, 0.5)
-    changed = {name for name, value in asdict(cfg).items() if value != asdict(defaults)[name]}
+    changed = {name for name, value in asdict(cfg).items() if value != defaults[name]}
     assert changed == {"preset", "epochs", "weight_decay", "erase_probability"}
     assert parse_config(["--preset=long", "--epochs=20"]).epochs == 20
 
