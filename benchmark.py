@@ -3,8 +3,8 @@
 Contenders alternate inside every repeat (A, B, A, B, ...), so drift of the machine (heat, other load) falls on
 all of them; each figure is the median over the repeats.
 
-1. Training throughput: images/s over whole optimiser steps, data loading included, for resnet18 and resnet
-   (ResNet-50) with the same image size, batch size, optimizer, head and initial weights:
+1. Training throughput: images/s over whole optimiser steps, data loading included, for resnet18, resnet
+   (ResNet-50) and efficientnet_lite0 with the same image size, batch size, optimizer, head and initial weights:
    - seed: a faithful re-implementation of the seed repository's pipeline: a DataLoader whose workers decode each
      JPEG with PIL every epoch and apply torchvision transforms per image (Resize, RandomHorizontalFlip,
      RandomRotation(10), ColorJitter(0.2, 0.2, 0.2), ToTensor, Normalize); fp32, NCHW;
@@ -15,8 +15,8 @@ all of them; each figure is the median over the repeats.
 2. Data loading alone (no model), at 128 px: the seed's JPEG path, our per-image path from the cache
    (loading=sample, DataLoader workers) and our batch path (loading=batch), augmentation included in each, plus
    the batch path without augmentation (reading and normalising only).
-3. Inference: batch throughput (64 faces) and single-face latency of the eager model (fp32 NCHW, and bf16 +
-   channels_last), its TorchScript export and its ONNX Runtime export.
+3. Inference, for resnet18 and efficientnet_lite0: batch throughput (64 faces) and single-face latency of the
+   eager model (fp32 NCHW, and bf16 + channels_last), its TorchScript export and its ONNX Runtime export.
 4. Peak memory of each contender: the proportional set size (PSS, shared pages split fairly) of this process
    and its DataLoader workers, sampled every 0.5 s while it runs (Linux; n/a elsewhere).
 
@@ -52,8 +52,9 @@ BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
     data_dir="", image_size=64, pretrained=False, batch_size=64, optimizer="sgd", lr=5e-4, num_workers=2,
 )
 GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
-MODELS = ("resnet18", "resnet")  # the small backbone and the seed's ResNet-50
-STEPS = {"resnet18": (3, 16), "resnet": (2, 6)}  # per model: (warm-up steps, timed steps)
+MODELS = ("resnet18", "resnet", "efficientnet_lite0")  # the small backbone, the seed's ResNet-50, the offline one
+STEPS = {"resnet18": (3, 16), "resnet": (2, 6), "efficientnet_lite0": (2, 8)}  # per model: (warm-up, timed steps)
+INFERENCE_MODELS = ("resnet18", "efficientnet_lite0")
 REPEATS = 3
 LOADING_SIZE, LOADING_BATCHES = 128, 12
 LATENCY_RUNS = 20
@@ -145,7 +146,9 @@ class SeedFaceDataset(torch.utils.data.Dataset):
 
 def seed_loader(cfg: Config, csv_path: Path, image_size: int) -> torch.utils.data.DataLoader:
     from custom_dataset_dataloader import read_dataset_csv, resolve_image_path
+    from model import resolve_preprocessing
 
+    cfg = resolve_preprocessing(cfg)  # the backbone's normalisation, as the seed's ImageNet one for torchvision's
     frame = read_dataset_csv(csv_path)
     paths = [resolve_image_path(cfg.data_dir, name) for name in frame["image_name"]]
     dataset = SeedFaceDataset(paths, frame["age"].astype(float).tolist(), image_size, cfg.normalize_mean,
@@ -230,14 +233,15 @@ def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
     return {"images_per_second": count / seconds, "peak_mib": memory.peak_mib}
 
 
-def inference_runners(cfg: Config, folder: Path) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """Eager fp32, eager bf16 + channels_last, TorchScript and ONNX Runtime versions of one resnet18."""
+def inference_runners(cfg: Config, folder: Path, model_name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
+    """Eager fp32, eager bf16 + channels_last, TorchScript and ONNX Runtime versions of one model."""
     import export_jit
     import train
     from model import build_model
 
     seed_everything(cfg.seed)
-    model = build_model(replace(cfg, model_name="resnet18")).eval()
+    cfg = replace(cfg, model_name=model_name)
+    model = build_model(cfg).eval()
     example = torch.randn(2, 3, cfg.image_size, cfg.image_size)
     runners: dict[str, Callable[[torch.Tensor], Any]] = {"eager fp32": model}
     fast_model = copy.deepcopy(model).to(memory_format=torch.channels_last)  # the same weights, NHWC
@@ -249,13 +253,14 @@ def inference_runners(cfg: Config, folder: Path) -> dict[str, Callable[[torch.Te
 
     runners["eager bf16 + channels_last" if dtype else "eager channels_last"] = fast
     metadata = {"config.json": "{}"}
-    export_jit.export_torchscript(model, example, folder / "model.torchscript", metadata)
-    runners["TorchScript"] = torch.jit.load(str(folder / "model.torchscript"))
+    export_jit.export_torchscript(model, example, folder / f"{model_name}.torchscript", metadata)
+    runners["TorchScript"] = torch.jit.load(str(folder / f"{model_name}.torchscript"))
     try:
         import onnxruntime
 
-        export_jit.export_onnx(model, example, folder / "model.onnx", metadata)
-        session = onnxruntime.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        onnx_path = folder / f"{model_name.replace('/', '_')}.onnx"
+        export_jit.export_onnx(model, example, onnx_path, metadata)
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         runners["ONNX Runtime"] = lambda images: session.run(None, {"images": images.numpy()})[0]
     except ImportError:
         print("onnx / onnxruntime not installed: the ONNX Runtime row is skipped")
@@ -297,12 +302,17 @@ def prepare_data(cfg: Config, folder: Path) -> tuple[Config, Path]:
     csv_path = folder / "benchmark_set.csv"
     write_dataset_csv(frame, csv_path)
     cfg = replace(cfg, cache_dir=str(folder / "cache"))
-    for size in sorted({cfg.image_size, LOADING_SIZE}):
+    from model import resolve_preprocessing
+
+    interpolations = {resolve_preprocessing(replace(cfg, model_name=name)).interpolation for name in MODELS}
+    for size, interpolation in sorted({(cfg.image_size, name) for name in interpolations}
+                                      | {(LOADING_SIZE, resolve_preprocessing(cfg).interpolation)}):
         started = time.perf_counter()
         build_image_cache(read_dataset_csv(csv_path), cfg.data_dir, size, cfg.cache_dir, csv_path.stem,
-                          cfg.num_workers)
-        print(f"decoded cache of {len(frame)} images at {size} px built in {time.perf_counter() - started:.1f}s "
-              "(once per data set and size; train.py reuses it)", flush=True)
+                          cfg.num_workers, interpolation)
+        print(f"decoded cache of {len(frame)} images at {size} px ({interpolation}) built in "
+              f"{time.perf_counter() - started:.1f}s (once per data set, size and filter; train.py reuses it)",
+              flush=True)
     return cfg, csv_path
 
 
@@ -343,11 +353,12 @@ def main(cfg: Config) -> dict[str, Any]:
         for _ in range(REPEATS):
             for contender in loading:
                 loading[contender].append(measure_loading(cfg, contender, csv_path))
-        runners = inference_runners(cfg, folder)
-        inference = results.setdefault("inference", {name: [] for name in runners})
-        for _ in range(REPEATS):
-            for name, runner in runners.items():
-                inference[name].append(measure_inference(runner, cfg.image_size, cfg.batch_size))
+        for model_name in INFERENCE_MODELS:
+            runners = inference_runners(cfg, folder, model_name)
+            inference = results.setdefault(f"inference {model_name}", {name: [] for name in runners})
+            for _ in range(REPEATS):
+                for name, runner in runners.items():
+                    inference[name].append(measure_inference(runner, cfg.image_size, cfg.batch_size))
 
     processor = f"{torch.get_num_threads()} threads, {device}"
     print(f"\n=== benchmark ({processor}; median of {REPEATS} alternating repeats; memory = peak PSS of the "
@@ -361,10 +372,12 @@ def main(cfg: Config) -> dict[str, Any]:
     baseline = _median(results["loading"]["seed JPEG"], "images_per_second")
     for name, runs in results["loading"].items():
         print(_row(name, runs, None if name == "seed JPEG" else baseline))
-    print(f"inference resnet18, {cfg.image_size} px: batch of {cfg.batch_size} (img/s) and one face (ms)")
-    baseline = _median(results["inference"]["eager fp32"], "images_per_second")
-    for name, runs in results["inference"].items():
-        print(_row(name, runs, None if name == "eager fp32" else baseline, latency=True))
+    for model_name in INFERENCE_MODELS:
+        print(f"inference {model_name}, {cfg.image_size} px: batch of {cfg.batch_size} (img/s) and one face (ms)")
+        section = results[f"inference {model_name}"]
+        baseline = _median(section["eager fp32"], "images_per_second")
+        for name, runs in section.items():
+            print(_row(name, runs, None if name == "eager fp32" else baseline, latency=True))
     seconds = time.perf_counter() - started
     print(f"benchmark finished in {seconds:.0f}s")
     output = Path(cfg.runs_dir) / "benchmark" / f"benchmark_{datetime.now():%Y%m%d_%H%M%S}.json"

@@ -22,7 +22,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "vit")
+MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit")  # and timm/<architecture>
+TIMM_PREFIX = "timm/"
+INTERPOLATIONS = ("bilinear", "bicubic")
 DATASET_FORMATS = ("utkface", "fgnet", "agedb", "appa_real", "csv")
 
 
@@ -54,8 +56,9 @@ class Config:
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
     loading: str = "batch"  # batch: cached uint8 batches augmented on the device | sample: per image, in workers
     check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
-    normalize_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet channel means
-    normalize_std: tuple[float, float, float] = (0.229, 0.224, 0.225)  # ImageNet channel standard deviations
+    normalize_mean: tuple[float, ...] = ()  # channel means (() = the backbone weights': model.resolve_preprocessing)
+    normalize_std: tuple[float, ...] = ()  # channel standard deviations (() = the backbone weights' own)
+    interpolation: str = ""  # resize filter: bilinear | bicubic ('' = what the backbone's weights were trained with)
     flip: bool = True  # train augmentation: mirror half of the faces left-right
     rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
@@ -64,7 +67,7 @@ class Config:
     erase_probability: float = 0.0  # train augmentation: share of faces with one random rectangle set to the mean
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     # --- model ---
-    model_name: str = "resnet18"  # resnet18 | resnet (ResNet-50) | efficientnet (B0) | vit (B/16); see README
+    model_name: str = "resnet18"  # resnet18 | resnet (50) | efficientnet (B0) | efficientnet_lite0 | vit | timm/<name>
     pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
     head: str = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
@@ -75,6 +78,7 @@ class Config:
     batch_size: int = 64  # images per step
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 2e-3  # peak learning rate
+    backbone_lr_scale: float = 1.0  # the backbone learns at lr * this (pretrained fine-tuning: < 1), the head at lr
     weight_decay: float = 1e-4  # decoupled (adamw) or L2 (sgd) weight decay
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = True  # sgd: Nesterov momentum
@@ -152,6 +156,8 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
     if origin is tuple:
         item_types = typing.get_args(annotation)
         parts = [part for part in text.replace("(", "").replace(")", "").split(",") if part.strip()]
+        if len(item_types) == 2 and item_types[1] is Ellipsis:  # tuple[float, ...]: any length
+            item_types = (item_types[0],) * len(parts)
         if len(parts) != len(item_types):
             raise ValueError(f"--{key} expects {len(item_types)} comma-separated values, got {text!r}")
         return tuple(_convert(part, item_type, key) for part, item_type in zip(parts, item_types, strict=False))
@@ -201,8 +207,25 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     """Stop with a clear message if settings contradict each other."""
     problems = []
-    if cfg.model_name not in MODEL_NAMES:
-        problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)}")
+    if cfg.model_name.startswith(TIMM_PREFIX):
+        import timm  # only for timm backbones: it takes a second to import
+
+        if not timm.is_model(cfg.model_name[len(TIMM_PREFIX):]):
+            problems.append(f"model_name={cfg.model_name!r}: timm has no architecture "
+                            f"{cfg.model_name[len(TIMM_PREFIX):]!r} (list them: python -c \"import timm; "
+                            "print(timm.list_models())\")")
+    elif cfg.model_name not in MODEL_NAMES:
+        problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)} or "
+                        f"{TIMM_PREFIX}<timm architecture>")
+    for name in ("normalize_mean", "normalize_std"):
+        values = getattr(cfg, name)
+        if len(values) not in (0, 3):
+            problems.append(f"{name} needs 3 comma-separated values (one per channel), got {len(values)}")
+    if cfg.normalize_std and not all(value > 0 for value in cfg.normalize_std):
+        problems.append(f"normalize_std={cfg.normalize_std} must be > 0 in every channel")
+    if cfg.interpolation and cfg.interpolation not in INTERPOLATIONS:
+        problems.append(f"interpolation={cfg.interpolation!r} is not one of {', '.join(INTERPOLATIONS)} "
+                        "('' = the backbone's own)")
     if cfg.head not in ("l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"):
         problems.append(f"head={cfg.head!r} is not one of l1, mse, smooth_l1, dex, mean_variance, coral")
     if cfg.optimizer not in ("adamw", "sgd"):
@@ -228,6 +251,8 @@ def validate(cfg: Config) -> None:
         problems.append("image_size must be >= 16, batch_size >= 1 and epochs >= 0")
     if not 0 <= cfg.erase_probability <= 1:
         problems.append(f"erase_probability={cfg.erase_probability} must lie in [0, 1] (0 turns erasing off)")
+    if not cfg.backbone_lr_scale >= 0:
+        problems.append(f"backbone_lr_scale={cfg.backbone_lr_scale} must be >= 0 (0 freezes the backbone's weights)")
     if cfg.mixup_alpha < 0:
         problems.append(f"mixup_alpha={cfg.mixup_alpha} must be >= 0 (0 turns mixup off)")
     if problems:

@@ -10,7 +10,8 @@ Preprocessing is the same with and without the cache (`load_image`): EXIF orient
 RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
 Augmentation (train only, the seed's recipe plus crop jitter): random horizontal flip, small rotation with a small
 shift and zoom (a detector's box at inference is never exactly the training crop), colour jitter; then
-scaling to [0, 1] and ImageNet normalisation; optionally random erasing (erase_probability). It runs on the
+scaling to [0, 1] and the backbone's normalisation (model.resolve_preprocessing: the mean, std and resize filter
+its pretrained weights were trained with); optionally random erasing (erase_probability). It runs on the
 uint8 tensors, so the cache saves the decode.
 
 Two loading paths give the same batches (tests/test_fast_path.py checks it):
@@ -43,6 +44,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from config import Config, UsageError, atomic_write_path, parse_config, print_config
+from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
@@ -133,25 +135,31 @@ def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Im
         return image.convert("RGB")
 
 
-def resize_square(image: Image.Image, image_size: int) -> np.ndarray:
-    """Crop the centred square and resize it: uint8 (3, S, S). Training (via load_image) and inference with
-    --no_detect share this function, so both see identical pixels (detected faces are aligned by faces.py)."""
+RESAMPLING = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}  # config.INTERPOLATIONS
+
+
+def resize_square(image: Image.Image, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
+    """Crop the centred square and resize it (antialiased, with the backbone's filter): uint8 (3, S, S). Training
+    (via load_image) and inference with --no_detect share this function, so both see identical pixels (detected
+    faces are aligned by faces.py)."""
     side = min(image.size)
     left, top = (image.width - side) / 2, (image.height - side) / 2
     region = (round(left), round(top), round(left + side), round(top + side))
     square = image.crop(region)
-    square = square.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    square = square.resize((image_size, image_size), RESAMPLING[interpolation or "bilinear"], reducing_gap=3.0)
     return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))  # (3, S, S)
 
 
-def load_image(path: str | os.PathLike, image_size: int) -> np.ndarray:
+def load_image(path: str | os.PathLike, image_size: int, interpolation: str = "bilinear") -> np.ndarray:
     """Decode one image into a uint8 array (3, S, S): RGB, centre-cropped square, resized."""
-    return resize_square(open_rgb_image(path, draft_size=image_size), image_size)
+    return resize_square(open_rgb_image(path, draft_size=image_size), image_size, interpolation)
 
 
 def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds flip, rotation and colour jitter."""
     from torchvision.transforms import v2
+
+    cfg = resolve_preprocessing(cfg)
 
     steps = []
     if train:
@@ -174,15 +182,15 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
 class _DecodeDataset(Dataset):
     """Decodes each image once (used to fill the cache in parallel DataLoader workers)."""
 
-    def __init__(self, paths: list[Path], image_size: int):
-        self.paths, self.image_size = paths, image_size
+    def __init__(self, paths: list[Path], image_size: int, interpolation: str):
+        self.paths, self.image_size, self.interpolation = paths, image_size, interpolation
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
         try:
-            return index, load_image(self.paths[index], self.image_size), ""
+            return index, load_image(self.paths[index], self.image_size, self.interpolation), ""
         except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
             return index, None, describe_read_error(error, self.paths[index])
 
@@ -191,8 +199,9 @@ def _keep_as_is(item: tuple) -> tuple:
     return item
 
 
-def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int) -> str:
-    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}|{Path(data_dir).resolve()}|{image_size}".encode())
+def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int, interpolation: str) -> str:
+    resize = image_size if interpolation == "bilinear" else f"{image_size}|{interpolation}"  # bilinear: older keys
+    digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}|{Path(data_dir).resolve()}|{resize}".encode())
     for name in frame["image_name"]:
         digest.update(name.encode())
         try:
@@ -204,14 +213,15 @@ def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int) -> str:
 
 
 def build_image_cache(
-    frame: pd.DataFrame, data_dir: str, image_size: int, cache_dir: str, name: str, num_workers: int = 0
+    frame: pd.DataFrame, data_dir: str, image_size: int, cache_dir: str, name: str, num_workers: int = 0,
+    interpolation: str = "bilinear",
 ) -> tuple[Path, np.ndarray]:
     """Decode every row of `frame` once into cache_dir; return (path of the (N, 3, S, S) uint8 .npy, ok mask (N,)).
 
     A cache whose key matches is reused as it is. Unreadable or missing images are named in a warning
     and marked not-ok; the data set leaves them out.
     """
-    key = _cache_key(frame, data_dir, image_size)
+    key = _cache_key(frame, data_dir, image_size, interpolation)
     array_path = Path(cache_dir) / f"{name}_{image_size}px_{key}.npy"
     index_path = array_path.with_suffix(".json")
     if not (array_path.is_file() and index_path.is_file()):
@@ -223,7 +233,7 @@ def build_image_cache(
                 temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
             )
             loader = DataLoader(
-                _DecodeDataset(paths, image_size),
+                _DecodeDataset(paths, image_size, interpolation),
                 batch_size=None,
                 num_workers=num_workers,
                 collate_fn=_keep_as_is,
@@ -263,8 +273,10 @@ class AgeDataset(Dataset):
         image_size: int,
         transform: torch.nn.Module,
         cache_path: Path | None = None,
+        interpolation: str = "bilinear",
     ):
         self.cache_rows = frame.index.to_numpy()
+        self.interpolation = interpolation
         self.frame = frame.reset_index(drop=True)
         self.data_dir, self.image_size, self.transform, self.cache_path = data_dir, image_size, transform, cache_path
         self._cache: np.ndarray | None = None
@@ -286,7 +298,7 @@ class AgeDataset(Dataset):
         else:
             path = resolve_image_path(self.data_dir, self.frame.at[index, "image_name"])
             try:
-                pixels = torch.from_numpy(load_image(path, self.image_size))
+                pixels = torch.from_numpy(load_image(path, self.image_size, self.interpolation))
             except Exception as error:  # noqa: BLE001 - name the file whatever the decoder raised
                 raise DataError(f"cannot read {path} ({error}); remove its row or run with use_cache=true") from None
         image = self.transform(pixels)  # (3, S, S) float32
@@ -300,6 +312,7 @@ def _label_indices(values: pd.Series, names: tuple[str, ...]) -> np.ndarray:
 
 def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: str | None = None) -> AgeDataset:
     """The data set of one split (train/valid/test) or of any project CSV given as csv_path."""
+    cfg = resolve_preprocessing(cfg)
     path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
     frame = read_dataset_csv(path)
     if not Path(cfg.data_dir).is_dir():
@@ -310,7 +323,7 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     cache_path = None
     if cfg.use_cache:
         cache_path, ok = build_image_cache(
-            frame, cfg.data_dir, cfg.image_size, cfg.cache_dir, path.stem, cfg.num_workers
+            frame, cfg.data_dir, cfg.image_size, cfg.cache_dir, path.stem, cfg.num_workers, cfg.interpolation
         )
         if not ok.any():
             raise DataError(
@@ -318,7 +331,8 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
                 "pass the folder that eda.py scanned with --data_dir=..."
             )
         frame = frame[ok]  # keeps the original row numbers, which index the cache
-    return AgeDataset(frame, cfg.data_dir, cfg.image_size, build_transforms(cfg, train), cache_path)
+    return AgeDataset(frame, cfg.data_dir, cfg.image_size, build_transforms(cfg, train), cache_path,
+                      cfg.interpolation)
 
 
 class BatchAugmentation:
@@ -340,6 +354,7 @@ class BatchAugmentation:
         self.scale = cfg.scale_jitter if train else 0.0
         self.color = cfg.color_jitter if train else 0.0
         self.erase = cfg.erase_probability if train else 0.0
+        cfg = resolve_preprocessing(cfg)
         self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from config import Config, atomic_write_path, parse_config, print_config
+from config import Config, atomic_write_path, config_to_dict, parse_config, print_config
 from model import load_model, newest_checkpoint
 
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # years
@@ -79,7 +79,7 @@ def main(cfg: Config) -> dict:
     checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")
     model = model.float().eval()
-    metadata = {"config.json": json.dumps(checkpoint["config"]),
+    metadata = {"config.json": json.dumps(config_to_dict(trained_cfg)),  # resolved: normalisation, filter, head
                 "crop_geometry.json": json.dumps(checkpoint.get("crop_geometry"))}
     size = trained_cfg.image_size
     torch.manual_seed(0)

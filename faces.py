@@ -303,15 +303,16 @@ class CropGeometry:
         a, b, shift_x, shift_y = np.linalg.lstsq(system, np.concatenate([target[:, 0], target[:, 1]]), rcond=None)[0]
         return np.array([[a, -b, shift_x], [b, a, shift_y]])
 
-    def crop(self, image: np.ndarray, landmarks: np.ndarray, size: int) -> np.ndarray:
+    def crop(self, image: np.ndarray, landmarks: np.ndarray, size: int, interpolation: str = "bilinear") -> np.ndarray:
         """The aligned face from an RGB uint8 image (H, W, 3): uint8 (3, S, S). Outside the image is black (as in
         UTKFace's crops); a large face is warped at a multiple of S and then area-averaged down, like the
-        antialiased resize training crops get."""
+        antialiased resize training crops get. interpolation: the backbone's resize filter (bilinear or bicubic)."""
         import cv2
 
         oversample = int(np.clip(1 / np.hypot(*self.transform(landmarks, size)[0, :2]), 1, 8))
         matrix = self.transform(landmarks, size * oversample)
-        square = cv2.warpAffine(image, matrix, (size * oversample, size * oversample), flags=cv2.INTER_LINEAR,
+        flags = cv2.INTER_CUBIC if interpolation == "bicubic" else cv2.INTER_LINEAR
+        square = cv2.warpAffine(image, matrix, (size * oversample, size * oversample), flags=flags,
                                 borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
         if oversample > 1:
             square = cv2.resize(square, (size, size), interpolation=cv2.INTER_AREA)

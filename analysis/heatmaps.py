@@ -43,9 +43,9 @@ class PredictedAge:
         return output
 
 
-def _token_grid(tokens: torch.Tensor) -> torch.Tensor:
-    """ViT activations (B, 1 + N, D) -> (B, D, sqrt N, sqrt N), class token dropped."""
-    patches = tokens[:, 1:, :]
+def _token_grid(tokens: torch.Tensor, prefix_tokens: int = 1) -> torch.Tensor:
+    """ViT activations (B, P + N, D) -> (B, D, sqrt N, sqrt N), the P class (and register) tokens dropped."""
+    patches = tokens[:, prefix_tokens:, :]
     side = round(patches.shape[1] ** 0.5)
     return patches.reshape(patches.shape[0], side, side, patches.shape[2]).permute(0, 3, 1, 2)
 
@@ -59,6 +59,13 @@ def cam_setup(model: AgeEstimationModel, model_name: str) -> tuple[list[nn.Modul
         return [backbone.features[-1]], None
     if model_name == "vit":
         return [backbone.encoder.layers[-1].ln_1], _token_grid
+    feature_info = getattr(backbone, "feature_info", None)  # timm models name their feature stages
+    if feature_info:
+        layer = backbone.get_submodule(feature_info[-1]["module"])  # the last stage: the deepest spatial map
+        prefix_tokens = getattr(backbone, "num_prefix_tokens", None)  # ViT-like timm models: tokens, not maps
+        if prefix_tokens is None:
+            return [layer], None
+        return [layer], lambda tokens: _token_grid(tokens, prefix_tokens)
     raise ValueError(f"no Grad-CAM set-up for model_name {model_name!r}")
 
 

@@ -70,7 +70,8 @@ def test_sensitivity_table_and_flip_consistency(trained):
     assert result["flip_difference"] >= 0 and Path(result["figure_path"]).is_file()
 
 
-@pytest.mark.parametrize("model_name", ["resnet18", "efficientnet", "vit"])
+@pytest.mark.parametrize("model_name", ["resnet18", "efficientnet", "vit", "efficientnet_lite0",
+                                        "timm/vit_small_patch16_224"])
 def test_heatmaps_have_the_image_shape_and_are_non_negative(model_name):
     torch.manual_seed(0)
     model = AgeEstimationModel(model_name, image_size=32, head="l1").eval()

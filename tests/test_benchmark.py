@@ -13,6 +13,7 @@ import benchmark
 def test_benchmark_measures_every_contender_and_writes_its_json(split_config, monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "MODELS", ("resnet18",))
     monkeypatch.setattr(benchmark, "STEPS", {"resnet18": (1, 1)})
+    monkeypatch.setattr(benchmark, "INFERENCE_MODELS", ("resnet18", "efficientnet_lite0"))
     monkeypatch.setattr(benchmark, "REPEATS", 1)
     monkeypatch.setattr(benchmark, "LOADING_SIZE", 32)
     monkeypatch.setattr(benchmark, "LOADING_BATCHES", 1)
@@ -23,7 +24,8 @@ def test_benchmark_measures_every_contender_and_writes_its_json(split_config, mo
     training = results["training resnet18"]
     assert set(training) == {"seed", "ours"}
     assert set(results["loading"]) == {"seed JPEG", "cache, per image", "cache, batch", "cache, batch, no augmentation"}
-    assert {"eager fp32", "TorchScript", "ONNX Runtime"} <= set(results["inference"])
+    for model_name in ("resnet18", "efficientnet_lite0"):
+        assert {"eager fp32", "TorchScript", "ONNX Runtime"} <= set(results[f"inference {model_name}"])
     for section in results.values():
         for runs in section.values():
             assert len(runs) == 1 and runs[0]["images_per_second"] > 0

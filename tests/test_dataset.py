@@ -46,7 +46,8 @@ def test_cache_matches_direct_decoding(split_config):
 def test_cache_is_reused_then_rebuilt_when_the_csv_or_size_changes(split_config, monkeypatch):
     decoded = []
     original = data.load_image
-    monkeypatch.setattr(data, "load_image", lambda path, size: decoded.append(path) or original(path, size))
+    monkeypatch.setattr(data, "load_image", lambda path, size, interpolation: decoded.append(path)
+                        or original(path, size, interpolation))
     build_dataset(split_config, "valid")
     first = len(decoded)
     assert first > 0

@@ -10,7 +10,7 @@ import torch
 
 import train
 from custom_dataset_dataloader import BatchAugmentation, BatchLoader, build_dataloader
-from model import build_model
+from model import build_model, resolve_preprocessing
 
 NO_AUGMENTATION = {"flip": False, "rotation_degrees": 0.0, "translate_fraction": 0.0, "scale_jitter": 0.0,
                    "color_jitter": 0.0}
@@ -67,6 +67,7 @@ def _normalise(cfg, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def test_evaluation_transform_only_normalises(split_config):
+    split_config = resolve_preprocessing(split_config)  # the backbone's mean and std, as the loaders use them
     pixels = _gradient_images()
     expected = (pixels.float() / 255 - torch.tensor(split_config.normalize_mean).view(1, 3, 1, 1)) / torch.tensor(
         split_config.normalize_std).view(1, 3, 1, 1)
@@ -100,7 +101,7 @@ def test_affine_jitter_moves_the_face_a_little_and_fills_with_black(split_config
 
 
 def test_colour_jitter_scales_a_gray_face_within_the_factor_range(split_config):
-    cfg = replace(split_config, **{**NO_AUGMENTATION, "color_jitter": 0.2})
+    cfg = resolve_preprocessing(replace(split_config, **{**NO_AUGMENTATION, "color_jitter": 0.2}))
     pixels = torch.full((64, 3, 8, 8), 100, dtype=torch.uint8)  # gray: contrast and saturation leave it alone
     torch.manual_seed(0)
     output = BatchAugmentation(cfg, train=True)(pixels)
