@@ -36,7 +36,7 @@ import torch
 from config import Config, atomic_write_path, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
-from model import DISTRIBUTION_HEADS, config_from_model_file, load_model, newest_checkpoint
+from model import config_from_model_file, load_model, newest_checkpoint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -101,9 +101,9 @@ class AgePredictor:
         spreads = None
         if self.kind == "onnx":
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
-        elif self.kind == "checkpoint" and self.cfg.head in DISTRIBUTION_HEADS:
+        elif self.kind == "checkpoint" and self.model.head.has_spread:
             outputs = self.model.head_outputs(images.to(self.device))  # (N, K)
-            ages, spreads = self.model.ages_from_outputs(outputs).cpu(), self.model.spread(outputs).cpu()
+            ages, spreads = self.model.head.ages(outputs).cpu(), self.model.head.spread(outputs).cpu()
         else:
             ages = self.model(images.to(self.device)).float().cpu()  # (N,) or (2N,)
         if tta:

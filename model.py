@@ -8,10 +8,11 @@ num_classes=0 so that it returns pooled features. With pretrained=true, torchvis
 into torch's hub cache and timm's through the Hugging Face hub; a failed download stops with one sentence saying
 what to do. The normalisation and resize interpolation come from the weights (`resolve_preprocessing`).
 
-Heads (config `head`): l1 / mse / smooth_l1 regress a standardised age z (age = age_mean + age_std * z); dex and
-mean_variance give a softmax over the ages 0..max_age (age = its expectation); coral is rank-consistent ordinal
-regression. age_mean and age_std are buffers set from the training set (so they travel in the state dict), and
-every head starts by predicting about the mean training age: the loss starts where a mean predictor is.
+Heads (config `head`), one class per kind, each owning its outputs -> ages, loss, spread and P(age >= t):
+RegressionHead (l1 / mse / smooth_l1: a standardised age z, age = age_mean + age_std * z), DistributionHead (dex /
+mean_variance: a softmax over the ages 0..max_age, age = its expectation) and OrdinalHead (coral). age_mean and
+age_std are buffers set from the training set (so they travel in the state dict), and every head starts by
+predicting about the mean training age: the loss starts where a mean predictor is.
 
 A checkpoint is a plain dict {"model": state dict of the unwrapped model, "config": Config as a dict, ...},
 loadable with torch.load(weights_only=True); `load_model` rebuilds the exact model from the stored config.
@@ -235,21 +236,212 @@ def build_imagenet_classifier(model_name: str) -> nn.Module:
     return _timm_backbone(timm_name, True, 224, classifier=True).eval()
 
 
-REGRESSION_HEADS = ("l1", "mse", "smooth_l1")  # one output: a standardised age
-DISTRIBUTION_HEADS = ("dex", "mean_variance")  # softmax over the integer ages 0..max_age, age = expectation
-HEADS = (*REGRESSION_HEADS, *DISTRIBUTION_HEADS, "coral")  # coral: max_age rank-consistent binary tasks
+REGRESSION_LOSSES = ("l1", "mse", "smooth_l1")  # one output: a standardised age
+DISTRIBUTION_LOSSES = ("dex", "mean_variance")  # softmax over the integer ages 0..max_age, age = expectation
+HEADS = (*REGRESSION_LOSSES, *DISTRIBUTION_LOSSES, "coral")  # coral: max_age rank-consistent binary tasks
+MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
+
+
+class AgeHead(nn.Sequential):
+    """Dropout -> linear layer over the backbone's pooled features, and everything that depends on what its outputs
+    mean: outputs -> ages, the training loss, the negative log-likelihood the temperature is fitted with, and (where
+    the head predicts a distribution) the spread and P(age >= t). The three kinds below are the only places that
+    know which loss a head has; training, evaluation, calibration, inference and export call these methods.
+
+    Buffers, all in the state dict: the training set's age mean and spread (age_mean, age_std; every head starts by
+    predicting about the mean) and the temperature that divides the logits in `probability_at_least` and `spread`
+    (fitted on the valid set by train.calibrate; the age itself is always the untempered prediction, so calibrating
+    never changes the MAE).
+    """
+
+    has_probabilities = False  # P(age >= t) exists (distribution and ordinal heads)
+    has_spread = False  # the standard deviation of a predicted age distribution exists (distribution heads)
+
+    def __init__(self, features: int, outputs: int, dropout: float, max_age: int, bias: bool = True):
+        super().__init__(nn.Dropout(dropout), nn.Linear(features, outputs, bias=bias))
+        nn.init.zeros_(self[1].weight)
+        if bias:
+            nn.init.zeros_(self[1].bias)
+        self.max_age = max_age
+        self.register_buffer("age_mean", torch.tensor(33.0))  # overwritten from the training set
+        self.register_buffer("age_std", torch.tensor(20.0))
+        self.register_buffer("age_grid", torch.arange(max_age + 1, dtype=torch.float32), persistent=False)
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, F) features -> float32 raw outputs: (B,) for regression, (B, K) or (B, K - 1) logits otherwise."""
+        return super().forward(features).float()
+
+    @torch.no_grad()
+    def set_age_statistics(self, mean: float, std: float) -> None:
+        """Set the training set's age mean and spread; the head then starts by predicting about the mean age."""
+        self.age_mean.fill_(float(mean))
+        self.age_std.fill_(max(float(std), 1.0))
+
+    def _standardised_grid(self) -> torch.Tensor:
+        return (self.age_grid - self.age_mean) / self.age_std  # (K,)
+
+    def ages(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) ages in years from the raw outputs."""
+        raise NotImplementedError
+
+    def loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """The training loss against the true ages (B,) in years; evaluation reports the same loss."""
+        raise NotImplementedError
+
+    def likelihood_loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        """The plain negative log-likelihood of the true ages, which the temperature is fitted to minimise."""
+        raise ValueError("this head predicts no distribution; use dex, mean_variance or coral")
+
+    def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
+        """(B,) P(age >= threshold), non-increasing in threshold, calibrated by the temperature."""
+        raise ValueError("this head predicts no distribution; use dex, mean_variance or coral")
+
+    def spread(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(B,) standard deviation in years of the predicted age distribution."""
+        raise ValueError("this head predicts no age distribution; use dex or mean_variance")
+
+
+class RegressionHead(AgeHead):
+    """One unit predicting a standardised age z; age = age_mean + age_std * z. Loss: l1 (the seed's), mse (in
+    standard deviations) or smooth_l1 (Huber with a 1-year knee), all on the age."""
+
+    def __init__(self, features: int, dropout: float, max_age: int, loss: str = "l1"):
+        super().__init__(features, 1, dropout, max_age)
+        if loss not in REGRESSION_LOSSES:
+            raise ValueError(f"unknown regression loss {loss!r}; expected one of {', '.join(REGRESSION_LOSSES)}")
+        self.loss_name = loss
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features).squeeze(1)  # (B,)
+
+    def ages(self, outputs: torch.Tensor) -> torch.Tensor:
+        return self.age_mean + self.age_std * outputs
+
+    def loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        predicted = self.ages(outputs)  # (B,) years
+        if self.loss_name == "l1":
+            return F.l1_loss(predicted, ages)
+        if self.loss_name == "mse":
+            return F.mse_loss(predicted / self.age_std, ages / self.age_std)
+        return F.smooth_l1_loss(predicted, ages, beta=1.0)
+
+
+class DistributionHead(AgeHead):
+    """max_age + 1 logits over the ages 0..max_age; age = expectation of the softmax. Loss: dex, cross-entropy with
+    the one-hot age or, with label_sigma > 0, with a Gaussian of that standard deviation in years around it (label
+    distribution learning, Gao et al. 2017); or mean_variance, one-hot cross-entropy plus Pan et al.'s penalties on
+    the distribution's mean error and variance. Starts from a discretised normal(age_mean, age_std)."""
+
+    has_probabilities = has_spread = True
+
+    def __init__(self, features: int, dropout: float, max_age: int, loss: str = "dex", label_sigma: float = 0.0):
+        super().__init__(features, max_age + 1, dropout, max_age)
+        if loss not in DISTRIBUTION_LOSSES:
+            raise ValueError(f"unknown distribution loss {loss!r}; expected one of {', '.join(DISTRIBUTION_LOSSES)}")
+        self.loss_name, self.label_sigma = loss, label_sigma
+
+    @torch.no_grad()
+    def set_age_statistics(self, mean: float, std: float) -> None:
+        super().set_age_statistics(mean, std)
+        self[1].bias.copy_(-0.5 * self._standardised_grid().square())
+
+    def ages(self, outputs: torch.Tensor) -> torch.Tensor:
+        return outputs.softmax(1) @ self.age_grid
+
+    def likelihood_loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(outputs, ages.round().clamp(0, self.max_age).long())
+
+    def loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        if self.loss_name == "dex" and self.label_sigma > 0:
+            distance = (self.age_grid[None, :] - ages.clamp(0, self.max_age)[:, None]) / self.label_sigma  # (B, K)
+            targets = (-0.5 * distance.square()).softmax(1)  # (B, K) a normalised Gaussian around each age
+            return -(targets * outputs.log_softmax(1)).sum(1).mean()
+        cross_entropy = self.likelihood_loss(outputs, ages)
+        if self.loss_name == "dex":
+            return cross_entropy
+        probabilities = outputs.softmax(1)  # (B, K)
+        mean = probabilities @ self.age_grid  # (B,)
+        variance = probabilities @ self.age_grid.square() - mean.square()
+        mean_weight, variance_weight = MEAN_VARIANCE_WEIGHTS
+        return cross_entropy + mean_weight * 0.5 * (mean - ages).square().mean() + variance_weight * variance.mean()
+
+    def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
+        return (outputs / self.temperature).softmax(1)[:, max(threshold, 0):].sum(1)
+
+    def spread(self, outputs: torch.Tensor) -> torch.Tensor:
+        probabilities = (outputs / self.temperature).softmax(1)
+        mean = probabilities @ self.age_grid
+        return (probabilities @ self.age_grid.square() - mean.square()).clamp_min(0).sqrt()
+
+
+class OrdinalHead(AgeHead):
+    """coral, rank-consistent ordinal regression (Cao et al. 2020): one shared weight vector, max_age ordered
+    biases; P(age > k) = sigmoid(w.x + b_k) for k < max_age, age = sum_k P(age > k). The biases are
+    b_0 - cumsum(softplus(gaps)), strictly decreasing, so the probabilities are non-increasing in k by construction.
+    Loss: the sum of the max_age binary cross-entropies (also its likelihood)."""
+
+    has_probabilities = True
+
+    def __init__(self, features: int, dropout: float, max_age: int):
+        super().__init__(features, 1, dropout, max_age, bias=False)
+        self.first_bias = nn.Parameter(torch.zeros(()))
+        self.gaps = nn.Parameter(torch.zeros(max_age - 1))
+
+    def biases(self) -> torch.Tensor:
+        return self.first_bias - torch.cat([self.gaps.new_zeros(1), F.softplus(self.gaps).cumsum(0)])  # (K - 1,)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(features) + self.biases()  # (B, 1) + (K - 1,) -> (B, K - 1)
+
+    @torch.no_grad()
+    def set_age_statistics(self, mean: float, std: float) -> None:
+        """Start from P(age > k) of a normal(mean, std)."""
+        super().set_age_statistics(mean, std)
+        above = 0.5 * torch.erfc((self._standardised_grid()[:-1] + 0.5 / self.age_std) / 2**0.5)
+        biases = torch.logit(above.clamp(1e-4, 1 - 1e-4))  # (K - 1,) non-increasing
+        self.first_bias.fill_(biases[0].item())
+        gaps = (biases[:-1] - biases[1:]).clamp_min(1e-3)
+        self.gaps.copy_(gaps + torch.log(-torch.expm1(-gaps)))  # inverse softplus
+
+    def ages(self, outputs: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(outputs).sum(1)
+
+    def loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
+        classes = ages.round().clamp(0, self.max_age).long()  # (B,)
+        levels = (classes[:, None] > torch.arange(self.max_age, device=ages.device)[None, :]).float()  # (B, K - 1)
+        return F.binary_cross_entropy_with_logits(outputs, levels, reduction="none").sum(1).mean()
+
+    likelihood_loss = loss
+
+    def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
+        if threshold <= 0:
+            return outputs.new_ones(len(outputs))
+        outputs = outputs / self.temperature
+        return torch.sigmoid(outputs[:, min(threshold, self.max_age) - 1]) * (threshold <= self.max_age)
+
+
+def build_head(head: str, features: int, dropout: float, max_age: int, label_sigma: float = 0.0) -> AgeHead:
+    """The head named by config.head (l1 | mse | smooth_l1 | dex | mean_variance | coral)."""
+    if head in REGRESSION_LOSSES:
+        return RegressionHead(features, dropout, max_age, head)
+    if head in DISTRIBUTION_LOSSES:
+        return DistributionHead(features, dropout, max_age, head, label_sigma if head == "dex" else 0.0)
+    if head == "coral":
+        return OrdinalHead(features, dropout, max_age)
+    raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
+
+
+# State-dict keys of files written before the heads owned their buffers and parameters -> today's keys.
+LEGACY_KEYS = {"age_mean": "head.age_mean", "age_std": "head.age_std", "temperature": "head.temperature",
+               "coral_first_bias": "head.first_bias", "coral_gaps": "head.gaps"}
 
 
 class AgeEstimationModel(nn.Module):
-    """Backbone -> dropout -> head -> age in years. Input (B, 3, H, W) normalised; output (B,) float32 years.
+    """Backbone -> head -> age in years. Input (B, 3, H, W) normalised; output (B,) float32 years.
 
-    Every head's `forward` returns an age in years, so evaluation, export and inference treat them alike;
-    training uses `head_outputs` (the raw outputs its loss needs) and `ages_from_outputs`.
-    - l1 / mse / smooth_l1: one unit predicting a standardised age z; age = age_mean + age_std * z.
-    - dex / mean_variance: max_age + 1 logits over the ages 0..max_age; age = expectation of the softmax.
-    - coral: one shared weight vector, max_age ordered biases; P(age > k) = sigmoid(w.x + b_k) for k < max_age,
-      age = sum_k P(age > k). The biases are b_0 - cumsum(softplus(gaps)), strictly decreasing, so the
-      probabilities are rank-consistent (non-increasing in k) by construction.
+    `forward` returns an age in years whatever the head, so evaluation, export and inference treat every head
+    alike; training asks for the raw outputs (`raw_outputs=True`) and hands them to `head.loss`.
     """
 
     def __init__(
@@ -260,92 +452,39 @@ class AgeEstimationModel(nn.Module):
         image_size: int = 224,
         head: str = "l1",
         max_age: int = 116,
+        label_sigma: float = 0.0,
     ):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"unknown head {head!r}; expected one of {', '.join(HEADS)}")
-        self.head_name, self.max_age = head, max_age
         self.backbone, features = build_backbone(model_name, pretrained, image_size)
-        outputs = max_age + 1 if head in DISTRIBUTION_HEADS else 1
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, outputs, bias=head != "coral"))
-        nn.init.zeros_(self.head[1].weight)
-        if head == "coral":
-            self.coral_first_bias = nn.Parameter(torch.zeros(()))
-            self.coral_gaps = nn.Parameter(torch.zeros(max_age - 1))
-        else:
-            nn.init.zeros_(self.head[1].bias)
-        self.register_buffer("age_mean", torch.tensor(33.0))  # overwritten from the training set
-        self.register_buffer("age_std", torch.tensor(20.0))
-        self.register_buffer("age_grid", torch.arange(max_age + 1, dtype=torch.float32), persistent=False)
-        # Divides the logits in probability_at_least and spread (fitted on the valid set by train.py); the age
-        # itself is always the untempered prediction, so calibrating never changes the MAE.
-        self.register_buffer("temperature", torch.tensor(1.0))
+        self.head = build_head(head, features, dropout, max_age, label_sigma)
         self.set_age_statistics(33.0, 20.0)
+        self._register_load_state_dict_pre_hook(self._rename_legacy_keys)
 
-    @torch.no_grad()
+    @staticmethod
+    def _rename_legacy_keys(state: dict[str, torch.Tensor], prefix: str, *_: Any) -> None:
+        for old, new in LEGACY_KEYS.items():
+            if prefix + old in state:
+                state[prefix + new] = state.pop(prefix + old)
+        state.setdefault(prefix + "head.temperature", torch.tensor(1.0))  # files from before calibration existed
+
     def set_age_statistics(self, mean: float, std: float) -> None:
-        """Set the training set's age mean and spread; every head then starts by predicting about the mean age."""
-        self.age_mean.fill_(float(mean))
-        self.age_std.fill_(max(float(std), 1.0))
-        standardised = (self.age_grid - self.age_mean) / self.age_std  # (K,)
-        if self.head_name in DISTRIBUTION_HEADS:  # start from a discretised normal(mean, std)
-            self.head[1].bias.copy_(-0.5 * standardised.square())
-        elif self.head_name == "coral":  # start from P(age > k) of that normal
-            above = 0.5 * torch.erfc((standardised[:-1] + 0.5 / self.age_std) / 2**0.5)
-            biases = torch.logit(above.clamp(1e-4, 1 - 1e-4))  # (K - 1,) non-increasing
-            self.coral_first_bias.fill_(biases[0].item())
-            gaps = (biases[:-1] - biases[1:]).clamp_min(1e-3)
-            self.coral_gaps.copy_(gaps + torch.log(-torch.expm1(-gaps)))  # inverse softplus
-
-    def coral_biases(self) -> torch.Tensor:
-        return self.coral_first_bias - torch.cat([self.coral_gaps.new_zeros(1), F.softplus(self.coral_gaps).cumsum(0)])
+        """The training set's age mean and spread; every head then starts by predicting about the mean age."""
+        self.head.set_age_statistics(mean, std)
 
     def head_outputs(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw head outputs: (B,) standardised ages, (B, K) logits, or (B, K - 1) coral logits."""
-        outputs = self.head(self.backbone(images)).float()  # (B, 1) or (B, K)
-        if self.head_name in REGRESSION_HEADS:
-            return outputs.squeeze(1)
-        if self.head_name == "coral":
-            return outputs + self.coral_biases()  # (B, 1) + (K - 1,) -> (B, K - 1)
-        return outputs
-
-    def ages_from_outputs(self, outputs: torch.Tensor) -> torch.Tensor:
-        """(B,) ages in years from `head_outputs`."""
-        if self.head_name in REGRESSION_HEADS:
-            return self.age_mean + self.age_std * outputs
-        if self.head_name == "coral":
-            return torch.sigmoid(outputs).sum(1)
-        return outputs.softmax(1) @ self.age_grid
+        """Raw head outputs (what `head.loss` takes): (B,), (B, K) or (B, K - 1), float32."""
+        return self.head(self.backbone(images))
 
     def forward(self, images: torch.Tensor, raw_outputs: bool = False) -> torch.Tensor:
         """(B,) ages in years; raw_outputs=True returns `head_outputs` (training asks for them through forward,
         which DistributedDataParallel needs to synchronise gradients)."""
         outputs = self.head_outputs(images)
-        return outputs if raw_outputs else self.ages_from_outputs(outputs)
-
-    def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
-        """(B,) P(age >= threshold) from `head_outputs` (distribution and coral heads), non-increasing in threshold,
-        calibrated by the model's temperature."""
-        outputs = outputs / self.temperature
-        if self.head_name == "coral":
-            if threshold <= 0:
-                return outputs.new_ones(len(outputs))
-            return torch.sigmoid(outputs[:, min(threshold, self.max_age) - 1]) * (threshold <= self.max_age)
-        if self.head_name not in DISTRIBUTION_HEADS:
-            raise ValueError(f"head {self.head_name!r} predicts no distribution; use dex, mean_variance or coral")
-        return outputs.softmax(1)[:, max(threshold, 0):].sum(1)
-
-    def spread(self, outputs: torch.Tensor) -> torch.Tensor:
-        """(B,) standard deviation in years of the predicted age distribution (distribution heads)."""
-        if self.head_name not in DISTRIBUTION_HEADS:
-            raise ValueError(f"head {self.head_name!r} predicts no distribution; use dex or mean_variance")
-        probabilities = (outputs / self.temperature).softmax(1)
-        mean = probabilities @ self.age_grid
-        return (probabilities @ self.age_grid.square() - mean.square()).clamp_min(0).sqrt()
+        return outputs if raw_outputs else self.head.ages(outputs)
 
 
 def build_model(cfg: Config) -> AgeEstimationModel:
-    return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size, cfg.head, cfg.max_age)
+    return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size, cfg.head, cfg.max_age,
+                              cfg.label_sigma)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -457,9 +596,7 @@ def load_model(
     cfg = config_from_model_file(checkpoint["config"])
     checkpoint["config"] = config_to_dict(cfg)  # with what an older file left out filled in (head, interpolation)
     model = build_model(replace(cfg, pretrained=False))
-    state = dict(checkpoint["model"])
-    state.setdefault("temperature", torch.tensor(1.0))  # checkpoints written before calibration existed
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint["model"])  # older key names are renamed by the model's load hook
     return model.to(device).eval(), cfg, checkpoint
 
 

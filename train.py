@@ -41,7 +41,6 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -60,8 +59,6 @@ from config import (
 from custom_dataset_dataloader import build_dataloader
 from faces import measure_crop_geometry
 from model import (
-    DISTRIBUTION_HEADS,
-    REGRESSION_HEADS,
     build_model,
     load_checkpoint,
     resolve_preprocessing,
@@ -121,42 +118,6 @@ def _to_device(images: torch.Tensor, ages: torch.Tensor, device: torch.device, c
     return images, ages.to(device, non_blocking=True).float()  # (B,)
 
 
-MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
-
-
-def age_loss(
-    model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, head: str | None = None, label_sigma: float = 0.0
-) -> torch.Tensor:
-    """The training loss of the model's head (or of `head`, whose outputs must have the same shape), from the
-    raw `head_outputs` and the true ages (B,) in years. label_sigma > 0 (dex): the target is a Gaussian over the
-    ages with that standard deviation instead of the one-hot age (label distribution learning, Gao et al. 2017)."""
-    model = unwrap(model)
-    head = head or model.head_name
-    if head in REGRESSION_HEADS:
-        predicted = model.ages_from_outputs(outputs)  # (B,) years
-        if head == "l1":
-            return F.l1_loss(predicted, ages)
-        if head == "mse":
-            return F.mse_loss(predicted / model.age_std, ages / model.age_std)  # in standard deviations
-        return F.smooth_l1_loss(predicted, ages, beta=1.0)
-    classes = ages.round().clamp(0, model.max_age).long()  # (B,)
-    if head == "coral":  # task k: is the age above k?
-        levels = (classes[:, None] > torch.arange(model.max_age, device=ages.device)[None, :]).float()  # (B, K-1)
-        return F.binary_cross_entropy_with_logits(outputs, levels, reduction="none").sum(1).mean()
-    if head == "dex" and label_sigma > 0:
-        distance = (model.age_grid[None, :] - ages.clamp(0, model.max_age)[:, None]) / label_sigma  # (B, K)
-        targets = (-0.5 * distance.square()).softmax(1)  # (B, K) a normalised Gaussian around each age
-        return -(targets * outputs.float().log_softmax(1)).sum(1).mean()
-    cross_entropy = F.cross_entropy(outputs, classes)
-    if head == "dex":
-        return cross_entropy
-    probabilities = outputs.softmax(1)  # (B, K)
-    mean = probabilities @ model.age_grid  # (B,)
-    variance = probabilities @ model.age_grid.square() - mean.square()
-    mean_weight, variance_weight = MEAN_VARIANCE_WEIGHTS
-    return cross_entropy + mean_weight * 0.5 * (mean - ages).square().mean() + variance_weight * variance.mean()
-
-
 class WeightAverage:
     """An exponential moving average of a model's weights and batch-norm statistics (Polyak averaging, as timm's
     ModelEmaV2): after every optimiser step average = decay * average + (1 - decay) * weights. The decay ramps up
@@ -198,7 +159,6 @@ def train_one_epoch(
     description: str = "train",
     accumulation_steps: int = 1,
     show_progress: bool = True,
-    label_sigma: float = 0.0,
     average: WeightAverage | None = None,
     mixup_alpha: float = 0.0,
 ) -> dict[str, float]:
@@ -216,6 +176,7 @@ def train_one_epoch(
     from tqdm import tqdm
 
     model.train()
+    head = unwrap(model).head  # owns the loss (with its settings, e.g. label_sigma) and outputs -> ages
     parallel = getattr(model, "_orig_mod", model)  # under torch.compile
     distributed = isinstance(parallel, nn.parallel.DistributedDataParallel)
     total_loss, total_error, total_images = 0.0, 0.0, 0
@@ -237,9 +198,9 @@ def train_one_epoch(
             with contextlib.nullcontext() if last or not distributed else parallel.no_sync():  # reduce once a step
                 with _autocast(device, dtype):
                     outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
-                loss = age_loss(model, outputs, ages[part], label_sigma=label_sigma)
+                loss = head.loss(outputs, ages[part])
                 if mix < 1:
-                    partner_loss = age_loss(model, outputs, partner_ages[part], label_sigma=label_sigma)
+                    partner_loss = head.loss(outputs, partner_ages[part])
                     loss = mix * loss + (1 - mix) * partner_loss
                 if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
                     raise DivergedError(
@@ -248,7 +209,7 @@ def train_one_epoch(
                 scaled = loss / accumulation_steps
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             with torch.no_grad():
-                predicted = unwrap(model).ages_from_outputs(outputs.detach())  # (b,) years
+                predicted = head.ages(outputs.detach())  # (b,) years
                 total_error += (predicted - blended_ages[part]).abs().sum().item()
             total_loss += loss.item() * len(outputs)
             total_images += len(outputs)
@@ -293,10 +254,10 @@ def evaluate(
         images, ages = _to_device(images, ages, device, channels_last)
         with _autocast(device, dtype):
             outputs = plain.head_outputs(images)  # float32
-            predicted = plain.ages_from_outputs(outputs)  # (B,)
+            predicted = plain.head.ages(outputs)  # (B,)
             if tta:
                 predicted = 0.5 * (predicted + plain(images.flip(-1)))
-        total_loss += age_loss(plain, outputs, ages).item() * len(ages)
+        total_loss += plain.head.loss(outputs, ages).item() * len(ages)  # the training loss, label_sigma included
         predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
         if keep_outputs:
@@ -346,23 +307,22 @@ def expected_calibration_error(probabilities: torch.Tensor, outcomes: torch.Tens
 def fit_temperature(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> float:
     """The temperature T that minimises the head's negative log-likelihood of the true ages given outputs / T
     (valid-set outputs (N, K) and ages (N,)); a grid over T in [0.25, 4], which cannot diverge."""
-    plain = unwrap(model)
-    loss_head = "coral" if plain.head_name == "coral" else "dex"  # plain NLL (mean_variance adds penalty terms)
+    head = unwrap(model).head
     temperatures = torch.logspace(-2, 2, 161, base=2.0)  # 0.25 .. 4
-    losses = [age_loss(plain, outputs / temperature, ages, loss_head).item() for temperature in temperatures]
+    losses = [head.likelihood_loss(outputs / temperature, ages).item() for temperature in temperatures]
     return temperatures[int(torch.tensor(losses).argmin())].item()
 
 
 def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
     """Fit the model's temperature on the valid set's outputs, set it, and report on the test set the expected
     calibration error of P(age >= ADULT_AGE) before and after (dicts from evaluate(keep_outputs=True))."""
-    plain = unwrap(model)
-    temperature = fit_temperature(plain, valid["outputs"], torch.tensor(valid["targets"]))
+    head = unwrap(model).head
+    temperature = fit_temperature(model, valid["outputs"], torch.tensor(valid["targets"]))
     outcomes = (torch.tensor(test["targets"]) >= ADULT_AGE).double()
     results = {"temperature": temperature}
     for name, value in (("uncalibrated", 1.0), ("calibrated", temperature)):
-        plain.temperature.fill_(value)
-        probability = plain.probability_at_least(test["outputs"].to(plain.temperature.device), ADULT_AGE).cpu()
+        head.temperature.fill_(value)
+        probability = head.probability_at_least(test["outputs"].to(head.temperature.device), ADULT_AGE).cpu()
         results[f"test_ece_adult_{name}"] = expected_calibration_error(probability, outcomes)
     return results
 
@@ -599,7 +559,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             train_metrics = train_one_epoch(
                 model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
                 cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
-                accumulation_steps=cfg.accumulation_steps, show_progress=is_main, label_sigma=cfg.label_sigma,
+                accumulation_steps=cfg.accumulation_steps, show_progress=is_main,
                 mixup_alpha=cfg.mixup_alpha,
                 average=average,
             )
@@ -651,7 +611,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
     elif is_main:  # epochs=0: evaluate the model as built
         save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
-    probabilistic = cfg.head in (*DISTRIBUTION_HEADS, "coral")
+    probabilistic = unwrap(model).head.has_probabilities
     test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, keep_outputs=probabilistic)
     calibration = {}
     if probabilistic:

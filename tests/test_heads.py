@@ -9,7 +9,7 @@ import export_jit
 import train
 from config import Config
 from custom_dataset_dataloader import build_dataloader
-from model import HEADS, AgeEstimationModel, build_model, save_checkpoint
+from model import HEADS, AgeEstimationModel, DistributionHead, build_model, load_model, save_checkpoint
 
 
 @pytest.mark.parametrize("head", HEADS)
@@ -30,24 +30,24 @@ def test_each_head_starts_near_the_mean_age_and_its_loss_falls(split_config, hea
 
 
 def test_dex_label_smoothing_is_cross_entropy_to_a_gaussian_over_the_ages():
-    model = AgeEstimationModel("resnet18", image_size=32, head="dex", max_age=100)
+    narrow, gaussian = (DistributionHead(8, 0.0, 100, "dex", label_sigma) for label_sigma in (0.05, 2.0))
     ages = torch.tensor([3.0, 27.0, 64.0])
     outputs = torch.randn(3, 101)  # (B, K) logits
     one_hot = torch.nn.functional.cross_entropy(outputs, ages.long())
-    assert train.age_loss(model, outputs, ages, label_sigma=0.05) == pytest.approx(one_hot.item(), rel=1e-4)
+    assert narrow.loss(outputs, ages) == pytest.approx(one_hot.item(), rel=1e-4)
     targets = torch.exp(-0.5 * ((torch.arange(101.0)[None] - ages[:, None]) / 2.0) ** 2)
     targets = targets / targets.sum(1, keepdim=True)  # (B, K)
     logits = targets.clamp_min(1e-30).log()  # a prediction equal to the target
-    best = train.age_loss(model, logits, ages, label_sigma=2.0)
+    best = gaussian.loss(logits, ages)
     entropy = -(targets * logits).sum(1).mean()
     assert best == pytest.approx(entropy.item(), rel=1e-4)
-    assert train.age_loss(model, logits + 0.3 * torch.randn(3, 101), ages, label_sigma=2.0) > best
+    assert gaussian.loss(logits + 0.3 * torch.randn(3, 101), ages) > best
 
 
 def test_coral_probabilities_are_rank_consistent():
     model = AgeEstimationModel("resnet18", image_size=32, head="coral", max_age=90)
     torch.nn.init.normal_(model.head[1].weight, std=0.5)
-    torch.nn.init.normal_(model.coral_gaps, std=3.0)  # any parameters at all
+    torch.nn.init.normal_(model.head.gaps, std=3.0)  # any parameters at all
     with torch.no_grad():
         outputs = model.eval().head_outputs(torch.randn(4, 3, 32, 32))  # (4, 90)
     probabilities = torch.sigmoid(outputs)
@@ -60,11 +60,11 @@ def test_probability_of_being_at_least_t_is_monotone(head):
     torch.nn.init.normal_(model.head[1].weight, std=0.5)
     with torch.no_grad():
         outputs = model.eval().head_outputs(torch.randn(3, 3, 32, 32))
-        curve = torch.stack([model.probability_at_least(outputs, threshold) for threshold in range(-2, 90)], 1)
+        curve = torch.stack([model.head.probability_at_least(outputs, threshold) for threshold in range(-2, 90)], 1)
     assert torch.allclose(curve[:, 0], torch.ones(3)) and (curve[:, -1] <= 1e-6).all()
     assert (curve[:, 1:] <= curve[:, :-1] + 1e-6).all()
     if head != "coral":
-        assert (model.spread(outputs) > 0).all()
+        assert (model.head.spread(outputs) > 0).all()
 
 
 @pytest.mark.parametrize("head", ["dex", "coral"])
@@ -81,14 +81,12 @@ def test_distribution_heads_export_with_parity(tmp_path, head):
 
 
 def test_tta_and_calibration_are_reported(split_config):
-    from model import load_model
-
     results = train.main(replace(split_config, epochs=1, tta=True, head="dex", run_name="tta"))
     assert {"test_mae", "test_mae_tta", "test_cs5_tta", "test_mae_by_decade"} <= results.keys()
     assert 0.25 <= results["temperature"] <= 4.0
     assert 0 <= results["test_ece_adult_calibrated"] <= 1 and 0 <= results["test_ece_adult_uncalibrated"] <= 1
     model, _, _ = load_model(results["best_checkpoint"])
-    assert model.temperature.item() == pytest.approx(results["temperature"])  # stored with the checkpoint
+    assert model.head.temperature.item() == pytest.approx(results["temperature"])  # stored with the checkpoint
 
 
 def test_temperature_fit_recovers_the_true_temperature():
@@ -100,9 +98,9 @@ def test_temperature_fit_recovers_the_true_temperature():
     temperature = train.fit_temperature(model, logits, ages)
     assert temperature == pytest.approx(2.0, rel=0.1)
     outcomes = (ages >= 30).float()
-    before = train.expected_calibration_error(model.probability_at_least(logits, 30), outcomes)
-    model.temperature.fill_(temperature)
-    after = train.expected_calibration_error(model.probability_at_least(logits, 30), outcomes)
+    before = train.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
+    model.head.temperature.fill_(temperature)
+    after = train.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
     assert after < 0.03 < before
 
 
@@ -124,3 +122,19 @@ def test_inference_labels_distribution_heads_with_a_spread(tmp_path, face_folder
     rows = inference.main(Config(checkpoint=str(tmp_path / "best.pt"), input=str(image),
                                  output=str(tmp_path / "out.jpg"), no_detect=True))
     assert len(rows) == 1 and 5 < rows[0]["spread"] < 20 and 20 < rows[0]["age"] < 40
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_train_and_valid_loss_of_one_batch_are_the_same_loss(split_config, head):
+    """evaluate() reports the head's training loss (label_sigma included), so the two curves are comparable: on
+    one batch in eval mode, the loss train_one_epoch computes equals the loss evaluate reports."""
+    cfg = replace(split_config, head=head, label_sigma=2.0, dropout=0.0, ema_decay=0.0)
+    model = build_model(cfg)
+    model.set_age_statistics(30.0, 10.0)
+    torch.nn.init.normal_(model.head[1].weight, std=0.05)
+    model.eval()
+    images, ages = torch.randn(6, 3, 32, 32), torch.tensor([3.0, 18.0, 25.0, 40.0, 61.0, 90.0])
+    with torch.no_grad():
+        training_loss = model.head.loss(model(images, raw_outputs=True), ages)  # what train_one_epoch minimises
+    validation = train.evaluate(model, [(images, ages, None, None)], torch.device("cpu"))
+    assert validation["loss"] == pytest.approx(training_loss.item(), rel=1e-5)

@@ -4,7 +4,7 @@ import urllib.error
 import pytest
 import torch
 
-from config import Config
+from config import Config, config_to_dict
 from model import (
     AgeEstimationModel,
     CheckpointError,
@@ -53,7 +53,7 @@ def test_checkpoint_round_trip_rebuilds_the_exact_model(tmp_path):
     images = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         assert torch.allclose(original(images), rebuilt(images), atol=1e-5)
-    assert rebuilt.age_mean.item() == 25.0
+    assert rebuilt.head.age_mean.item() == 25.0
 
 
 def test_a_checkpoint_from_before_the_heads_loads_as_l1_regression(tmp_path):
@@ -106,3 +106,26 @@ def test_failed_weight_download_says_what_to_do(monkeypatch, tmp_path):
         AgeEstimationModel("resnet18", pretrained=True)
     message = str(error.value)
     assert "--pretrained=false" in message and "resnet18-" in message and "checkpoints" in message
+
+
+@pytest.mark.parametrize("head", ["coral", "dex"])
+def test_a_checkpoint_with_the_older_state_dict_keys_predicts_exactly_as_before(tmp_path, head):
+    """Files written before the heads owned their buffers (age_mean, age_std, temperature and CORAL's biases at
+    the top level of the state dict) load into today's model and give the same ages."""
+    from model import LEGACY_KEYS
+
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head=head, max_age=60)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    model.set_age_statistics(28.0, 11.0)
+    torch.nn.init.normal_(model.head[1].weight, std=0.05)
+    renamed = {new: old for old, new in LEGACY_KEYS.items()}
+    state = {renamed.get(key, key): value for key, value in model.state_dict().items()}
+    assert "age_mean" in state and "head.age_mean" not in state
+    if head == "dex":
+        del state["temperature"]  # as written before calibration existed
+    torch.save({"model": state, "config": config_to_dict(cfg)}, tmp_path / "old.pt")
+    rebuilt, _, _ = load_model(tmp_path / "old.pt")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(images), model(images))

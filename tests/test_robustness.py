@@ -13,7 +13,7 @@ import torch
 
 import train
 from config import Config
-from model import load_checkpoint
+from model import DistributionHead, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,18 +86,18 @@ def test_ctrl_c_exits_cleanly_with_a_usable_last_checkpoint(deterministic_config
 
 def test_a_diverging_loss_stops_training_and_keeps_the_last_good_checkpoint(split_config, monkeypatch):
     cfg = replace(split_config, epochs=3, run_name="diverges")
-    original = train.age_loss
+    original = DistributionHead.loss  # the defaults' dex head
     steps = []
 
-    def poisoned(model, outputs, ages, **options):
-        loss = original(model, outputs, ages, **options)
-        if model.training:
+    def poisoned(head, outputs, ages):
+        loss = original(head, outputs, ages)
+        if head.training:
             steps.append(1)
             if len(steps) == 8:  # step 2 of epoch 2 (6 steps per epoch)
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train, "age_loss", poisoned)
+    monkeypatch.setattr(DistributionHead, "loss", poisoned)
     with pytest.raises(train.DivergedError) as error:
         train.main(cfg)
     message = error.value.code
