@@ -115,7 +115,7 @@ def main(cfg: Config) -> dict:
     import export_jit
 
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
-    data_dir = Path(cfg.data_dir) if cfg.data_dir != Config.data_dir else DEFAULT_FACES
+    data_dir = Path(cfg.data_dir) if "data_dir" in cfg.given_keys else DEFAULT_FACES
     face_paths = sorted(data_dir.glob("*.jpg"))
     if not face_paths:
         raise SystemExit(f"error: no face images in {data_dir}; pass --data_dir=<folder of UTKFace crops>")

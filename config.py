@@ -11,6 +11,7 @@ rejects unknown keys by listing the valid ones. A bare `--key` sets a boolean fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -20,12 +21,15 @@ import typing
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+# model_name stays a str, not a Literal: timm/<architecture> is open-ended (validate asks timm whether it exists).
 MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit")  # and timm/<architecture>
 TIMM_PREFIX = "timm/"
+Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
+DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "csv"]
+DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
 INTERPOLATIONS = ("bilinear", "bicubic")
-DATASET_FORMATS = ("utkface", "fgnet", "agedb", "appa_real", "csv")
 
 
 class UsageError(SystemExit):
@@ -40,7 +44,7 @@ class UsageError(SystemExit):
 class Config:
     # --- paths (relative to where you run the scripts) ---
     data_dir: str = "data/UTKFace"  # folder of UTKFace images named [age]_[gender]_[race]_[date&time].jpg
-    dataset_format: str = "utkface"  # layout of data_dir: utkface | fgnet | agedb | appa_real | csv (see eda.py)
+    dataset_format: DatasetFormat = "utkface"  # layout of data_dir (see eda.py)
     labels_csv: str = ""  # dataset_format=csv: a CSV of image path (relative to data_dir) and age (MORPH II, ...)
     csv_dir: str = "csv_dataset"  # eda.py writes <dataset_format>_dataset.csv here; split_dataset.py the 3 splits
     checkpoint_dir: str = "checkpoints"  # best.pt and last.pt per run, in checkpoints/<run_name>/
@@ -54,11 +58,12 @@ class Config:
     min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
     subject_split: bool = False  # split_dataset.py keeps each subject's images in one split (FG-NET, AgeDB, MORPH)
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
-    loading: str = "batch"  # batch: cached uint8 batches augmented on the device | sample: per image, in workers
+    loading: Literal["batch", "sample"] = "batch"  # batch: cached uint8 batches augmented on the device; sample:
+    # image by image, in DataLoader workers
     check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
     normalize_mean: tuple[float, ...] = ()  # channel means (() = the backbone weights': model.resolve_preprocessing)
     normalize_std: tuple[float, ...] = ()  # channel standard deviations (() = the backbone weights' own)
-    interpolation: str = ""  # resize filter: bilinear | bicubic ('' = what the backbone's weights were trained with)
+    interpolation: Literal["", "bilinear", "bicubic"] = ""  # resize filter ('' = what the backbone's weights expect)
     flip: bool = True  # train augmentation: mirror half of the faces left-right
     rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
@@ -70,19 +75,19 @@ class Config:
     model_name: str = "resnet18"  # resnet18 | resnet (50) | efficientnet (B0) | efficientnet_lite0 | vit | timm/<name>
     pretrained: bool = True  # start from ImageNet weights (needs internet once; false = random initialisation)
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
-    head: str = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
+    head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     label_sigma: float = 2.0  # dex: train on a Gaussian of this std (years) around the true age (0 = one-hot)
     max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are capped)
     # --- optimisation ---
     epochs: int = 30  # passes over the training set
     batch_size: int = 64  # images per step
-    optimizer: str = "adamw"  # adamw | sgd
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 2e-3  # peak learning rate
     backbone_lr_scale: float = 1.0  # the backbone learns at lr * this (pretrained fine-tuning: < 1), the head at lr
     weight_decay: float = 1e-4  # decoupled (adamw) or L2 (sgd) weight decay
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = True  # sgd: Nesterov momentum
-    scheduler: str = "cosine"  # cosine (after linear warm-up) | step (x0.1 at 1/2 and 3/4 of training) | none
+    scheduler: Literal["cosine", "step", "none"] = "cosine"  # after linear warm-up; step: x0.1 at 1/2 and 3/4
     warmup_epochs: float = 1.0  # linear warm-up length, in epochs
     grad_clip_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
     ema_decay: float = 0.998  # evaluate and keep an exponential moving average of the weights (per step; 0 = off)
@@ -114,7 +119,7 @@ class Config:
     min_face_size: int = 40  # smallest face the detector looks for, in pixels
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
-    format: str = "torchscript"  # export_jit.py: torchscript | onnx
+    format: Literal["torchscript", "onnx"] = "torchscript"  # export_jit.py's output format
     # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
     test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
     exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)
@@ -122,6 +127,10 @@ class Config:
     heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
     # --- demo.py ---
     demo_num_images: int = 2400  # synthetic faces demo.py generates
+    # --- set by parse_config, not a setting ---
+    # the keys typed on the command line, which analysis/, benchmark_inference.py and tuning keep over a checkpoint's
+    # values; not part of the config's identity (compare=False) and never stored
+    given_keys: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
 # Named recipes: `--preset=NAME` sets these fields first; every other --key=value on the line is applied after.
@@ -161,6 +170,11 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
         if len(parts) != len(item_types):
             raise ValueError(f"--{key} expects {len(item_types)} comma-separated values, got {text!r}")
         return tuple(_convert(part, item_type, key) for part, item_type in zip(parts, item_types, strict=False))
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if text not in allowed:
+            raise ValueError(f"--{key}={text} is not one of {' | '.join(value or repr(value) for value in allowed)}")
+        return text
     if origin in (typing.Union, types.UnionType):
         raise TypeError(f"unsupported field type for {key}: {annotation}")
     try:
@@ -188,8 +202,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
             raise SystemExit(f"error: expected --key=value, got {argument!r}")
         key, has_value, value = argument[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in types_by_name:
-            valid = ", ".join(sorted(types_by_name))
+        if key not in types_by_name or key == "given_keys":
+            valid = ", ".join(sorted(name for name in types_by_name if name != "given_keys"))
             raise SystemExit(f"error: unknown setting --{key}. Valid settings: {valid}")
         if not has_value:
             if types_by_name[key] is not bool:
@@ -199,7 +213,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
             changes[key] = _convert(value, types_by_name[key], key)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
-    cfg = replace(cfg, **changes)
+    given = tuple(dict.fromkeys((*cfg.given_keys, *changes, *(("preset",) if presets else ()))))
+    cfg = replace(cfg, **changes, given_keys=given)
     validate(cfg)
     return cfg
 
@@ -207,6 +222,11 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
 def validate(cfg: Config) -> None:
     """Stop with a clear message if settings contradict each other."""
     problems = []
+    types_by_name = _field_types()
+    for name, annotation in types_by_name.items():  # every enumerated setting, from its Literal type
+        if typing.get_origin(annotation) is Literal and getattr(cfg, name) not in typing.get_args(annotation):
+            allowed = ", ".join(value or "''" for value in typing.get_args(annotation))
+            problems.append(f"{name}={getattr(cfg, name)!r} is not one of {allowed}")
     if cfg.model_name.startswith(TIMM_PREFIX):
         import timm  # only for timm backbones: it takes a second to import
 
@@ -223,26 +243,11 @@ def validate(cfg: Config) -> None:
             problems.append(f"{name} needs 3 comma-separated values (one per channel), got {len(values)}")
     if cfg.normalize_std and not all(value > 0 for value in cfg.normalize_std):
         problems.append(f"normalize_std={cfg.normalize_std} must be > 0 in every channel")
-    if cfg.interpolation and cfg.interpolation not in INTERPOLATIONS:
-        problems.append(f"interpolation={cfg.interpolation!r} is not one of {', '.join(INTERPOLATIONS)} "
-                        "('' = the backbone's own)")
-    if cfg.head not in ("l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"):
-        problems.append(f"head={cfg.head!r} is not one of l1, mse, smooth_l1, dex, mean_variance, coral")
-    if cfg.optimizer not in ("adamw", "sgd"):
-        problems.append(f"optimizer={cfg.optimizer!r} is not one of adamw, sgd")
-    if cfg.scheduler not in ("cosine", "step", "none"):
-        problems.append(f"scheduler={cfg.scheduler!r} is not one of cosine, step, none")
-    if cfg.dataset_format not in DATASET_FORMATS:
-        problems.append(f"dataset_format={cfg.dataset_format!r} is not one of {', '.join(DATASET_FORMATS)}")
     if cfg.preset and cfg.preset not in PRESETS:
         problems.append(f"preset={cfg.preset!r} is not one of {', '.join(PRESETS)}")
-    if cfg.loading not in ("batch", "sample"):
-        problems.append(f"loading={cfg.loading!r} is not one of batch, sample")
     if cfg.accumulation_steps < 1 or cfg.batch_size % cfg.accumulation_steps:
         problems.append(f"batch_size={cfg.batch_size} must be a multiple of "
                         f"accumulation_steps={cfg.accumulation_steps} (>= 1)")
-    if cfg.format not in ("torchscript", "onnx"):
-        problems.append(f"format={cfg.format!r} is not one of torchscript, onnx")
     if cfg.model_name == "vit" and cfg.image_size % 16:
         problems.append(f"image_size={cfg.image_size} must be a multiple of 16 for vit")
     if not 0 < cfg.valid_fraction + cfg.test_fraction < 1:
@@ -271,10 +276,39 @@ def parse_config(arguments: list[str] | None = None, base: Config | None = None)
 
 
 def describe(cfg: Config | None = None) -> str:
-    """Every setting with its current value, one per line (printed at the start of each script)."""
+    """Every setting with its current value, one per line (printed at the start of each script); enumerated
+    settings list their allowed values, taken from their Literal types."""
     cfg = cfg or Config()
+    types_by_name = _field_types()
     width = max(len(field.name) for field in fields(cfg))
-    return "\n".join(f"  {field.name:<{width}} = {getattr(cfg, field.name)!r}" for field in fields(cfg))
+    lines = []
+    for field in fields(cfg):
+        if field.name == "given_keys":
+            continue
+        line = f"  {field.name:<{width}} = {getattr(cfg, field.name)!r}"
+        if typing.get_origin(types_by_name[field.name]) is Literal:
+            line += f"  ({' | '.join(value or repr(value) for value in typing.get_args(types_by_name[field.name]))})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def to_argv(cfg: Config, base: Config | None = None) -> list[str]:
+    """The `--key=value` arguments that turn `base` (default: Config()) into `cfg`: parse_config(to_argv(cfg))
+    rebuilds cfg, so a printed command line reproduces a run exactly."""
+    base = base or Config()
+    arguments = []
+    for field in fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == "given_keys" or value == getattr(base, field.name):
+            continue
+        if isinstance(value, bool):
+            text = str(value).lower()
+        elif isinstance(value, tuple):
+            text = ",".join(str(item) for item in value)
+        else:
+            text = repr(value) if isinstance(value, float) else str(value)
+        arguments.append(f"--{field.name}={text}")
+    return arguments
 
 
 def print_config(cfg: Config, script: str) -> None:
@@ -282,8 +316,11 @@ def print_config(cfg: Config, script: str) -> None:
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
-    """Plain dict of builtins (tuples become lists) that json and torch.load(weights_only=True) accept."""
-    return json.loads(json.dumps(asdict(cfg)))
+    """Plain dict of builtins (tuples become lists) that json and torch.load(weights_only=True) accept; without
+    given_keys, which describes one command line, not the run."""
+    values = asdict(cfg)
+    del values["given_keys"]
+    return json.loads(json.dumps(values))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -291,7 +328,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     types_by_name = _field_types()
     known = {}
     for key, value in values.items():
-        if key not in types_by_name:
+        if key not in types_by_name or key == "given_keys":
             continue
         if typing.get_origin(types_by_name[key]) is tuple:
             value = tuple(value)

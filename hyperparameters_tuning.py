@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import shlex
 import sys
 import tempfile
 from dataclasses import replace
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 import train
-from config import Config, atomic_write_path, parse_config, print_config, save_figure, seed_everything
+from config import Config, atomic_write_path, parse_config, print_config, save_figure, seed_everything, to_argv
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import build_model
 
@@ -159,13 +160,13 @@ def main(cfg: Config) -> dict:
     print(f"  best: lr={best['lr']:g} weight_decay={best['weight_decay']:g} valid MAE {best['valid_mae']:.2f} "
           f"(table {grid_path}, heat-map {Path(cfg.pics_dir) / 'tuning_grid.png'})")
     epochs = max(cfg.epochs, 10 * cfg.tune_epochs)
-    command = (f"python train.py --model_name={cfg.model_name} --pretrained={str(cfg.pretrained).lower()} "
-               f"--image_size={cfg.image_size} --batch_size={cfg.batch_size} --optimizer={cfg.optimizer} "
-               f"--lr={best['lr']:g} --weight_decay={best['weight_decay']:g} --epochs={epochs}"
-               + (f" --data_dir={cfg.data_dir}" if cfg.data_dir != Config.data_dir else ""))
+    # every setting of the winning trial that differs from config.py's defaults (head, scheduler, label_sigma,
+    # csv_dir, ...), so the printed line trains the recipe that was tuned, only for longer
+    winner = replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], epochs=epochs)
+    command = shlex.join(["python", "train.py", *to_argv(winner)])
     print(f"\nstep 5: train the best setting longer:\n  {command}")
     return {"initial_loss": step1, "overfit_losses": step2, "lr_sweep": step3, "grid": step4, "best": best,
-            "command": command}
+            "command": command, "winner": winner}
 
 
 if __name__ == "__main__":

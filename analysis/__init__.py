@@ -52,9 +52,8 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     device = resolve_device(cfg.device)
     model, trained_cfg, _ = load_model(checkpoint, device)
-    defaults = Config()
-    data_dir = cfg.data_dir if cfg.data_dir != defaults.data_dir else trained_cfg.data_dir
-    csv_dir = cfg.csv_dir if cfg.csv_dir != defaults.csv_dir else trained_cfg.csv_dir
+    data_dir = cfg.data_dir if "data_dir" in cfg.given_keys else trained_cfg.data_dir
+    csv_dir = cfg.csv_dir if "csv_dir" in cfg.given_keys else trained_cfg.csv_dir
     model_cfg = replace(trained_cfg, data_dir=data_dir, csv_dir=csv_dir, cache_dir=cfg.cache_dir,
                         use_cache=cfg.use_cache, loading=cfg.loading, batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, device=cfg.device, mixed_precision=cfg.mixed_precision,

@@ -97,3 +97,15 @@ def test_exclude_csv_leaves_out_the_training_faces(trained):
     train_names = set(read_dataset_csv(split_csv_path(cfg, "train"))["image_name"])
     assert len(kept) == len(read_dataset_csv(whole)) - len(train_names)
     assert not train_names & set(kept["image_name"])
+
+
+def test_a_data_dir_typed_on_the_command_line_wins_over_the_checkpoints_even_when_it_is_the_default(trained):
+    """--data_dir=data/UTKFace equals config.py's default, yet it was typed: it must not be replaced by the
+    checkpoint's data_dir (the checkpoint's is used only when none was given)."""
+    from config import Config, parse_config
+
+    cfg, _ = trained
+    typed = parse_config([f"--checkpoint={cfg.checkpoint}", f"--data_dir={Config.data_dir}"])
+    assert prepare_evaluation(typed).model_cfg.data_dir == Config.data_dir
+    untyped = parse_config([f"--checkpoint={cfg.checkpoint}"])
+    assert prepare_evaluation(untyped).model_cfg.data_dir == cfg.data_dir  # from the checkpoint

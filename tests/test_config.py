@@ -1,5 +1,5 @@
 import re
-from dataclasses import FrozenInstanceError, asdict
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 import torch
@@ -10,8 +10,11 @@ from config import (
     atomic_write_path,
     config_from_dict,
     config_to_dict,
+    describe,
     parse_config,
     resolve_device,
+    to_argv,
+    validate,
 )
 
 
@@ -88,9 +91,9 @@ def test_the_seed_preset_is_the_seed_recipe_and_other_keys_win():
 
 
 def test_the_long_preset_changes_only_its_three_settings():
-    cfg, defaults = parse_config(["--preset=long"]), asdict(Config())
+    cfg, defaults = parse_config(["--preset=long"]), config_to_dict(Config())  # the settings (no given_keys)
     assert (cfg.epochs, cfg.weight_decay, cfg.erase_probability) == (40, 0.05, 0.5)
-    changed = {name for name, value in asdict(cfg).items() if value != defaults[name]}
+    changed = {name for name, value in config_to_dict(cfg).items() if value != defaults[name]}
     assert changed == {"preset", "epochs", "weight_decay", "erase_probability"}
     assert parse_config(["--preset=long", "--epochs=20"]).epochs == 20
 
@@ -102,3 +105,23 @@ def test_help_prints_the_settings_the_line_would_run_with(capsys):
     printed = capsys.readouterr().out
     assert re.search(r"^ +epochs += 40$", printed, re.MULTILINE)
     assert re.search(r"^ +lr += 0\.001$", printed, re.MULTILINE)
+
+
+def test_to_argv_reproduces_a_config_and_the_parser_records_what_was_typed():
+    cfg = parse_config(["--preset=long", "--head=coral", "--lr=3e-4", "--normalize_mean=0.5,0.5,0.5",
+                        "--data_dir=data/UTKFace", "--pretrained=false"])
+    assert set(cfg.given_keys) == {"preset", "head", "lr", "normalize_mean", "data_dir", "pretrained"}
+    arguments = to_argv(cfg)
+    assert parse_config(arguments) == cfg and "--head=coral" in arguments and "--pretrained=false" in arguments
+    assert not any(argument.startswith("--data_dir") for argument in arguments)  # equal to the default
+    assert to_argv(Config()) == [] and "given_keys" not in config_to_dict(cfg)
+
+
+def test_enumerated_settings_take_their_values_from_their_types(capsys):
+    with pytest.raises(SystemExit, match=re.escape("--optimizer=lamb is not one of adamw | sgd")):
+        parse_config(["--optimizer=lamb"])
+    with pytest.raises(SystemExit, match="scheduler='linear' is not one of cosine, step, none"):
+        validate(replace(Config(), scheduler="linear"))
+    with pytest.raises(SystemExit, match="unknown setting --given_keys"):
+        parse_config(["--given_keys=lr"])
+    assert "(adamw | sgd)" in describe(Config())

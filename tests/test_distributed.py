@@ -10,27 +10,19 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
+from config import to_argv
 from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
-
-
-def _command_line(cfg) -> list[str]:
-    values = []
-    for field in fields(cfg):
-        value = getattr(cfg, field.name)
-        text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-        values.append(f"--{field.name}={text}")
-    return values
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(split_config):
@@ -40,7 +32,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(spl
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-         *_command_line(cfg)],
+         *to_argv(cfg)],
         capture_output=True, text=True, timeout=240, env=environment, cwd=ROOT,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -70,7 +62,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(spl
 
     resumed = subprocess.run(  # --resume under torchrun: continues the run from last.pt to a third epoch
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "train.py"),
-         *_command_line(replace(cfg, epochs=3, resume=True))],
+         *to_argv(replace(cfg, epochs=3, resume=True))],
         capture_output=True, text=True, timeout=240, env=environment, cwd=ROOT,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]

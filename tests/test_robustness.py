@@ -5,14 +5,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 import train
-from config import Config
+from config import Config, to_argv
 from model import DistributionHead, load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,14 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def command_line(cfg: Config) -> list[str]:
     """`python train.py --key=value ...` for every setting of cfg that differs from the defaults."""
-    defaults = Config()
-    arguments = []
-    for field in fields(cfg):
-        value = getattr(cfg, field.name)
-        if value != getattr(defaults, field.name):
-            text = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-            arguments.append(f"--{field.name}={text}")
-    return [sys.executable, str(REPO / "train.py"), *arguments]
+    return [sys.executable, str(REPO / "train.py"), *to_argv(cfg)]
 
 
 def start_and_interrupt(cfg: Config, sig: int) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
 import csv
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 
 import hyperparameters_tuning as tuning
 import train
+from config import parse_config
 
 
 def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monkeypatch):
@@ -26,6 +28,11 @@ def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monk
         (1e-3, 0.0), (3e-3, 0.0), (1e-3, 1e-4), (3e-3, 1e-4)}
     assert results["best"]["valid_mae"] == min(float(row["valid_mae"]) for row in rows)
     assert f"--lr={results['best']['lr']:g}" in results["command"]
+    printed = shlex.split(results["command"])
+    assert printed[:2] == ["python", "train.py"]
+    assert parse_config(printed[2:]) == replace(cfg, lr=results["best"]["lr"], weight_decay=results["best"][
+        "weight_decay"], epochs=max(cfg.epochs, 10 * cfg.tune_epochs))  # the tuned recipe (head, paths ...), longer
+    assert "--head=l1" in printed and f"--csv_dir={cfg.csv_dir}" in printed
     assert (Path(cfg.pics_dir) / "tuning_grid.png").is_file()
 
     calls = []
