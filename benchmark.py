@@ -197,15 +197,15 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
         model = build_model(model_cfg)
         model.set_age_statistics(33.0, 20.0)
         fast = contender == "ours"
-        dtype = train.autocast_dtype(model_cfg, device) if fast else None
+        execution = train.Execution.for_config(model_cfg, device) if fast else train.Execution(device)
         model = train.place_model(model_cfg, model, device) if fast else model.to(device)
         optimizer = train.build_optimizer(model_cfg, model)
         loader = our_loader(model_cfg, csv_path, device) if fast else seed_loader(model_cfg, csv_path, cfg.image_size)
         batches = _forever(loader)
-        arguments = dict(device=device, dtype=dtype, channels_last=fast, show_progress=False)
-        train.train_one_epoch(model, _Steps(batches, warmup), optimizer, None, **arguments)
+        optimisation = train.Optimisation(optimizer)
+        train.train_one_epoch(model, _Steps(batches, warmup), optimisation, execution, show_progress=False)
         started = time.perf_counter()
-        train.train_one_epoch(model, _Steps(batches, timed), optimizer, None, **arguments)
+        train.train_one_epoch(model, _Steps(batches, timed), optimisation, execution, show_progress=False)
         seconds = time.perf_counter() - started
         del batches  # stops the seed's worker processes
     return {"images_per_second": timed * cfg.batch_size / seconds, "peak_mib": memory.peak_mib}

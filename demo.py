@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +194,6 @@ def main(cfg: Config) -> dict:
     import eda
     import split_dataset
     import train
-    from custom_dataset_dataloader import build_dataloader
-    from model import load_model
 
     started = time.perf_counter()
     data_dir = Path(cfg.data_dir)
@@ -214,9 +211,7 @@ def main(cfg: Config) -> dict:
     results = train.main(cfg)
 
     print(f"\n=== 4/4 evaluation of the saved best checkpoint ({time.perf_counter() - started:.0f}s) ===")
-    model, trained_cfg, _ = load_model(results["best_checkpoint"])
-    test_loader = build_dataloader(replace(trained_cfg, num_workers=0), "test")
-    metrics = train.evaluate(model, test_loader, device=next(model.parameters()).device)
+    metrics = train.evaluate_checkpoint(results["best_checkpoint"], "test")
     print(f"reloaded {results['best_checkpoint']} (architecture and size from its stored config)")
     print(f"test MAE {metrics['mae']:.2f} years, CS@5 {metrics['cs5']:.3f} (fp32); predicting the mean training age "
           f"gives MAE {results['mean_age_baseline_test_mae']:.2f}")

@@ -34,7 +34,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ from faces import measure_crop_geometry
 from model import (
     build_model,
     load_checkpoint,
+    load_model,
     resolve_preprocessing,
     save_checkpoint,
     unwrap,
@@ -106,16 +107,28 @@ def place_model(cfg: Config, model: nn.Module, device: torch.device) -> nn.Modul
     return model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@dataclass(frozen=True)
+class Execution:
+    """How batches run, for training and evaluation alike: the device, the autocast dtype (None: fp32) and the
+    memory layout of the images."""
 
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
 
-def _to_device(images: torch.Tensor, ages: torch.Tensor, device: torch.device, channels_last: bool):
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    images = images.to(device, non_blocking=True, memory_format=memory_format)  # (B, 3, H, W)
-    return images, ages.to(device, non_blocking=True).float()  # (B,)
+    @classmethod
+    def for_config(cls, cfg: Config, device: torch.device) -> Execution:
+        return cls(device, autocast_dtype(cfg, device), cfg.channels_last)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def to_device(self, images: torch.Tensor, ages: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        images = images.to(self.device, non_blocking=True, memory_format=memory_format)  # (B, 3, H, W)
+        return images, ages.to(self.device, non_blocking=True).float()  # (B,)
 
 
 class WeightAverage:
@@ -146,31 +159,36 @@ class WeightAverage:
         self.updates = state["updates"]
 
 
+@dataclass
+class Optimisation:
+    """What one optimiser step uses: the optimiser, its schedule (stepped per batch), the fp16 loss scaler, the
+    weight average updated after every step, and the step's settings from the config."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    scaler: torch.amp.GradScaler | None = None
+    average: WeightAverage | None = None
+    grad_clip_norm: float = 0.0
+    accumulation_steps: int = 1
+    mixup_alpha: float = 0.0
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-    channels_last: bool = False,
-    grad_clip_norm: float = 0.0,
+    optimisation: Optimisation,
+    execution: Execution | None = None,
     description: str = "train",
-    accumulation_steps: int = 1,
     show_progress: bool = True,
-    average: WeightAverage | None = None,
-    mixup_alpha: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader` with the head's loss; returns the mean loss and the MAE over the epoch (years).
-    average: a WeightAverage updated after every optimiser step.
 
-    mixup_alpha > 0 (mixup, Zhang et al. 2018): each batch is blended with a shuffled copy of itself,
+    optimisation.mixup_alpha > 0 (mixup, Zhang et al. 2018): each batch is blended with a shuffled copy of itself,
     lam * x + (1 - lam) * x[perm] with one lam ~ Beta(alpha, alpha) per batch, and the loss is the same blend of the
     head's losses against both ages; for the soft-label heads that is the cross-entropy with the blended target
     distribution. The epoch's MAE is then measured against the blended age lam * a + (1 - lam) * a[perm].
 
-    accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
+    optimisation.accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
     accumulates their gradients before one optimiser step: the same step as n torchrun ranks sharing the batch.
     """
     from tqdm import tqdm
@@ -182,8 +200,11 @@ def train_one_epoch(
     total_loss, total_error, total_images = 0.0, 0.0, 0
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True,
                     disable=None if show_progress else True)  # off when not a terminal
+    execution = execution or Execution()
+    optimizer, scaler, accumulation_steps = optimisation.optimizer, optimisation.scaler, optimisation.accumulation_steps
+    mixup_alpha = optimisation.mixup_alpha
     for step, (images, ages, _, _) in enumerate(progress, start=1):
-        images, ages = _to_device(images, ages, device, channels_last)
+        images, ages = execution.to_device(images, ages)
         partner_ages, blended_ages, mix = ages, ages, 1.0
         if mixup_alpha > 0:
             mix = float(torch.distributions.Beta(mixup_alpha, mixup_alpha).sample())
@@ -196,7 +217,7 @@ def train_one_epoch(
             part = slice(micro, None, accumulation_steps)
             last = micro == accumulation_steps - 1
             with contextlib.nullcontext() if last or not distributed else parallel.no_sync():  # reduce once a step
-                with _autocast(device, dtype):
+                with execution.autocast():
                     outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
                 loss = head.loss(outputs, ages[part])
                 if mix < 1:
@@ -215,20 +236,20 @@ def train_one_epoch(
             total_images += len(outputs)
         if scaler is not None:
             scaler.unscale_(optimizer)
-        if grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        if optimisation.grad_clip_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), optimisation.grad_clip_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        if average is not None:
-            average.update(model)
-        if scheduler is not None:
-            scheduler.step()
+        if optimisation.average is not None:
+            optimisation.average.update(model)
+        if optimisation.scheduler is not None:
+            optimisation.scheduler.step()
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
     if distributed:  # sums over every rank's share of the epoch
-        totals = torch.tensor([total_loss, total_error, total_images], dtype=torch.float64, device=device)
+        totals = torch.tensor([total_loss, total_error, total_images], dtype=torch.float64, device=execution.device)
         torch.distributed.all_reduce(totals)
         total_loss, total_error, total_images = totals.tolist()
     return {"loss": total_loss / max(total_images, 1), "mae": total_error / max(total_images, 1)}
@@ -238,21 +259,20 @@ def train_one_epoch(
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    execution: Execution | None = None,
     tta: bool = False,
     keep_outputs: bool = False,
 ) -> dict[str, Any]:
     """The head's loss, MAE, RMSE, CS@5 and MAE per age decade over `loader`, plus the predictions and targets
     (lists, years). tta: the age is the mean of the predictions for the image and its mirror image.
     keep_outputs: also return the raw head outputs (N, ...) as "outputs" (for calibration)."""
+    execution = execution or Execution()
     model.eval()
     plain = unwrap(model)
     total_loss, predictions, targets, kept = 0.0, [], [], []
     for images, ages, _, _ in loader:
-        images, ages = _to_device(images, ages, device, channels_last)
-        with _autocast(device, dtype):
+        images, ages = execution.to_device(images, ages)
+        with execution.autocast():
             outputs = plain.head_outputs(images)  # float32
             predicted = plain.head.ages(outputs)  # (B,)
             if tta:
@@ -475,25 +495,71 @@ def main(cfg: Config) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
+def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any] | None]:
+    """The run's config and, with --resume, the last.pt state to continue from. A resumed run takes its recipe from
+    the checkpoint; epochs, device and num_workers come from the command line, so a run can be extended."""
+    if not cfg.resume:
+        return replace(cfg, run_name=_broadcast(new_run_name(cfg), world_size)), None
+    resume_from = find_resume_run(cfg)
+    state = load_checkpoint(resume_from)
+    stored = config_from_dict(state["config"])
+    cfg = replace(stored, epochs=cfg.epochs, device=cfg.device, num_workers=cfg.num_workers, resume=True,
+                  run_name=resume_from.parent.name)
+    state["path"] = str(resume_from)
+    return cfg, state
+
+
+# The figures of an epoch: one row per epoch in the history, each with its TensorBoard tag.
+TENSORBOARD_TAGS = {"train_loss": "loss/train", "valid_loss": "loss/valid", "train_mae": "mae/train",
+                    "valid_mae": "mae/valid", "valid_cs5": "cs5/valid", "lr": "learning_rate",
+                    "valid_mae_raw_weights": "mae/valid_raw_weights"}
+
+
+def format_epoch(row: dict[str, float], epochs: int, improved: bool) -> str:
+    """The line printed after an epoch, from its history row."""
+    raw = f" (raw weights {row['valid_mae_raw_weights']:5.2f})" if "valid_mae_raw_weights" in row else ""
+    return (f"epoch {row['epoch']:3d}/{epochs}  train MAE {row['train_mae']:6.2f}  valid MAE {row['valid_mae']:6.2f}"
+            f"{raw}  CS@5 {row['valid_cs5']:.3f}  lr {row['lr']:.2e}  {row['seconds']:5.1f}s"
+            f"{'  * best' if improved else ''}")
+
+
+def test_best_checkpoint(cfg: Config, model: nn.Module, loaders: dict[str, Any], best_path: Path,
+                         execution: Execution, is_main: bool) -> dict[str, Any]:
+    """Load best.pt into `model`, evaluate it on the test split and, for heads with probabilities, fit and store
+    the temperature on the valid split; with cfg.tta also the flip-TTA test figures."""
+    unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
+    probabilistic = unwrap(model).head.has_probabilities
+    test = evaluate(model, loaders["test"], execution, keep_outputs=probabilistic)
+    calibration = {}
+    if probabilistic:
+        valid = evaluate(model, loaders["valid"], execution, keep_outputs=True)
+        calibration = calibrate(model, valid, test)
+        if is_main:
+            best_state = load_checkpoint(best_path)
+            save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
+                                                      if key not in ("model", "config")})
+    tta = evaluate(model, loaders["test"], execution, tta=True) if cfg.tta else None
+    return {"test": test, "calibration": calibration, "tta": tta}
+
+
+def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", device: str = "cpu") -> dict[str, Any]:
+    """evaluate() of a saved checkpoint on one split of its own config (architecture, size, normalisation and
+    data paths all from the file), in fp32: what a reader of the checkpoint alone would measure."""
+    model, trained_cfg, _ = load_model(path, device)
+    loader = build_dataloader(replace(trained_cfg, num_workers=0), split, device=torch.device(device))
+    return evaluate(model, loader, Execution(torch.device(device)))
+
+
 def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
     is_main = rank == 0  # the one rank that prints, logs and writes files
-    resume_from = find_resume_run(cfg) if cfg.resume else None
-    resume_state = None
-    if resume_from is not None:
-        resume_state = load_checkpoint(resume_from)
-        stored = config_from_dict(resume_state["config"])
-        cfg = replace(stored, epochs=cfg.epochs, device=cfg.device, num_workers=cfg.num_workers, resume=True,
-                      run_name=resume_from.parent.name)
-        run_name = cfg.run_name
-    else:
-        run_name = _broadcast(new_run_name(cfg), world_size)
-        cfg = replace(cfg, run_name=run_name)
+    cfg, resume_state = start_or_resume(cfg, world_size)
+    run_name = cfg.run_name
     cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
     if is_main:
         print_config(cfg, "train.py")
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
-    dtype = autocast_dtype(cfg, device)
+    execution = Execution.for_config(cfg, device)
 
     seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
@@ -514,8 +580,12 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if cfg.compile:
         model = torch.compile(model)  # evaluate() and the checkpoints use the plain module (train.unwrap)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(loaders["train"]))
-    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    optimisation = Optimisation(
+        optimizer, build_scheduler(cfg, optimizer, len(loaders["train"])),
+        torch.amp.GradScaler("cuda") if execution.dtype == torch.float16 else None,
+        WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
+        cfg.grad_clip_norm, cfg.accumulation_steps, cfg.mixup_alpha)
+    average = optimisation.average
 
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
     run_dir = Path(cfg.runs_dir) / run_name
@@ -524,17 +594,16 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if resume_state is not None:
         unwrap(model).load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        if scaler is not None and "scaler" in resume_state:
-            scaler.load_state_dict(resume_state["scaler"])
+        optimisation.scheduler.load_state_dict(resume_state["scheduler"])
+        if optimisation.scaler is not None and "scaler" in resume_state:
+            optimisation.scaler.load_state_dict(resume_state["scaler"])
+        if average is not None and "average" in resume_state:
+            average.load_state_dict(resume_state["average"])  # (a run from before ema_decay starts its average here)
         start_epoch = resume_state["epoch"] + 1
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         if is_main:
-            print(f"resuming {run_name} from {resume_from} at epoch {start_epoch} "
+            print(f"resuming {run_name} from {resume_state['path']} at epoch {start_epoch} "
                   f"(best valid MAE {best_valid_mae:.2f})")
-    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if average is not None and resume_state is not None and "average" in resume_state:
-        average.load_state_dict(resume_state["average"])  # (a run from before ema_decay starts its average here)
     evaluated = average.module if average is not None else model  # the weights that are validated and kept
     writer = None
     if is_main:
@@ -542,8 +611,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
-        print(f"device {device}, autocast {dtype}, {type(loaders['train']).__name__} (loading={cfg.loading}), "
-              f"{world_size} process(es), {len(loaders['train'].dataset)} train / "
+        print(f"device {device}, autocast {execution.dtype}, {type(loaders['train']).__name__} "
+              f"(loading={cfg.loading}), {world_size} process(es), {len(loaders['train'].dataset)} train / "
               f"{len(loaders['valid'].dataset)} valid / {len(loaders['test'].dataset)} test images")
     started = time.perf_counter()
     epoch = start_epoch
@@ -556,47 +625,35 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             if isinstance(loaders["train"], DataLoader):
                 loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # worker seeds
             epoch_started = time.perf_counter()
-            train_metrics = train_one_epoch(
-                model, loaders["train"], optimizer, scheduler, device, dtype, scaler,
-                cfg.channels_last, cfg.grad_clip_norm, description=f"epoch {epoch}/{cfg.epochs}",
-                accumulation_steps=cfg.accumulation_steps, show_progress=is_main,
-                mixup_alpha=cfg.mixup_alpha,
-                average=average,
-            )
-            valid_metrics = evaluate(evaluated, loaders["valid"], device, dtype, cfg.channels_last)
-            raw_valid_mae = (evaluate(model, loaders["valid"], device, dtype, cfg.channels_last)["mae"]
-                             if average is not None else valid_metrics["mae"])
-            learning_rate = optimizer.param_groups[-1]["lr"]  # the head's (the backbone's is x backbone_lr_scale)
-            seconds = time.perf_counter() - epoch_started
-            history.append({
-                "epoch": epoch, "train_loss": train_metrics["loss"], "valid_loss": valid_metrics["loss"],
-                "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"], "lr": learning_rate,
-                **({"valid_mae_raw_weights": raw_valid_mae} if average is not None else {}),
-                "seconds": seconds,
-            })
-            improved = valid_metrics["mae"] < best_valid_mae
-            if improved:
-                best_valid_mae = valid_metrics["mae"]
+            train_metrics = train_one_epoch(model, loaders["train"], optimisation, execution,
+                                            description=f"epoch {epoch}/{cfg.epochs}", show_progress=is_main)
+            valid_metrics = evaluate(evaluated, loaders["valid"], execution)
+            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_mae": train_metrics["mae"],
+                   "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["mae"],
+                   "valid_cs5": valid_metrics["cs5"],
+                   "lr": optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's is x backbone_lr_scale)
+            if average is not None:
+                row["valid_mae_raw_weights"] = evaluate(model, loaders["valid"], execution)["mae"]
+            row["seconds"] = time.perf_counter() - epoch_started
+            history.append(row)
+            improved = row["valid_mae"] < best_valid_mae
+            best_valid_mae = min(best_valid_mae, row["valid_mae"])
             if not is_main:
                 continue
-            for name, value in (("loss/train", train_metrics["loss"]), ("loss/valid", valid_metrics["loss"]),
-                                ("mae/train", train_metrics["mae"]), ("mae/valid", valid_metrics["mae"]),
-                                ("cs5/valid", valid_metrics["cs5"]), ("learning_rate", learning_rate),
-                                *((("mae/valid_raw_weights", raw_valid_mae),) if average is not None else ())):
-                writer.add_scalar(name, value, epoch)
+            for key, tag in TENSORBOARD_TAGS.items():
+                if key in row:
+                    writer.add_scalar(tag, row[key], epoch)
             if improved:
                 save_checkpoint(best_path, evaluated, cfg, epoch=epoch, valid_mae=best_valid_mae,
                                 crop_geometry=crop_geometry)
             save_checkpoint(
                 last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
-                crop_geometry=crop_geometry, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                crop_geometry=crop_geometry, optimizer=optimizer.state_dict(),
+                scheduler=optimisation.scheduler.state_dict(),
+                **({"scaler": optimisation.scaler.state_dict()} if optimisation.scaler is not None else {}),
                 **({"average": average.state_dict()} if average is not None else {}),
             )
-            raw = f" (raw weights {raw_valid_mae:5.2f})" if average is not None else ""
-            print(f"epoch {epoch:3d}/{cfg.epochs}  train MAE {train_metrics['mae']:6.2f}  valid MAE "
-                  f"{valid_metrics['mae']:6.2f}{raw}  CS@5 {valid_metrics['cs5']:.3f}  lr {learning_rate:.2e}  "
-                  f"{seconds:5.1f}s{'  * best' if improved else ''}", flush=True)
+            print(format_epoch(row, cfg.epochs, improved), flush=True)
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()
@@ -607,22 +664,11 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         writer.close()
     _barrier(world_size)  # best.pt is complete before any rank reads it
 
-    if best_path.is_file():
-        unwrap(model).load_state_dict(load_checkpoint(best_path)["model"])
-    elif is_main:  # epochs=0: evaluate the model as built
+    if not best_path.is_file() and is_main:  # epochs=0: evaluate the model as built
         save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
-    probabilistic = unwrap(model).head.has_probabilities
-    test_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, keep_outputs=probabilistic)
-    calibration = {}
-    if probabilistic:
-        valid_metrics = evaluate(model, loaders["valid"], device, dtype, cfg.channels_last, keep_outputs=True)
-        calibration = calibrate(model, valid_metrics, test_metrics)
-    if calibration and is_main:
-        best_state = load_checkpoint(best_path)
-        best_state["model"] = unwrap(model).state_dict()
-        save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
-                                                  if key not in ("model", "config")})
-    tta_metrics = evaluate(model, loaders["test"], device, dtype, cfg.channels_last, tta=True) if cfg.tta else None
+    _barrier(world_size)
+    tested = test_best_checkpoint(cfg, model, loaders, best_path, execution, is_main)
+    test_metrics, calibration, tta_metrics = tested["test"], tested["calibration"], tested["tta"]
     test_ages = torch.tensor(test_metrics["targets"])
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
     results = {

@@ -28,7 +28,7 @@ import pandas as pd
 from analysis import analysis_dir, prepare_evaluation
 from config import Config, atomic_write_path, parse_config, print_config, save_figure
 from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader
-from train import autocast_dtype, evaluate
+from train import Execution, evaluate
 
 GROUPINGS = ("decade", "gender", "ethnicity", "gender_ethnicity")
 MIN_GROUP_SIZE = 20  # groups smaller than this get a row and an interval, but no say in the largest gap
@@ -149,8 +149,7 @@ def main(cfg: Config) -> dict[str, Any]:
     print_config(cfg, "analysis.errors")
     setup = prepare_evaluation(cfg)
     loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
-    dtype = autocast_dtype(setup.model_cfg, setup.device)
-    metrics = evaluate(setup.model, loader, setup.device, dtype, setup.model_cfg.channels_last)
+    metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device))
     frame = loader.dataset.frame[["image_name", "age", "gender", "ethnicity"]].copy()
     frame["predicted"] = metrics["predictions"]
     frame["error"] = frame["predicted"] - frame["age"]

@@ -27,7 +27,7 @@ import torch
 from analysis import analysis_dir, prepare_evaluation
 from config import Config, atomic_write_path, parse_config, print_config, save_figure
 from custom_dataset_dataloader import build_dataset, build_transforms
-from train import autocast_dtype, evaluate
+from train import Execution, evaluate
 
 EYE_LINE, MOUTH_LINE = 0.27, 0.68  # share of the height (aligned UTKFace crops)
 SEVERITIES: dict[str, tuple[float, ...]] = {  # kind -> levels; level 0 leaves the image unchanged
@@ -143,12 +143,12 @@ def main(cfg: Config) -> dict[str, Any]:
     model_cfg = setup.model_cfg
     dataset = build_dataset(model_cfg, "test", train=False, csv_path=str(setup.csv_path))
     normalise = build_transforms(model_cfg, train=False)  # uint8 -> normalised float, as at training
-    dtype = autocast_dtype(model_cfg, setup.device)
+    execution = Execution.for_config(model_cfg, setup.device)
 
     def predictions(kind: str, level: float) -> dict[str, Any]:
         dataset.transform = Perturbed(kind, level, normalise, cfg.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, num_workers=0)  # seeded order
-        return evaluate(setup.model, loader, setup.device, dtype, model_cfg.channels_last)
+        return evaluate(setup.model, loader, execution)
 
     clean = predictions("brightness", 1.0)  # level 0: the clean image
     rows = []

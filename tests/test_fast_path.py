@@ -38,9 +38,9 @@ def test_batch_and_sample_paths_evaluate_alike(split_config):
     model = build_model(split_config)
     model.eval()
     device = torch.device("cpu")
-    fast = train.evaluate(model, build_dataloader(split_config, "test"), device, keep_outputs=True)
-    plain = train.evaluate(model, build_dataloader(replace(split_config, loading="sample"), "test"), device,
-                           keep_outputs=True)
+    fast = train.evaluate(model, build_dataloader(split_config, "test"), train.Execution(device), keep_outputs=True)
+    plain = train.evaluate(model, build_dataloader(replace(split_config, loading="sample"), "test"),
+                           train.Execution(device), keep_outputs=True)
     assert fast["targets"] == plain["targets"]
     np.testing.assert_allclose(fast["predictions"], plain["predictions"], atol=1e-4)
     torch.testing.assert_close(fast["outputs"], plain["outputs"], atol=1e-4, rtol=0)

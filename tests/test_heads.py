@@ -25,7 +25,7 @@ def test_each_head_starts_near_the_mean_age_and_its_loss_falls(split_config, hea
         start = model.eval()(torch.zeros(2, 3, 32, 32))  # (2,) years
     assert start.shape == (2,) and (start - ages.mean()).abs().max() < 0.25 * ages.std()  # truncated at age 0
     optimizer = train.build_optimizer(cfg, model)
-    losses = [train.train_one_epoch(model, loader, optimizer, None, torch.device("cpu"))["loss"] for _ in range(5)]
+    losses = [train.train_one_epoch(model, loader, train.Optimisation(optimizer))["loss"] for _ in range(5)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 
@@ -136,5 +136,5 @@ def test_train_and_valid_loss_of_one_batch_are_the_same_loss(split_config, head)
     images, ages = torch.randn(6, 3, 32, 32), torch.tensor([3.0, 18.0, 25.0, 40.0, 61.0, 90.0])
     with torch.no_grad():
         training_loss = model.head.loss(model(images, raw_outputs=True), ages)  # what train_one_epoch minimises
-    validation = train.evaluate(model, [(images, ages, None, None)], torch.device("cpu"))
+    validation = train.evaluate(model, [(images, ages, None, None)])
     assert validation["loss"] == pytest.approx(training_loss.item(), rel=1e-5)

@@ -23,7 +23,8 @@ def test_a_few_steps_lower_the_loss(split_config, mixup_alpha):
     model.set_age_statistics(ages.mean().item(), ages.std().item())
     optimizer = train.build_optimizer(cfg, model)
     device = torch.device("cpu")
-    losses = [train.train_one_epoch(model, loader, optimizer, None, device, mixup_alpha=mixup_alpha)["loss"]
+    losses = [train.train_one_epoch(model, loader, train.Optimisation(optimizer, mixup_alpha=mixup_alpha),
+                                    train.Execution(device))["loss"]
               for _ in range(6)]
     assert losses[-1] < 0.75 * losses[0], losses
 
@@ -32,7 +33,7 @@ def test_evaluate_metrics_are_consistent(split_config):
     loader = build_dataloader(split_config, "valid")
     model = build_model(replace(split_config, head="l1"))  # a zero-initialised L1 head predicts exactly the mean
     model.set_age_statistics(30.0, 10.0)
-    metrics = train.evaluate(model, loader, torch.device("cpu"))
+    metrics = train.evaluate(model, loader)
     targets = torch.tensor(metrics["targets"])
     assert metrics["mae"] == pytest.approx((targets - 30.0).abs().mean().item(), rel=1e-5)
     assert metrics["cs5"] == pytest.approx(((targets - 30.0).abs() <= 5).float().mean().item())
@@ -150,8 +151,8 @@ def test_mixup_blends_the_images_and_the_losses_of_both_ages(split_config, monke
     monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self: torch.tensor(0.3))
     monkeypatch.setattr(torch, "randperm", lambda n, device=None: torch.arange(n - 1, -1, -1))  # reversal
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: the loss can be recomputed
-    metrics = train.train_one_epoch(model, [(images, ages, None, None)], optimizer, None, torch.device("cpu"),
-                                    mixup_alpha=0.4)
+    metrics = train.train_one_epoch(model, [(images, ages, None, None)],
+                                    train.Optimisation(optimizer, mixup_alpha=0.4))
     mixed = 0.3 * images + 0.7 * images.flip(0)
     torch.testing.assert_close(seen[0], mixed)
     with torch.no_grad():
