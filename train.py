@@ -347,6 +347,22 @@ def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> 
     return results
 
 
+def age_gate_errors(targets: torch.Tensor, predicted: torch.Tensor, probability: torch.Tensor | None = None,
+                    threshold: int = ADULT_AGE) -> dict[str, float]:
+    """What an age gate at `threshold` gets wrong: the share of minors (true age < threshold) let through and of
+    adults refused, deciding by the predicted age (>= threshold) and, when given, by P(age >= threshold) >= 0.5
+    from the calibrated distribution (N,) each."""
+    minors, adults = targets < threshold, targets >= threshold
+    results = {}
+    decisions = {"age": predicted >= threshold}
+    if probability is not None:
+        decisions["probability"] = probability >= 0.5
+    for name, passed in decisions.items():
+        results[f"minors_passed_{name}"] = passed[minors].double().mean().item() if minors.any() else math.nan
+        results[f"adults_refused_{name}"] = (~passed[adults]).double().mean().item() if adults.any() else math.nan
+    return results
+
+
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD; weight decay on weight matrices and kernels only, not on biases and norm scales. The backbone's
     parameters learn at lr * backbone_lr_scale (fine-tuning pretrained weights: below 1 keeps more of what they
@@ -539,7 +555,10 @@ def test_best_checkpoint(cfg: Config, model: nn.Module, loaders: dict[str, Any],
             save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
                                                       if key not in ("model", "config")})
     tta = evaluate(model, loaders["test"], execution, tta=True) if cfg.tta else None
-    return {"test": test, "calibration": calibration, "tta": tta}
+    probability = (unwrap(model).head.probability_at_least(test["outputs"].to(execution.device), ADULT_AGE).cpu()
+                   if probabilistic else None)
+    gate = age_gate_errors(torch.tensor(test["targets"]), torch.tensor(test["predictions"]), probability)
+    return {"test": test, "calibration": calibration, "tta": tta, "age_gate": gate}
 
 
 def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", device: str = "cpu") -> dict[str, Any]:
@@ -669,6 +688,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     _barrier(world_size)
     tested = test_best_checkpoint(cfg, model, loaders, best_path, execution, is_main)
     test_metrics, calibration, tta_metrics = tested["test"], tested["calibration"], tested["tta"]
+    age_gate = {f"test_{key}": value for key, value in tested["age_gate"].items()}
     test_ages = torch.tensor(test_metrics["targets"])
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
     results = {
@@ -679,6 +699,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         "mean_age_baseline_test_mae": baseline_mae,
         "test_mae_by_decade": test_metrics["mae_by_decade"],
         **calibration,
+        **age_gate,
         **({"test_mae_tta": tta_metrics["mae"], "test_cs5_tta": tta_metrics["cs5"]} if tta_metrics else {}),
         "best_valid_mae": best_valid_mae,
         "epochs": cfg.epochs,

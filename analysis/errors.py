@@ -24,11 +24,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis import analysis_dir, prepare_evaluation
 from config import Config, atomic_write_path, parse_config, print_config, save_figure
 from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader
-from train import Execution, evaluate
+from train import ADULT_AGE, Execution, age_gate_errors, evaluate
 
 GROUPINGS = ("decade", "gender", "ethnicity", "gender_ethnicity")
 MIN_GROUP_SIZE = 20  # groups smaller than this get a row and an interval, but no say in the largest gap
@@ -149,7 +150,12 @@ def main(cfg: Config) -> dict[str, Any]:
     print_config(cfg, "analysis.errors")
     setup = prepare_evaluation(cfg)
     loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
-    metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device))
+    probabilistic = setup.model.head.has_probabilities
+    metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device),
+                       keep_outputs=probabilistic)
+    probability = (setup.model.head.probability_at_least(metrics["outputs"].to(setup.device), ADULT_AGE).cpu()
+                   if probabilistic else None)  # calibrated by the checkpoint's temperature
+    gate = age_gate_errors(torch.tensor(metrics["targets"]), torch.tensor(metrics["predictions"]), probability)
     frame = loader.dataset.frame[["image_name", "age", "gender", "ethnicity"]].copy()
     frame["predicted"] = metrics["predictions"]
     frame["error"] = frame["predicted"] - frame["age"]
@@ -169,8 +175,10 @@ def main(cfg: Config) -> dict[str, Any]:
           f"CS@5 {metrics['cs5']:.3f}, RMSE {metrics['rmse']:.2f}")
     shown = table.assign(interval=table["mae_low"].map("{:.2f}".format) + "-" + table["mae_high"].map("{:.2f}".format))
     print(shown[["grouping", "group", "images", "mae", "interval", "bias"]].to_string(index=False, float_format="%.2f"))
+    shares = ", ".join(f"{key.replace('_', ' ')} {value:.1%}" for key, value in gate.items())
+    print(f"age gate at {ADULT_AGE}: {shares}")
     print(f"wrote {table_path}, {predictions_path} and pics/errors_{setup.tag}_*.png")
-    return {"table": table, "mae": metrics["mae"], "cs5": metrics["cs5"], "images": len(frame),
+    return {"table": table, "mae": metrics["mae"], "cs5": metrics["cs5"], "images": len(frame), "age_gate": gate,
             "table_path": str(table_path), "predictions_path": str(predictions_path)}
 
 

@@ -138,3 +138,13 @@ def test_train_and_valid_loss_of_one_batch_are_the_same_loss(split_config, head)
         training_loss = model.head.loss(model(images, raw_outputs=True), ages)  # what train_one_epoch minimises
     validation = train.evaluate(model, [(images, ages, None, None)])
     assert validation["loss"] == pytest.approx(training_loss.item(), rel=1e-5)
+
+
+def test_age_gate_errors_count_minors_passed_and_adults_refused():
+    targets = torch.tensor([10.0, 16.0, 17.0, 18.0, 30.0, 60.0])
+    predicted = torch.tensor([12.0, 19.0, 18.0, 17.0, 31.0, 55.0])  # two of three minors passed, one adult refused
+    probability = torch.tensor([0.1, 0.6, 0.4, 0.5, 0.9, 1.0])
+    gate = train.age_gate_errors(targets, predicted, probability)
+    assert gate["minors_passed_age"] == pytest.approx(2 / 3) and gate["adults_refused_age"] == pytest.approx(1 / 3)
+    assert gate["minors_passed_probability"] == pytest.approx(1 / 3) and gate["adults_refused_probability"] == 0.0
+    assert set(train.age_gate_errors(targets, predicted)) == {"minors_passed_age", "adults_refused_age"}
