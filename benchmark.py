@@ -50,6 +50,7 @@ from config import Config, atomic_write_path, parse_config, print_config, resolv
 
 BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
     data_dir="", image_size=64, pretrained=False, batch_size=64, optimizer="sgd", lr=5e-4, num_workers=2,
+    erase_probability=0.0,  # the seed had no random erasing: both contenders augment alike
 )
 GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
 MODELS = ("resnet18", "resnet", "efficientnet_lite0")  # the small backbone, the seed's ResNet-50, the offline one

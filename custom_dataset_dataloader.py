@@ -51,6 +51,7 @@ ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race co
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
 OPTIONAL_COLUMNS = ("subject", "apparent_age")  # kept when a data set has them (subject-exclusive split, APPA-REAL)
 SPLITS = ("train", "valid", "test")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # what eda.py and inference.py read
 ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image one rectangle covers (torchvision's defaults)
 ERASE_ASPECT = (0.3, 3.3)  # random erasing: height / width of the rectangle
 CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
@@ -58,6 +59,11 @@ CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebu
 
 class DataError(UsageError):
     """Input data that cannot be used; the message names the file and the fix."""
+
+
+def decade_start(ages: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+    """The first year of each age's decade (0, 10, 20, ...): the age groups of every per-decade figure."""
+    return ages // 10 * 10
 
 
 def dataset_csv_path(cfg: Config) -> Path:

@@ -44,6 +44,7 @@ DEMO_DEFAULTS = Config(
     batch_size=64,
     lr=2e-3,
     weight_decay=5e-4,
+    erase_probability=0.0,  # the scratch recipe: erasing slows a short run from random weights down
 )
 GENERATED_SIZE = 96  # pixels of the saved JPEGs (UTKFace's are 200; smaller keeps the demo fast)
 SKIN_TONES = {  # mean RGB per ethnicity label

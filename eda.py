@@ -39,6 +39,7 @@ from custom_dataset_dataloader import (
     CSV_COLUMNS,
     ETHNICITIES,
     GENDERS,
+    IMAGE_SUFFIXES,
     DataError,
     dataset_csv_path,
     describe_read_error,
@@ -46,7 +47,6 @@ from custom_dataset_dataloader import (
     write_dataset_csv,
 )
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 MAX_AGE = 120  # ages above this are treated as a malformed name, not a person
 _UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_[^_]+$")
 _FGNET_NAME = re.compile(r"^(\d{3})A(\d{2})[a-z]?$", re.IGNORECASE)
@@ -267,33 +267,28 @@ def gender_ethnicity_table(frame: pd.DataFrame) -> pd.DataFrame:
 
 def plot_crosstab(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     values = table.drop(index="total", columns="total")
     figure, axis = plt.subplots(figsize=(1.6 * values.shape[1] + 2, 1.2 * values.shape[0] + 1.5))
-    image = axis.imshow(values.values, cmap="viridis")
-    axis.set_xticks(range(values.shape[1]), values.columns)
-    axis.set_yticks(range(values.shape[0]), values.index)
-    for (row, column), count in np.ndenumerate(values.values):
-        axis.text(column, row, str(count), ha="center", va="center", color="white", fontsize=10)
-    figure.colorbar(image, ax=axis, label="images")
-    axis.set_title("Gender x ethnicity")
+    sns.heatmap(values, annot=True, fmt="d", cmap="viridis", cbar_kws={"label": "images"}, ax=axis)
+    axis.set(title="Gender x ethnicity", xlabel="", ylabel="")
     save_figure(figure, path)
 
 
 def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     figure, axes = plt.subplots(1, 2, figsize=(14, 4.5), gridspec_kw={"width_ratios": [2, 5]})
     for axis, column, names in ((axes[0], "gender", GENDERS), (axes[1], "ethnicity", ETHNICITIES)):
         present = [name for name in names if (frame[column] == name).any()]
-        groups = [frame.loc[frame[column] == name, "age"].to_numpy() for name in present]
-        if not groups:  # the data set has no such label (AgeDB: no ethnicity)
+        if not present:  # the data set has no such label (AgeDB: no ethnicity)
             axis.set_visible(False)
             continue
-        axis.violinplot(groups, showextrema=False)
-        axis.boxplot(groups, widths=0.15, showfliers=False)
-        axis.set_xticks(range(1, len(present) + 1), present)
-        axis.set(title=f"Age by {column} (violin + box)", ylabel="age (years)")
+        sns.violinplot(data=frame[frame[column].isin(present)], x=column, y="age", order=present, inner="box",
+                       cut=0, color="tab:blue", ax=axis)
+        axis.set(title=f"Age by {column} (violin + box)", xlabel="", ylabel="age (years)")
     save_figure(figure, path)
 
 

@@ -124,6 +124,7 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    import seaborn as sns
 
     learning_rates = sorted({row["lr"] for row in rows})
     weight_decays = sorted({row["weight_decay"] for row in rows})
@@ -131,13 +132,10 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
     for row in rows:
         values[weight_decays.index(row["weight_decay"]), learning_rates.index(row["lr"])] = row["valid_mae"]
     figure, axis = plt.subplots(figsize=(1.5 * len(learning_rates) + 2.5, 1.0 * len(weight_decays) + 1.8))
-    image = axis.imshow(values, cmap="viridis_r")
-    axis.set_xticks(range(len(learning_rates)), [f"{value:g}" for value in learning_rates])
-    axis.set_yticks(range(len(weight_decays)), [f"{value:g}" for value in weight_decays])
-    for (row, column), value in np.ndenumerate(values):
-        axis.text(column, row, f"{value:.2f}", ha="center", va="center", color="white")
+    sns.heatmap(values, annot=True, fmt=".2f", cmap="viridis_r", ax=axis, cbar_kws={"label": "valid MAE"},
+                xticklabels=[f"{value:g}" for value in learning_rates],
+                yticklabels=[f"{value:g}" for value in weight_decays])
     axis.set(xlabel="learning rate", ylabel="weight decay", title="valid MAE (years), lower is better")
-    figure.colorbar(image, ax=axis)
     save_figure(figure, path)
 
 

@@ -34,11 +34,16 @@ import numpy as np
 import torch
 
 from config import Config, atomic_write_path, parse_config, print_config, resolve_device
-from custom_dataset_dataloader import build_transforms, describe_read_error, open_rgb_image, resize_square
+from custom_dataset_dataloader import (
+    IMAGE_SUFFIXES,
+    build_transforms,
+    describe_read_error,
+    open_rgb_image,
+    resize_square,
+)
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
 from model import config_from_model_file, load_model, newest_checkpoint
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
 
@@ -171,14 +176,20 @@ def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -
     return canvas
 
 
+def box_overlaps(first: list[tuple], second: list[tuple]) -> torch.Tensor:
+    """Intersection over union of every (x, y, w, h) box in `first` with every one in `second`: (N, M), by
+    torchvision.ops.box_iou."""
+    from torchvision.ops import box_convert, box_iou
+
+    def corners(boxes: list[tuple]) -> torch.Tensor:
+        return box_convert(torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4), "xywh", "xyxy")  # (N, 4)
+
+    return box_iou(corners(first), corners(second))
+
+
 def box_overlap(first: tuple, second: tuple) -> float:
     """Intersection over union of two (x, y, w, h) boxes."""
-    left, top = max(first[0], second[0]), max(first[1], second[1])
-    right = min(first[0] + first[2], second[0] + second[2])
-    bottom = min(first[1] + first[3], second[1] + second[3])
-    intersection = max(0.0, right - left) * max(0.0, bottom - top)
-    union = first[2] * first[3] + second[2] * second[3] - intersection
-    return intersection / union if union > 0 else 0.0
+    return float(box_overlaps([first], [second])[0, 0])
 
 
 @dataclass
@@ -192,9 +203,12 @@ class FaceTracker:
 
     def update(self, faces: list[Face], frame_index: int) -> list[Face]:
         unmatched = set(self.tracks)
-        for face in faces:
-            best = max(unmatched, key=lambda track: box_overlap(face.box, self.tracks[track]["box"]), default=None)
-            if best is not None and box_overlap(face.box, self.tracks[best]["box"]) > 0.3:
+        known = list(self.tracks)
+        overlaps = box_overlaps([face.box for face in faces], [self.tracks[track]["box"] for track in known])  # (N, T)
+        for index, face in enumerate(faces):
+            candidates = {track: float(overlaps[index, known.index(track)]) for track in unmatched}
+            best = max(candidates, key=candidates.get, default=None)
+            if best is not None and candidates[best] > 0.3:
                 unmatched.discard(best)
                 track = self.tracks[best]
                 track["age"] = self.smoothing * track["age"] + (1 - self.smoothing) * face.age

@@ -98,15 +98,14 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import seaborn as sns
 
     max_age = max(int(split["age"].max()) for split in splits.values() if len(split))
-    bins = np.arange(0, max_age + 2)
+    labelled = pd.concat([split.assign(split=f"{name} ({len(split)})") for name, split in splits.items()])
     figure, axis = plt.subplots(figsize=(10, 4))
-    for name, split in splits.items():
-        axis.hist(split["age"], bins=bins, density=True, histtype="step", linewidth=1.5,
-                  label=f"{name} ({len(split)})")
+    sns.histplot(data=labelled, x="age", hue="split", bins=np.arange(0, max_age + 2), stat="density",
+                 common_norm=False, element="step", fill=False, linewidth=1.5, ax=axis)
     axis.set(title="Age distribution per split (density)", xlabel="age (years)", ylabel="share of images")
-    axis.legend()
     save_figure(figure, path)
 
 

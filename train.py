@@ -56,7 +56,7 @@ from config import (
     save_figure,
     seed_everything,
 )
-from custom_dataset_dataloader import build_dataloader
+from custom_dataset_dataloader import build_dataloader, decade_start
 from faces import measure_crop_geometry
 from model import (
     build_model,
@@ -293,13 +293,13 @@ def evaluate(
         if keep_outputs:
             outputs = torch.cat([part[3] for part in gathered if part[3] is not None])
     error = (predicted - target).abs()
-    decades = (target // 10).long()
+    decades = decade_start(target).long()
     return {
         "loss": total_loss / max(len(target), 1),
         "mae": error.mean().item(),
         "rmse": error.square().mean().sqrt().item(),
         "cs5": (error <= CS_THRESHOLD).float().mean().item(),
-        "mae_by_decade": {f"{10 * decade}-{10 * decade + 9}": error[decades == decade].mean().item()
+        "mae_by_decade": {f"{decade}-{decade + 9}": error[decades == decade].mean().item()
                           for decade in decades.unique().tolist()},
         "predictions": predicted.tolist(),
         "targets": target.tolist(),
@@ -310,18 +310,26 @@ def evaluate(
 ADULT_AGE = 18  # the threshold whose probability is calibrated and reported (age-restricted services ask this)
 
 
+def reliability(probabilities: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> dict[str, Any]:
+    """The reliability diagram of binary probabilities (N,) against 0/1 outcomes (N,), by scikit-learn's
+    calibration_curve over equal-width bins: per non-empty bin the mean predicted probability, the observed
+    frequency and the share of the N predictions it holds."""
+    import numpy as np
+    from sklearn.calibration import calibration_curve
+
+    predicted = probabilities.double().clamp(0, 1).numpy()
+    observed = outcomes.double().numpy()
+    frequency, mean_predicted = calibration_curve(observed, predicted, n_bins=bins, strategy="uniform")
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    counts = np.bincount(np.searchsorted(edges[1:-1], predicted), minlength=bins)  # calibration_curve's binning
+    return {"predicted": mean_predicted, "observed": frequency, "share": counts[counts > 0] / len(predicted)}
+
+
 def expected_calibration_error(probabilities: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> float:
     """ECE of binary probabilities (N,) against 0/1 outcomes (N,): the size-weighted mean over equal-width
-    probability bins of |mean predicted probability - observed frequency|."""
-    probabilities, outcomes = probabilities.double(), outcomes.double()
-    bin_index = (probabilities * bins).long().clamp(0, bins - 1)  # (N,)
-    error = 0.0
-    for index in range(bins):
-        members = bin_index == index
-        if members.any():
-            error += members.double().mean().item() * abs(
-                probabilities[members].mean().item() - outcomes[members].mean().item())
-    return error
+    probability bins of |mean predicted probability - observed frequency| (the reliability diagram's gaps)."""
+    curve = reliability(probabilities, outcomes, bins)
+    return float((curve["share"] * abs(curve["predicted"] - curve["observed"])).sum())
 
 
 def fit_temperature(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor) -> float:

@@ -28,8 +28,8 @@ import torch
 
 from analysis import analysis_dir, prepare_evaluation
 from config import Config, atomic_write_path, parse_config, print_config, save_figure
-from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader
-from train import ADULT_AGE, Execution, age_gate_errors, evaluate
+from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader, decade_start
+from train import ADULT_AGE, Execution, age_gate_errors, evaluate, expected_calibration_error, reliability
 
 GROUPINGS = ("decade", "gender", "ethnicity", "gender_ethnicity")
 MIN_GROUP_SIZE = 20  # groups smaller than this get a row and an interval, but no say in the largest gap
@@ -46,7 +46,7 @@ def bootstrap_interval(values: np.ndarray, samples: int, generator: np.random.Ge
 
 def group_labels(frame: pd.DataFrame) -> dict[str, pd.Series]:
     """Each grouping's label per face; faces with an unknown gender or ethnicity get no label (NaN)."""
-    decade = (frame["age"] // 10 * 10).astype(int)
+    decade = decade_start(frame["age"]).astype(int)
     gender = frame["gender"].where(frame["gender"].isin(GENDERS))
     ethnicity = frame["ethnicity"].where(frame["ethnicity"].isin(ETHNICITIES))
     return {
@@ -141,6 +141,24 @@ def plot_scatter(frame: pd.DataFrame, path: Path, title: str) -> None:
     save_figure(figure, path)
 
 
+def plot_reliability(probability: torch.Tensor, targets: torch.Tensor, path: Path, title: str) -> None:
+    """The reliability diagram of P(age >= ADULT_AGE): mean predicted probability against the observed share of
+    adults per probability bin (train.reliability), each bin's share of the faces as the marker size."""
+    import matplotlib.pyplot as plt
+
+    curve = reliability(probability, (targets >= ADULT_AGE).double())
+    ece = expected_calibration_error(probability, (targets >= ADULT_AGE).double())
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], color="gray", linestyle="--", label="perfectly calibrated")
+    axis.plot(curve["predicted"], curve["observed"], "-", color="tab:blue")
+    axis.scatter(curve["predicted"], curve["observed"], s=20 + 600 * curve["share"], color="tab:blue",
+                 label=f"bins (size = share of faces); ECE {ece:.3f}")
+    axis.set(xlim=(0, 1), ylim=(0, 1), xlabel=f"predicted P(age >= {ADULT_AGE})",
+             ylabel=f"observed share aged {ADULT_AGE} or more", title=title)
+    axis.legend(loc="upper left", fontsize=8)
+    save_figure(figure, path)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Predict every face of the CSV, tabulate the errors per group, draw the figures; returns the table,
     the overall metrics and the output paths."""
@@ -170,6 +188,9 @@ def main(cfg: Config) -> dict[str, Any]:
     title = f"{setup.tag} ({len(frame)} faces, MAE {metrics['mae']:.2f})"
     plot_groups(table, pics / f"errors_{setup.tag}_groups.png", title)
     plot_scatter(frame, pics / f"errors_{setup.tag}_scatter.png", title)
+    if probability is not None:
+        plot_reliability(probability, torch.tensor(metrics["targets"]), pics / f"errors_{setup.tag}_reliability.png",
+                         f"{setup.tag}: calibration of P(age >= {ADULT_AGE})")
 
     print(f"\n{len(frame)} faces: MAE {metrics['mae']:.2f}, bias {frame['error'].mean():+.2f}, "
           f"CS@5 {metrics['cs5']:.3f}, RMSE {metrics['rmse']:.2f}")

@@ -13,7 +13,9 @@ import train
 from analysis import errors, heatmaps, prepare_evaluation, sensitivity
 from custom_dataset_dataloader import read_dataset_csv, split_csv_path
 from model import AgeEstimationModel
-from tests.conftest import make_config, write_splits
+from tests.helpers import make_config, write_splits
+
+pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,9 @@ def test_error_table_groups_cover_the_test_set(trained):
     assert np.allclose(predictions["error"], predictions["predicted"] - predictions["age"], atol=1e-3)
     tag = Path(result["table_path"]).name.removesuffix("_errors.csv")
     assert (Path(cfg.pics_dir) / f"errors_{tag}_groups.png").is_file()
+    assert (Path(cfg.pics_dir) / f"errors_{tag}_reliability.png").is_file()  # the dex head's P(age >= 18)
+    assert set(result["age_gate"]) == {"minors_passed_age", "adults_refused_age", "minors_passed_probability",
+                                       "adults_refused_probability"}
 
 
 def test_bootstrap_interval_brackets_the_mean():

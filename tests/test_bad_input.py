@@ -16,7 +16,7 @@ import inference
 import split_dataset
 import train
 from custom_dataset_dataloader import DataError
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 STAMP = "20170109150557335"
 
@@ -65,6 +65,7 @@ def build_corpus(folder: Path, faces: Path) -> tuple[set[str], set[str]]:
     return {*rejected, bomb}, {*kept, f"44_0_4_{STAMP}.png", f"47_1_2_{STAMP}.jpg"}
 
 
+@pytest.mark.slow
 def test_every_stage_survives_a_messy_folder(tmp_path, face_folder):
     data_dir = tmp_path / "download"
     rejected, kept = build_corpus(data_dir, face_folder)

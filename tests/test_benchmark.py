@@ -5,9 +5,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 
 import benchmark
+
+pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
 
 
 def test_benchmark_measures_every_contender_and_writes_its_json(split_config, monkeypatch, capsys):

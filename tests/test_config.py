@@ -90,12 +90,18 @@ def test_the_seed_preset_is_the_seed_recipe_and_other_keys_win():
     assert parse_config(["--preset=seed", "--lr=1e-3"]).lr == 1e-3
 
 
-def test_the_long_preset_changes_only_its_three_settings():
-    cfg, defaults = parse_config(["--preset=long"]), config_to_dict(Config())  # the settings (no given_keys)
-    assert (cfg.epochs, cfg.weight_decay, cfg.erase_probability) == (40, 0.05, 0.5)
+@pytest.mark.parametrize("preset", ["long", "scratch"])
+def test_the_scratch_presets_change_only_their_settings(preset):
+    from config import PRESETS
+
+    cfg, defaults = parse_config([f"--preset={preset}"]), config_to_dict(Config())  # the settings (no given_keys)
+    assert all(getattr(cfg, name) == value for name, value in PRESETS[preset].items())
+    assert (cfg.model_name, cfg.pretrained, cfg.lr) == ("resnet18", False, 2e-3)
     changed = {name for name, value in config_to_dict(cfg).items() if value != defaults[name]}
-    assert changed == {"preset", "epochs", "weight_decay", "erase_probability"}
-    assert parse_config(["--preset=long", "--epochs=20"]).epochs == 20
+    assert changed == {"preset"} | {name for name, value in PRESETS[preset].items() if value != defaults[name]}
+    assert parse_config([f"--preset={preset}", "--epochs=20"]).epochs == 20
+    if preset == "long":
+        assert (cfg.epochs, cfg.weight_decay, cfg.erase_probability) == (40, 0.05, 0.5)
 
 
 def test_help_prints_the_settings_the_line_would_run_with(capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 import eda
 import split_dataset
 from custom_dataset_dataloader import read_dataset_csv
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def _image(path: Path) -> None:

@@ -2,10 +2,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import demo
 import eda
+
+pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
 
 
 def test_generated_faces_follow_the_utkface_format(tmp_path):

@@ -22,7 +22,8 @@ from model import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.slow,  # subprocesses under torchrun
+              pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")]
 
 
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(split_config):

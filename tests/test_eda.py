@@ -6,7 +6,7 @@ import pytest
 
 import eda
 from custom_dataset_dataloader import DataError
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 @pytest.mark.parametrize(

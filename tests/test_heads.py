@@ -12,6 +12,7 @@ from custom_dataset_dataloader import build_dataloader
 from model import HEADS, AgeEstimationModel, DistributionHead, build_model, load_model, save_checkpoint
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", HEADS)
 def test_each_head_starts_near_the_mean_age_and_its_loss_falls(split_config, head):
     torch.manual_seed(0)
@@ -80,6 +81,7 @@ def test_distribution_heads_export_with_parity(tmp_path, head):
         assert result["max_abs_difference"] <= export_jit.TOLERANCE[export_format]
 
 
+@pytest.mark.slow
 def test_tta_and_calibration_are_reported(split_config):
     results = train.main(replace(split_config, epochs=1, tta=True, head="dex", run_name="tta"))
     assert {"test_mae", "test_mae_tta", "test_cs5_tta", "test_mae_by_decade"} <= results.keys()

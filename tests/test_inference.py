@@ -12,7 +12,7 @@ import inference
 from config import Config
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector, measure_crop_geometry
 from model import AgeEstimationModel, save_checkpoint
-from tests.conftest import REAL_DATA
+from tests.helpers import REAL_DATA
 
 HOPPER = REAL_DATA.parent / "images" / "grace_hopper_512x512.jpg"
 UTK200 = REAL_DATA / "utkface200"

@@ -105,6 +105,7 @@ def test_unknown_timm_architecture_is_refused_by_name():
         parse_config(["--model_name=timm/no_such_net"])
 
 
+@pytest.mark.slow
 def test_offline_timm_download_fails_with_one_sentence():
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
@@ -125,6 +126,7 @@ def test_timm_backbone_features_fit_the_head():
     assert ages.shape == (2,)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_name", ["efficientnet_lite0", "timm/mobilenetv3_small_050"])
 def test_timm_backbones_train_export_and_infer(split_config, tmp_path, model_name):
     """A timm-built backbone goes through the whole pipeline: train.py stores the weights' own normalisation in

@@ -8,7 +8,7 @@ import pytest
 import eda
 import split_dataset
 from custom_dataset_dataloader import build_dataloader, write_dataset_csv
-from tests.conftest import REAL_DATA, make_config
+from tests.helpers import REAL_DATA, make_config
 
 UTK64 = REAL_DATA / "utkface64"
 UTK200 = REAL_DATA / "utkface200"

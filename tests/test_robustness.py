@@ -15,6 +15,8 @@ import train
 from config import Config, to_argv
 from model import DistributionHead, load_checkpoint
 
+pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 import split_dataset
 from custom_dataset_dataloader import DataError, write_dataset_csv
-from tests.conftest import make_config
+from tests.helpers import make_config
 
 
 def synthetic_frame(ages: list[int]) -> pd.DataFrame:

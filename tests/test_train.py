@@ -55,6 +55,7 @@ def test_scheduler_warms_up_then_decays_to_zero(split_config):
     assert all(later <= earlier + 1e-9 for earlier, later in itertools.pairwise(rates[10:]))
 
 
+@pytest.mark.slow
 def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
     cfg = replace(split_config, epochs=2, run_name="unit")
     results = train.main(cfg)
@@ -74,6 +75,7 @@ def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
     assert Path(results["learning_curves"]).is_file()
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_an_old_one(split_config):
     cfg = replace(split_config, epochs=1, run_name="same")
     first, second = train.main(cfg), train.main(cfg)
@@ -81,6 +83,7 @@ def test_a_new_run_never_overwrites_an_old_one(split_config):
     assert Path(first["best_checkpoint"]).is_file() and Path(second["best_checkpoint"]).is_file()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(split_config):
     cfg = replace(split_config, epochs=1, run_name="resumable")
     train.main(cfg)
@@ -124,6 +127,7 @@ def test_weight_average_forgets_the_start_and_follows_the_weights(split_config):
     assert restored.updates == 101 and torch.equal(next(restored.module.parameters()), first)
 
 
+@pytest.mark.slow
 def test_training_with_a_weight_average_keeps_and_resumes_the_average(split_config):
     cfg = replace(split_config, epochs=1, run_name="averaged", ema_decay=0.99)
     results = train.main(cfg)

@@ -9,6 +9,8 @@ import hyperparameters_tuning as tuning
 import train
 from config import parse_config
 
+pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
+
 
 def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monkeypatch):
     cfg = replace(split_config, tune_learning_rates="1e-3,3e-3", tune_weight_decays="0,1e-4", tune_epochs=1,
