@@ -297,14 +297,15 @@ def describe(cfg: Config | None = None) -> str:
     return "\n".join(lines)
 
 
-def to_argv(cfg: Config, base: Config | None = None) -> list[str]:
+def to_argv(cfg: Config, base: Config | None = None, always: tuple[str, ...] = ()) -> list[str]:
     """The `--key=value` arguments that turn `base` (default: Config()) into `cfg`: parse_config(to_argv(cfg))
-    rebuilds cfg, so a printed command line reproduces a run exactly."""
+    rebuilds cfg, so a printed command line reproduces a run exactly. Keys in `always` are written even when they
+    equal the base's (the settings a reader looks for, and a line that survives a change of defaults)."""
     base = base or Config()
     arguments = []
     for field in fields(cfg):
         value = getattr(cfg, field.name)
-        if field.name == "given_keys" or value == getattr(base, field.name):
+        if field.name == "given_keys" or (value == getattr(base, field.name) and field.name not in always):
             continue
         if isinstance(value, bool):
             text = str(value).lower()
@@ -387,6 +388,13 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = None) -> None:
+    """Write a pandas DataFrame as CSV atomically, without the index and with "\n" line ends, so equal frames give
+    equal bytes on every platform (every CSV this project writes goes through here)."""
+    with atomic_write_path(path) as temporary:
+        frame.to_csv(temporary, index=False, float_format=float_format, lineterminator="\n")
 
 
 def save_figure(figure: Any, path: str | os.PathLike) -> None:

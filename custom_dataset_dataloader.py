@@ -43,7 +43,7 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from config import Config, UsageError, atomic_write_path, parse_config, print_config
+from config import Config, UsageError, atomic_write_path, parse_config, print_config, write_csv
 from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
@@ -102,9 +102,8 @@ def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename) with a fixed float format, so equal frames give equal bytes."""
-    with atomic_write_path(path) as temporary:
-        frame.to_csv(temporary, index=False, lineterminator="\n")
+    """Write atomically (temp file + rename), so equal frames give equal bytes."""
+    write_csv(frame, path)
 
 
 def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:

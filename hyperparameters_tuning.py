@@ -19,7 +19,6 @@ Run:  python hyperparameters_tuning.py --model_name=resnet18 --pretrained=false 
 
 from __future__ import annotations
 
-import csv
 import math
 import shlex
 import sys
@@ -27,10 +26,19 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 import train
-from config import Config, atomic_write_path, parse_config, print_config, save_figure, seed_everything, to_argv
+from config import (
+    Config,
+    parse_config,
+    print_config,
+    save_figure,
+    seed_everything,
+    to_argv,
+    write_csv,
+)
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import build_model
 
@@ -89,15 +97,11 @@ def overfit_subset(cfg: Config) -> list[float]:
 def read_grid(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
-    with path.open() as handle:
-        return [{key: float(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+    return pd.read_csv(path, dtype=float).to_dict("records")
 
 
 def write_grid(path: Path, rows: list[dict[str, float]]) -> None:
-    with atomic_write_path(path) as temporary, temporary.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=GRID_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(pd.DataFrame(rows, columns=list(GRID_COLUMNS)), path)
 
 
 def sweep(cfg: Config, path: Path, settings: list[tuple[float, float]]) -> list[dict[str, float]]:
@@ -161,7 +165,7 @@ def main(cfg: Config) -> dict:
     # every setting of the winning trial that differs from config.py's defaults (head, scheduler, label_sigma,
     # csv_dir, ...), so the printed line trains the recipe that was tuned, only for longer
     winner = replace(cfg, lr=best["lr"], weight_decay=best["weight_decay"], epochs=epochs)
-    command = shlex.join(["python", "train.py", *to_argv(winner)])
+    command = shlex.join(["python", "train.py", *to_argv(winner, always=("lr", "weight_decay", "epochs"))])
     print(f"\nstep 5: train the best setting longer:\n  {command}")
     return {"initial_loss": step1, "overfit_losses": step2, "lr_sweep": step3, "grid": step4, "best": best,
             "command": command, "winner": winner}

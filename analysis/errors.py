@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from analysis import analysis_dir, prepare_evaluation
-from config import Config, atomic_write_path, parse_config, print_config, save_figure
+from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader, decade_start
 from train import ADULT_AGE, Execution, age_gate_errors, evaluate, expected_calibration_error, reliability
 
@@ -182,8 +182,7 @@ def main(cfg: Config) -> dict[str, Any]:
     output = analysis_dir(cfg)
     table_path, predictions_path = output / f"{setup.tag}_errors.csv", output / f"{setup.tag}_predictions.csv"
     for data, path in ((table, table_path), (frame, predictions_path)):
-        with atomic_write_path(path) as temporary:
-            data.to_csv(temporary, index=False, float_format="%.4f", lineterminator="\n")
+        write_csv(data, path, "%.4f")
     pics = Path(cfg.pics_dir)
     title = f"{setup.tag} ({len(frame)} faces, MAE {metrics['mae']:.2f})"
     plot_groups(table, pics / f"errors_{setup.tag}_groups.png", title)

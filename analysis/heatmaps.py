@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from analysis import analysis_dir, prepare_evaluation
-from config import Config, atomic_write_path, parse_config, print_config, save_figure
+from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import build_dataset
 from model import AgeEstimationModel
 
@@ -156,8 +156,7 @@ def main(cfg: Config) -> dict[str, Any]:
     save_figure(figure, average_path)
 
     table_path = analysis_dir(cfg) / f"{setup.tag}_heatmaps.csv"
-    with atomic_write_path(table_path) as temporary:
-        table.to_csv(temporary, index=False, float_format="%.4f", lineterminator="\n")
+    write_csv(table, table_path, "%.4f")
     print(f"wrote {examples_path}, {average_path} and {table_path}")
     return {"table": table, "maps": maps, "examples_path": str(examples_path), "average_path": str(average_path),
             "table_path": str(table_path)}

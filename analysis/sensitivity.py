@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from analysis import analysis_dir, prepare_evaluation
-from config import Config, atomic_write_path, parse_config, print_config, save_figure
+from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import build_dataset, build_transforms
 from train import Execution, evaluate
 
@@ -163,8 +163,7 @@ def main(cfg: Config) -> dict[str, Any]:
     table = pd.DataFrame(rows)
 
     table_path = analysis_dir(cfg) / f"{setup.tag}_sensitivity.csv"
-    with atomic_write_path(table_path) as temporary:
-        table.to_csv(temporary, index=False, float_format="%.4f", lineterminator="\n")
+    write_csv(table, table_path, "%.4f")
     figure_path = Path(cfg.pics_dir) / f"sensitivity_{setup.tag}.png"
     plot_sensitivity(table, clean["mae"], figure_path,
                      f"{setup.tag}: MAE under degradation (clean {clean['mae']:.2f}; flip consistency "
