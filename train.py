@@ -28,7 +28,6 @@ Run:  python train.py --model_name=resnet --epochs=30      then: tensorboard --l
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -133,30 +132,43 @@ class Execution:
 
 class WeightAverage:
     """An exponential moving average of a model's weights and batch-norm statistics (Polyak averaging, as timm's
-    ModelEmaV2): after every optimiser step average = decay * average + (1 - decay) * weights. The decay ramps up
-    as (1 + n) / (10 + n) over the first steps, so the random initial weights are forgotten quickly."""
+    ModelEmaV2), kept by torch.optim.swa_utils.AveragedModel with use_buffers=True: after every optimiser step
+    average = decay * average + (1 - decay) * weights (get_ema_multi_avg_fn). The decay ramps up as
+    (1 + n) / (10 + n) over the first steps n, so the random initial weights are forgotten quickly; integer
+    buffers (batch-norm step counters) are copied. Saved as {"model": state dict, "updates": n}, the format
+    checkpoints have always had."""
 
     def __init__(self, model: nn.Module, decay: float):
-        self.module = copy.deepcopy(unwrap(model)).eval().requires_grad_(False)
-        self.decay, self.updates = decay, 0
+        from torch.optim.swa_utils import AveragedModel
+
+        self.decay = decay
+        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=self._ramped_update, use_buffers=True)
+        self.module = self.averaged.module.eval().requires_grad_(False)
+
+    def _ramped_update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], averaged_before: torch.Tensor,
+                       ) -> None:
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        if not averaged[0].is_floating_point():  # AveragedModel groups tensors by dtype: a list of counters
+            torch._foreach_copy_(averaged, current)
+            return
+        update = int(averaged_before) + 1  # AveragedModel's first update copies; this is update 2, 3, ...
+        get_ema_multi_avg_fn(min(self.decay, (1 + update) / (10 + update)))(averaged, current, averaged_before)
+
+    @property
+    def updates(self) -> int:
+        return int(self.averaged.n_averaged)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        current = unwrap(model).state_dict()
-        for name, averaged in self.module.state_dict().items():
-            if averaged.is_floating_point():
-                averaged.lerp_(current[name], 1.0 - decay)
-            else:  # batch-norm step counters
-                averaged.copy_(current[name])
+        self.averaged.update_parameters(unwrap(model))
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.load_state_dict(state["model"])
-        self.updates = state["updates"]
+        self.averaged.n_averaged.fill_(state["updates"])
 
 
 @dataclass
