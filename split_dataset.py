@@ -53,7 +53,12 @@ def age_bins(ages: np.ndarray, min_count: int) -> np.ndarray:
 def stratified_split(
     frame: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int, min_per_bin: int
 ) -> dict[str, pd.DataFrame]:
-    """Split `frame` per age bin; each split keeps the input's row order (sorted by image name)."""
+    """Split `frame` per age bin; each split keeps the input's row order (sorted by image name).
+
+    Hand-written, not scikit-learn's train_test_split(stratify=bins): sklearn rounds the test and valid counts of
+    the whole set and then shares them out over the bins, so a bin can get one image more in valid and test and two
+    fewer in train than its own 80/10/10 (measured: 712 of 1,500 random age lists broke "every bin within one image
+    of 80/10/10", tests/test_properties.py); rounding per bin keeps every bin, including the rare-age ones, exact."""
     frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
     bins = age_bins(frame["age"].to_numpy(), min_per_bin)
     generator = np.random.default_rng(seed)
