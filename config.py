@@ -19,7 +19,7 @@ import sys
 import types
 import typing
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +29,8 @@ TIMM_PREFIX = "timm/"
 Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
 DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "csv"]
 DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
-INTERPOLATIONS = ("bilinear", "bicubic")
+Interpolation = Literal["", "bilinear", "bicubic"]  # '': the backbone's own (model.resolve_preprocessing)
+INTERPOLATIONS: tuple[str, ...] = tuple(name for name in typing.get_args(Interpolation) if name)
 
 
 class UsageError(SystemExit):
@@ -63,7 +64,7 @@ class Config:
     check_images: bool = True  # eda.py decodes every image to list unreadable ones (slower, but safe)
     normalize_mean: tuple[float, ...] = ()  # channel means (() = the backbone weights': model.resolve_preprocessing)
     normalize_std: tuple[float, ...] = ()  # channel standard deviations (() = the backbone weights' own)
-    interpolation: Literal["", "bilinear", "bicubic"] = ""  # resize filter ('' = what the backbone's weights expect)
+    interpolation: Interpolation = ""  # resize filter ('' = what the backbone's weights expect)
     flip: bool = True  # train augmentation: mirror half of the faces left-right
     rotation_degrees: float = 10.0  # train augmentation: random rotation in [-x, x] degrees
     translate_fraction: float = 0.04  # train augmentation: random shift up to this share of the side (crop jitter)
@@ -189,8 +190,10 @@ def _convert(text: str, annotation: Any, key: str) -> Any:
 
 
 def _field_types() -> dict[str, Any]:
+    """The type of every setting: every field but given_keys, which describes one command line, not a run (it is
+    never typed, printed, written out or stored)."""
     hints = typing.get_type_hints(Config)
-    return {field.name: hints[field.name] for field in fields(Config)}
+    return {field.name: hints[field.name] for field in fields(Config) if field.name != "given_keys"}
 
 
 def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
@@ -207,8 +210,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
             raise SystemExit(f"error: expected --key=value, got {argument!r}")
         key, has_value, value = argument[2:].partition("=")
         key = key.replace("-", "_")
-        if key not in types_by_name or key == "given_keys":
-            valid = ", ".join(sorted(name for name in types_by_name if name != "given_keys"))
+        if key not in types_by_name:
+            valid = ", ".join(sorted(types_by_name))
             raise SystemExit(f"error: unknown setting --{key}. Valid settings: {valid}")
         if not has_value:
             if types_by_name[key] is not bool:
@@ -285,14 +288,12 @@ def describe(cfg: Config | None = None) -> str:
     settings list their allowed values, taken from their Literal types."""
     cfg = cfg or Config()
     types_by_name = _field_types()
-    width = max(len(field.name) for field in fields(cfg))
+    width = max(map(len, types_by_name))
     lines = []
-    for field in fields(cfg):
-        if field.name == "given_keys":
-            continue
-        line = f"  {field.name:<{width}} = {getattr(cfg, field.name)!r}"
-        if typing.get_origin(types_by_name[field.name]) is Literal:
-            line += f"  ({' | '.join(value or repr(value) for value in typing.get_args(types_by_name[field.name]))})"
+    for name, annotation in types_by_name.items():
+        line = f"  {name:<{width}} = {getattr(cfg, name)!r}"
+        if typing.get_origin(annotation) is Literal:
+            line += f"  ({' | '.join(value or repr(value) for value in typing.get_args(annotation))})"
         lines.append(line)
     return "\n".join(lines)
 
@@ -303,9 +304,9 @@ def to_argv(cfg: Config, base: Config | None = None, always: tuple[str, ...] = (
     equal the base's (the settings a reader looks for, and a line that survives a change of defaults)."""
     base = base or Config()
     arguments = []
-    for field in fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.name == "given_keys" or (value == getattr(base, field.name) and field.name not in always):
+    for name in _field_types():
+        value = getattr(cfg, name)
+        if value == getattr(base, name) and name not in always:
             continue
         if isinstance(value, bool):
             text = str(value).lower()
@@ -313,7 +314,7 @@ def to_argv(cfg: Config, base: Config | None = None, always: tuple[str, ...] = (
             text = ",".join(str(item) for item in value)
         else:
             text = repr(value) if isinstance(value, float) else str(value)
-        arguments.append(f"--{field.name}={text}")
+        arguments.append(f"--{name}={text}")
     return arguments
 
 
@@ -324,9 +325,7 @@ def print_config(cfg: Config, script: str) -> None:
 def config_to_dict(cfg: Config) -> dict[str, Any]:
     """Plain dict of builtins (tuples become lists) that json and torch.load(weights_only=True) accept; without
     given_keys, which describes one command line, not the run."""
-    values = asdict(cfg)
-    del values["given_keys"]
-    return json.loads(json.dumps(values))
+    return json.loads(json.dumps({name: getattr(cfg, name) for name in _field_types()}))
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -334,7 +333,7 @@ def config_from_dict(values: dict[str, Any]) -> Config:
     types_by_name = _field_types()
     known = {}
     for key, value in values.items():
-        if key not in types_by_name or key == "given_keys":
+        if key not in types_by_name:
             continue
         if typing.get_origin(types_by_name[key]) is tuple:
             value = tuple(value)

@@ -353,6 +353,15 @@ def fit_temperature(model: nn.Module, outputs: torch.Tensor, ages: torch.Tensor)
     return temperatures[int(torch.tensor(losses).argmin())].item()
 
 
+def adult_probability(model: nn.Module, evaluation: dict[str, Any]) -> torch.Tensor | None:
+    """P(age >= ADULT_AGE) (N,) on the CPU from evaluate(keep_outputs=True)'s raw outputs, calibrated by the head's
+    temperature; None for a head without probabilities."""
+    head = unwrap(model).head
+    if not head.has_probabilities:
+        return None
+    return head.probability_at_least(evaluation["outputs"].to(head.temperature.device), ADULT_AGE).cpu()
+
+
 def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> dict[str, float]:
     """Fit the model's temperature on the valid set's outputs, set it, and report on the test set the expected
     calibration error of P(age >= ADULT_AGE) before and after (dicts from evaluate(keep_outputs=True))."""
@@ -362,8 +371,7 @@ def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> 
     results = {"temperature": temperature}
     for name, value in (("uncalibrated", 1.0), ("calibrated", temperature)):
         head.temperature.fill_(value)
-        probability = head.probability_at_least(test["outputs"].to(head.temperature.device), ADULT_AGE).cpu()
-        results[f"test_ece_adult_{name}"] = expected_calibration_error(probability, outcomes)
+        results[f"test_ece_adult_{name}"] = expected_calibration_error(adult_probability(model, test), outcomes)
     return results
 
 
@@ -575,9 +583,8 @@ def test_best_checkpoint(cfg: Config, model: nn.Module, loaders: dict[str, Any],
             save_checkpoint(best_path, model, cfg, **{key: value for key, value in best_state.items()
                                                       if key not in ("model", "config")})
     tta = evaluate(model, loaders["test"], execution, tta=True) if cfg.tta else None
-    probability = (unwrap(model).head.probability_at_least(test["outputs"].to(execution.device), ADULT_AGE).cpu()
-                   if probabilistic else None)
-    gate = age_gate_errors(torch.tensor(test["targets"]), torch.tensor(test["predictions"]), probability)
+    gate = age_gate_errors(torch.tensor(test["targets"]), torch.tensor(test["predictions"]),
+                           adult_probability(model, test))
     return {"test": test, "calibration": calibration, "tta": tta, "age_gate": gate}
 
 

@@ -29,7 +29,15 @@ import torch
 from analysis import analysis_dir, prepare_evaluation
 from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader, decade_start
-from train import ADULT_AGE, Execution, age_gate_errors, evaluate, expected_calibration_error, reliability
+from train import (
+    ADULT_AGE,
+    Execution,
+    adult_probability,
+    age_gate_errors,
+    evaluate,
+    expected_calibration_error,
+    reliability,
+)
 
 GROUPINGS = ("decade", "gender", "ethnicity", "gender_ethnicity")
 MIN_GROUP_SIZE = 20  # groups smaller than this get a row and an interval, but no say in the largest gap
@@ -171,8 +179,7 @@ def main(cfg: Config) -> dict[str, Any]:
     probabilistic = setup.model.head.has_probabilities
     metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device),
                        keep_outputs=probabilistic)
-    probability = (setup.model.head.probability_at_least(metrics["outputs"].to(setup.device), ADULT_AGE).cpu()
-                   if probabilistic else None)  # calibrated by the checkpoint's temperature
+    probability = adult_probability(setup.model, metrics)  # None without probabilities; the file's temperature
     gate = age_gate_errors(torch.tensor(metrics["targets"]), torch.tensor(metrics["predictions"]), probability)
     frame = loader.dataset.frame[["image_name", "age", "gender", "ethnicity"]].copy()
     frame["predicted"] = metrics["predictions"]
