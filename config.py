@@ -121,6 +121,13 @@ class Config:
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
     format: Literal["torchscript", "onnx"] = "torchscript"  # export_jit.py's output format
+    # --- app.py (the web page and its API) ---
+    host: str = "127.0.0.1"  # address the app listens on (0.0.0.0 = every network interface; only on a trusted network)
+    port: int = 7860  # the app's port
+    share: bool = False  # also open a public *.gradio.live link (needs internet)
+    max_upload_megabytes: int = 20  # uploads larger than this are refused
+    max_image_pixels: int = 40_000_000  # photos with more pixels (width x height) are refused before decoding
+    max_video_seconds: float = 30.0  # longer clips are refused
     # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
     test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
     exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)

@@ -5,7 +5,8 @@ Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit
         checkpoints/*/best.pt. --input: an image, a folder of images, a video file, or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a
         JSON line per face beside it (<output>.jsonl, or predictions.jsonl in an output folder):
-        {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread"}.
+        {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread", "adult_probability"}
+        (spread and the calibrated P(age >= 18) for distribution heads of a .pt checkpoint, else null).
 
 Each face is found by faces.FaceDetector (MTCNN: a box and five landmarks) and aligned on its landmarks with the
 crop geometry stored in the model file, which train.py measured on the training images: the model sees the same
@@ -42,9 +43,12 @@ from custom_dataset_dataloader import (
     resize_square,
 )
 from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
-from model import config_from_model_file, load_model, newest_checkpoint
+from model import ADULT_AGE, config_from_model_file, load_model, newest_checkpoint
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
+# the codec each annotated-video suffix is written with: browsers play VP8 WebM (app.py writes it); OpenCV's wheels
+# carry no H.264 encoder, so an .mp4 gets MPEG-4 Part 2, which desktop players open
+VIDEO_CODECS = {".webm": "VP80", ".avi": "MJPG"}
 
 
 def is_torchscript(path: Path) -> bool:
@@ -54,6 +58,16 @@ def is_torchscript(path: Path) -> bool:
             return any("/code/" in name for name in archive.namelist())
     except zipfile.BadZipFile:
         return False
+
+
+@dataclass
+class Predictions:
+    """What a model says about N face crops, in years: ages (N,); for distribution heads of a .pt checkpoint also
+    the spread (N,) and the calibrated P(age >= ADULT_AGE) (N,), else None."""
+
+    ages: np.ndarray
+    spreads: np.ndarray | None = None
+    adult_probabilities: np.ndarray | None = None
 
 
 class AgePredictor:
@@ -94,31 +108,38 @@ class AgePredictor:
         self.image_size = self.cfg.image_size
 
     @torch.inference_mode()
-    def predict_with_spread(self, crops: np.ndarray, tta: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """uint8 crops (N, 3, S, S) -> (ages (N,), spreads (N,) or None), in years. The spread (the standard
-        deviation of the predicted age distribution) exists for the dex / mean_variance heads of a .pt checkpoint;
-        exported files return ages only. With tta, both are averaged with the mirrored crops'."""
+    def predict_details(self, crops: np.ndarray, tta: bool = False) -> Predictions:
+        """uint8 crops (N, 3, S, S) -> ages, spreads and P(age >= ADULT_AGE), each (N,). The spread (the standard
+        deviation of the predicted age distribution) and the probability (calibrated by the head's temperature)
+        exist for the heads that predict a distribution, in a .pt checkpoint; exported files return ages only.
+        With tta, all three are averaged with the mirrored crops'."""
         if len(crops) == 0:
-            return np.zeros(0, dtype=np.float32), None
+            return Predictions(np.zeros(0, dtype=np.float32))
         images = self.transform(torch.from_numpy(np.ascontiguousarray(crops)))  # (N, 3, S, S) float
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2N, 3, S, S)
-        spreads = None
+        spreads = probabilities = None
         if self.kind == "onnx":
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
         elif self.kind == "checkpoint" and self.model.head.has_spread:
+            head = self.model.head
             outputs = self.model.head_outputs(images.to(self.device))  # (N, K)
-            ages, spreads = self.model.head.ages(outputs).cpu(), self.model.head.spread(outputs).cpu()
+            ages, spreads = head.ages(outputs).cpu(), head.spread(outputs).cpu()
+            if head.has_probabilities:
+                probabilities = head.probability_at_least(outputs, ADULT_AGE).float().cpu()
         else:
             ages = self.model(images.to(self.device)).float().cpu()  # (N,) or (2N,)
-        if tta:
-            ages = ages.view(2, -1).mean(0)
-            spreads = None if spreads is None else spreads.view(2, -1).mean(0)
-        return ages.numpy(), None if spreads is None else spreads.numpy()
+
+        def merged(values: torch.Tensor | None) -> np.ndarray | None:
+            if values is None:
+                return None
+            return (values.view(2, -1).mean(0) if tta else values).numpy()  # (N,)
+
+        return Predictions(merged(ages), merged(spreads), merged(probabilities))
 
     def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
         """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
-        return self.predict_with_spread(crops, tta)[0]
+        return self.predict_details(crops, tta).ages
 
 
 @dataclass
@@ -128,6 +149,7 @@ class Face:
     spread: float | None = None
     track: int | None = None
     landmarks: np.ndarray | None = None  # (5, 2) x, y in pixels (faces.LANDMARK_NAMES), None without detection
+    adult_probability: float | None = None  # calibrated P(age >= ADULT_AGE); distribution heads of .pt files only
 
 
 def estimate_faces(
@@ -145,12 +167,17 @@ def estimate_faces(
         boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
         crops = [predictor.crop_geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation)
                  for face in detected]
-    ages, spreads = predictor.predict_with_spread(
+    predictions = predictor.predict_details(
         np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
     )
-    spreads = [None] * len(ages) if spreads is None else [float(spread) for spread in spreads]
-    return [Face(box, float(age), spread, landmarks=points)
-            for box, age, spread, points in zip(boxes, ages, spreads, landmarks, strict=True)]
+
+    def floats(values: np.ndarray | None) -> list[float | None]:
+        return [None] * len(predictions.ages) if values is None else [float(value) for value in values]
+
+    return [Face(box, float(age), spread, landmarks=points, adult_probability=probability)
+            for box, age, spread, probability, points in zip(
+                boxes, predictions.ages, floats(predictions.spreads), floats(predictions.adult_probabilities),
+                landmarks, strict=True)]
 
 
 def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -> np.ndarray:
@@ -225,14 +252,15 @@ class FaceTracker:
 
 
 def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[str, Any]]:
-    """One JSON-ready dict per face: source, frame, box (x, y, w, h), landmarks, age, spread (and track in
-    videos)."""
+    """One JSON-ready dict per face: source, frame, box (x, y, w, h), landmarks, age, spread, adult_probability
+    (and track in videos)."""
     rows = []
     for face in faces:
         landmarks = None if face.landmarks is None else np.round(face.landmarks, 1).tolist()
         row = {"source": source, "frame": frame, "box": [round(value, 1) for value in face.box],
                "landmarks": landmarks, "age": round(face.age, 2),
-               "spread": None if face.spread is None else round(face.spread, 2)}
+               "spread": None if face.spread is None else round(face.spread, 2),
+               "adult_probability": None if face.adult_probability is None else round(face.adult_probability, 3)}
         if face.track is not None:
             row["track"] = face.track
         rows.append(row)
@@ -307,7 +335,8 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
             if temporary is not None:
                 if writer is None:
                     height, width = canvas.shape[:2]
-                    writer = cv2.VideoWriter(str(temporary), cv2.VideoWriter_fourcc(*"mp4v"), fps_in, (width, height))
+                    codec = cv2.VideoWriter_fourcc(*VIDEO_CODECS.get(output.suffix.lower(), "mp4v"))
+                    writer = cv2.VideoWriter(str(temporary), codec, fps_in, (width, height))
                 writer.write(canvas)
             if show:
                 try:

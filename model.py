@@ -239,6 +239,7 @@ def build_imagenet_classifier(model_name: str) -> nn.Module:
 REGRESSION_LOSSES = ("l1", "mse", "smooth_l1")  # one output: a standardised age
 DISTRIBUTION_LOSSES = ("dex", "mean_variance")  # softmax over the integer ages 0..max_age, age = expectation
 HEADS = (*REGRESSION_LOSSES, *DISTRIBUTION_LOSSES, "coral")  # coral: max_age rank-consistent binary tasks
+ADULT_AGE = 18  # the threshold whose probability is calibrated and reported (age-restricted services ask this)
 MEAN_VARIANCE_WEIGHTS = (0.2, 0.05)  # lambda_mean, lambda_variance (Pan et al., CVPR 2018)
 
 

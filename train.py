@@ -58,6 +58,7 @@ from config import (
 from custom_dataset_dataloader import build_dataloader, decade_start
 from faces import measure_crop_geometry
 from model import (
+    ADULT_AGE,
     build_model,
     load_checkpoint,
     load_model,
@@ -319,7 +320,6 @@ def evaluate(
     }
 
 
-ADULT_AGE = 18  # the threshold whose probability is calibrated and reported (age-restricted services ask this)
 
 
 def reliability(probabilities: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> dict[str, Any]:

@@ -1,0 +1,323 @@
+"""A web page, and its API, to try a trained model on your own photos and clips (Gradio, over inference.py).
+
+Reads:  the model files found under --checkpoint_dir and demo_output/checkpoints/ (<run>/best.pt,
+        <run>/model.torchscript, <run>/model.onnx), and --checkpoint if given; photos and clips sent to the page.
+Writes: nothing in the repository: annotated images, clips and JSON lines go to a temporary folder the page serves
+        (files older than an hour are removed, the folder itself when the app stops).
+
+The page shows, for every face found: the annotated photo (box, landmarks, "age +/- spread"), a table (box, age,
+spread, the calibrated P(age >= 18), the model) and, for .pt checkpoints, each face's aligned crop beside its
+Grad-CAM map (what the age was read from). Detection, alignment, prediction and drawing are inference.py's and
+faces.py's own functions, so the page and `python inference.py` give the same numbers.
+
+Safe by default: it listens on 127.0.0.1 (--host=0.0.0.0 to serve a network), opens no public link unless
+--share=true, refuses uploads over --max_upload_megabytes, photos over --max_image_pixels and clips over
+--max_video_seconds, and answers a bad file with a message on the page. The model picker offers only the files
+found at start, and a request can name nothing else, so no request makes the server load an arbitrary path.
+
+Run:  python app.py                       (then open http://127.0.0.1:7860)
+      python app.py --checkpoint=checkpoints/<run>/model.onnx --port=8080
+API:  from gradio_client import Client, handle_file
+      faces = Client("http://127.0.0.1:7860/").predict(handle_file("photo.jpg"), api_name="/estimate")
+      # a list with one dict per face: box, landmarks, age, spread, adult_probability, model
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from config import Config, parse_config, print_config, resolve_device
+from custom_dataset_dataloader import describe_read_error, open_rgb_image
+from faces import FaceDetector
+from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video
+from model import ADULT_AGE
+
+DEMO_CHECKPOINTS = Path("demo_output") / "checkpoints"  # where demo.py leaves its model
+MODEL_FILE_PATTERNS = ("*/best.pt", "*/*.torchscript", "*/*.onnx")
+KEEP_OUTPUTS_SECONDS = 3600  # annotated files older than this are removed from the app's folder
+GALLERY_SIZE = 192  # pixels: the side each crop and its map are shown at in the gallery
+TABLE_HEADERS = ["face", "box (x, y, w, h)", "age", "spread", f"P(age >= {ADULT_AGE})", "model"]
+
+
+class InputError(ValueError):
+    """A photo or clip the app cannot use; its message is shown on the page as it is."""
+
+
+def find_model_files(cfg: Config) -> dict[str, Path]:
+    """Label -> model file: --checkpoint first, then checkpoint_dir's and demo_output's model files, newest first.
+    Stops with one sentence when there is none."""
+    found: dict[str, Path] = {}
+    if cfg.checkpoint:
+        path = Path(cfg.checkpoint)
+        if not path.is_file():
+            raise SystemExit(f"error: --checkpoint={cfg.checkpoint} does not exist")
+        found[str(path)] = path.resolve()
+    candidates = {path.resolve(): path for folder in (Path(cfg.checkpoint_dir), DEMO_CHECKPOINTS)
+                  for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
+    for resolved, path in sorted(candidates.items(), key=lambda item: -item[0].stat().st_mtime):
+        if resolved not in found.values():
+            found[str(path)] = resolved
+    if not found:
+        raise SystemExit(f"error: no model file in {cfg.checkpoint_dir}/ or {DEMO_CHECKPOINTS}/; run python demo.py "
+                         "(5 minutes, no download) or python train.py first, or pass --checkpoint=<file>")
+    return found
+
+
+class ModelShelf:
+    """The model files on offer, each loaded on first use and then kept, and one face detector per smallest-face
+    size. A label that was not found at start is refused: requests choose among these files, never a path."""
+
+    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu"):
+        self.files, self.device = files, device
+        self.predictors: dict[str, AgePredictor] = {}
+        self.detectors: dict[int, FaceDetector] = {}
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.files)
+
+    def predictor(self, label: str) -> AgePredictor:
+        if label not in self.files:
+            raise InputError(f"unknown model {label!r}; choose one of: {', '.join(self.files)}")
+        if label not in self.predictors:
+            self.predictors[label] = AgePredictor(self.files[label], self.device)
+        return self.predictors[label]
+
+    def detector(self, min_face_size: int) -> FaceDetector:
+        size = int(min_face_size)
+        if size not in self.detectors:
+            self.detectors[size] = FaceDetector(size)
+        return self.detectors[size]
+
+
+def read_photo(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
+    """An uploaded photo as RGB (H, W, 3) uint8; InputError naming the file for anything else. The pixel count is
+    checked from the header, before the image is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    name = Path(path).name
+    try:
+        with Image.open(path) as header:
+            width, height = header.size
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(f"{name} is not an image this app can read ({describe_read_error(error, path)}); send a "
+                         "JPEG, PNG, WebP or BMP photo") from None
+    if width * height > max_pixels:
+        raise InputError(f"{name} has {width} x {height} pixels, more than the app's limit of {max_pixels:,}; "
+                         "send a smaller photo (or start the app with a larger --max_image_pixels)")
+    try:
+        return np.asarray(open_rgb_image(path))
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise InputError(f"{name} could not be decoded ({describe_read_error(error, path)})") from None
+
+
+def table_rows(faces: list[Face], label: str) -> list[list[Any]]:
+    """The page's table: one row per face, in TABLE_HEADERS' order."""
+    def rounded(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
+    return [[index + 1, ", ".join(f"{value:.0f}" for value in face.box), round(face.age, 1),
+             rounded(face.spread, 1), rounded(face.adult_probability, 3), label]
+            for index, face in enumerate(faces)]
+
+
+def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face]) -> list[tuple[np.ndarray, str]]:
+    """Each face's aligned crop beside its Grad-CAM map, (crop | overlay) uint8 RGB, with a caption; empty for an
+    exported model (no gradients) or a backbone without a Grad-CAM set-up."""
+    from analysis.heatmaps import cam_setup, compute_heatmaps
+
+    if predictor.kind != "checkpoint" or not faces:
+        return []
+    try:
+        cam_setup(predictor.model, predictor.cfg.model_name)
+    except ValueError:
+        return []
+    import cv2
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    size, interpolation = predictor.image_size, predictor.cfg.interpolation
+    crops = np.stack([predictor.crop_geometry.crop(image, face.landmarks, size, interpolation)
+                      for face in faces])  # (N, 3, S, S) uint8
+    maps = compute_heatmaps(predictor.model, predictor.cfg.model_name,
+                            predictor.transform(torch.from_numpy(crops)).to(predictor.device))  # (N, S, S)
+    gallery = []
+    for index, (crop, heatmap, face) in enumerate(zip(crops, maps, faces, strict=True)):
+        rgb = crop.transpose(1, 2, 0)  # (S, S, 3)
+        overlay = show_cam_on_image(rgb.astype(np.float32) / 255, heatmap, use_rgb=True)
+        pair = np.hstack([rgb, overlay])  # (S, 2S, 3)
+        pair = cv2.resize(pair, (2 * GALLERY_SIZE, GALLERY_SIZE), interpolation=cv2.INTER_CUBIC)  # viewable
+        gallery.append((pair, f"face {index + 1}: {face.age:.0f} years"))
+    return gallery
+
+
+@dataclass
+class PhotoResult:
+    canvas: np.ndarray  # (H, W, 3) uint8 RGB, annotated
+    faces: list[Face]
+    rows: list[dict[str, Any]]  # inference.face_rows plus the model's label
+    gallery: list[tuple[np.ndarray, str]]
+
+
+def estimate_photo(shelf: ModelShelf, path: str | os.PathLike, label: str, tta: bool, min_face_size: int,
+                   max_pixels: int, heatmaps: bool = True) -> PhotoResult:
+    """Detect, align and predict every face of one photo with the chosen model (InputError for a bad file)."""
+    predictor = shelf.predictor(label)
+    image = read_photo(path, max_pixels)
+    faces = estimate_faces(image, predictor, shelf.detector(min_face_size), tta)
+    rows = [{**row, "model": label} for row in face_rows(Path(path).name, None, faces)]
+    canvas = draw_faces(image, faces)[:, :, ::-1]  # draw_faces gives BGR (OpenCV's order) -> RGB
+    return PhotoResult(canvas, faces, rows, heatmap_gallery(predictor, image, faces) if heatmaps else [])
+
+
+def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label: str, tta: bool,
+                  min_face_size: int, folder: Path) -> tuple[Path, list[dict[str, Any]]]:
+    """Annotate a short clip (WebM, which browsers play) with inference.run_on_video: (video path, face rows per
+    frame). InputError for a file OpenCV cannot decode or a clip over cfg.max_video_seconds."""
+    import cv2
+
+    name = Path(path).name
+    capture = cv2.VideoCapture(str(path))
+    frames, fps = capture.get(cv2.CAP_PROP_FRAME_COUNT), capture.get(cv2.CAP_PROP_FPS) or 25.0
+    readable = capture.isOpened() and capture.read()[0]
+    capture.release()
+    if not readable:
+        raise InputError(f"{name} is not a video this app can decode; send an MP4, WebM, AVI or MOV clip")
+    if frames / fps > cfg.max_video_seconds:
+        raise InputError(f"{name} lasts {frames / fps:.0f} s, longer than the app's limit of "
+                         f"{cfg.max_video_seconds:.0f} s; send a shorter clip")
+    output = folder / f"{Path(path).stem}_{uuid.uuid4().hex[:8]}_age.webm"
+    video_cfg = replace(cfg, tta=tta, show=False)
+    rows = run_on_video(video_cfg, str(path), output, shelf.predictor(label), shelf.detector(min_face_size))
+    if not output.is_file():
+        raise InputError(f"{name}: no frame could be decoded")
+    return output, [{**row, "source": name, "model": label} for row in rows]
+
+
+def write_rows(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
+    """The JSON lines inference.py writes, as a download; files older than KEEP_OUTPUTS_SECONDS are removed."""
+    now = time.time()
+    for old in folder.iterdir():
+        if now - old.stat().st_mtime > KEEP_OUTPUTS_SECONDS:
+            old.unlink(missing_ok=True)
+    path = folder / f"{stem}_{uuid.uuid4().hex[:8]}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
+    """The gr.Blocks page: photo and clip tabs, the model picker, and the /estimate API endpoint."""
+    import gradio as gr
+
+    def page_error(error: Exception) -> Exception:
+        return gr.Error(str(error)) if isinstance(error, InputError) else error
+
+    def on_photo(path: str | None, label: str, tta: bool, min_face_size: float):
+        if not path:
+            raise gr.Error("add a photo first: upload one, paste one or take a webcam snapshot")
+        try:
+            result = estimate_photo(shelf, path, label, tta, int(min_face_size), cfg.max_image_pixels)
+        except InputError as error:
+            raise page_error(error) from None
+        message = (f"{len(result.faces)} face(s) found with {label}." if result.faces else
+                   f"No face found (smallest face searched: {int(min_face_size)} px). Try a lower smallest-face "
+                   "setting or a photo where the face is larger.")
+        if result.faces and not result.gallery:
+            message += " (Grad-CAM maps need a .pt checkpoint of a backbone with a Grad-CAM set-up.)"
+        download = write_rows(folder, Path(path).stem, result.rows)
+        return (result.canvas, table_rows(result.faces, label), gr.update(value=result.gallery,
+                visible=bool(result.gallery)), str(download), message)
+
+    def on_clip(path: str | None, label: str, tta: bool, min_face_size: float):
+        if not path:
+            raise gr.Error("add a clip first")
+        try:
+            video, rows = estimate_clip(cfg, shelf, path, label, tta, int(min_face_size), folder)
+        except InputError as error:
+            raise page_error(error) from None
+        frames = len({row["frame"] for row in rows})
+        message = f"{len(rows)} face detections over {frames} frame(s) with faces, by {label}."
+        return str(video), str(write_rows(folder, Path(path).stem, rows)), message
+
+    def estimate(photo: str | None, label: str, tta: bool, min_face_size: float) -> list[dict[str, Any]]:
+        """The API: one dict per face (box, landmarks, age, spread, adult_probability, model)."""
+        if not photo:
+            raise gr.Error("send a photo: Client(url).predict(handle_file('photo.jpg'), api_name='/estimate')")
+        try:
+            return estimate_photo(shelf, photo, label, tta, int(min_face_size), cfg.max_image_pixels,
+                                  heatmaps=False).rows
+        except InputError as error:
+            raise page_error(error) from None
+
+    with gr.Blocks(title="Facial age estimation") as page:
+        gr.Markdown("# Facial age estimation\nEvery face in the photo is found (MTCNN), aligned like the training "
+                    "crops and given an age, a spread (the standard deviation of the predicted age distribution) "
+                    f"and the calibrated probability of being {ADULT_AGE} or older.")
+        with gr.Row():
+            model_picker = gr.Dropdown(shelf.labels, value=shelf.labels[0], label="model")
+            tta = gr.Checkbox(value=cfg.tta, label="flip test-time augmentation")
+            min_face = gr.Slider(12, 400, value=cfg.min_face_size, step=1, label="smallest face (px)")
+        with gr.Tab("Photo"):
+            with gr.Row():
+                # gradio opens the upload's header itself first: a file that is not an image is answered there,
+                # with PIL's message on the page (a gr.Image subclass to reword it would make gradio write a .pyi
+                # stub beside this file); the API's input below is decoded by read_photo alone
+                photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="photo")
+                annotated = gr.Image(label="faces", interactive=False, format="png")
+            run_photo = gr.Button("Estimate ages", variant="primary")
+            photo_status = gr.Markdown()
+            table = gr.Dataframe(headers=TABLE_HEADERS, label="one row per face", interactive=False)
+            gallery = gr.Gallery(label="aligned crop | Grad-CAM", columns=3, fit_columns=False, object_fit="contain",
+                                 preview=False, visible=False)
+            photo_rows = gr.File(label="face rows (JSON lines, as inference.py writes)")
+        with gr.Tab("Clip"):
+            with gr.Row():
+                clip = gr.Video(label=f"clip (up to {cfg.max_video_seconds:.0f} s)", sources=["upload"])
+                annotated_clip = gr.Video(label="faces", interactive=False)
+            run_clip = gr.Button("Estimate ages", variant="primary")
+            clip_status = gr.Markdown()
+            clip_rows = gr.File(label="face rows per frame (JSON lines)")
+        api_photo = gr.File(visible=False, label="photo")  # the API's input: a file, decoded by read_photo
+        api_faces = gr.JSON(visible=False)
+        api_button = gr.Button(visible=False)
+
+        # one model call at a time, shared by the three events: Grad-CAM hooks the model, and on a CPU parallel
+        # requests would only split the same cores
+        shared = {"concurrency_limit": 1, "concurrency_id": "model"}
+        settings = [model_picker, tta, min_face]
+        run_photo.click(on_photo, [photo, *settings], [annotated, table, gallery, photo_rows, photo_status],
+                        api_name="photo", **shared)
+        run_clip.click(on_clip, [clip, *settings], [annotated_clip, clip_rows, clip_status], api_name="clip",
+                       **shared)
+        api_button.click(estimate, [api_photo, *settings], api_faces, api_name="estimate", **shared)
+    return page
+
+
+def main(cfg: Config) -> Any:
+    """Serve the page until interrupted; returns the gr.Blocks (closed)."""
+    print_config(cfg, "app.py")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
+    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device))
+    print(f"models on offer: {', '.join(shelf.labels)}")
+    shelf.predictor(shelf.labels[0])  # load the default model now: a broken file stops here, not on a request
+    with tempfile.TemporaryDirectory(prefix="age_app_") as folder:
+        page = build_app(cfg, shelf, Path(folder))
+        page.queue(default_concurrency_limit=1)
+        page.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True,
+                    max_file_size=f"{cfg.max_upload_megabytes}mb", allowed_paths=[folder])
+        page.close()
+    return page
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))
