@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -234,9 +235,40 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Stop with a clear message if settings contradict each other."""
-    problems = []
+# The range of every numeric setting, inclusive: (lowest, highest). A value outside stops the script at once,
+# before any slow work, instead of crashing later or training on nonsense (a NaN loss, a 30 GB allocation).
+OPEN = "open"  # an exclusive bound: the value may come as close as it likes but not reach it
+RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] = {
+    "image_size": (16, 1024), "valid_fraction": ((OPEN, 0), (OPEN, 1)), "test_fraction": ((OPEN, 0), (OPEN, 1)),
+    "min_images_per_age_bin": (1, 10**6), "rotation_degrees": (0, 180), "translate_fraction": (0, 0.5),
+    "scale_jitter": (0, 0.9), "color_jitter": (0, 1), "erase_probability": (0, 1), "mixup_alpha": (0, 100),
+    "dropout": (0, (OPEN, 1)), "label_sigma": (0, 50), "max_age": (1, 200), "epochs": (0, 10**5),
+    "batch_size": (1, 2**16), "lr": ((OPEN, 0), 10), "backbone_lr_scale": (0, 100), "weight_decay": (0, 10),
+    "momentum": (0, (OPEN, 1)), "warmup_epochs": (0, 10**5), "grad_clip_norm": (0, 10**6),
+    "ema_decay": (0, (OPEN, 1)), "accumulation_steps": (1, 2**16), "seed": (0, 2**32 - 1), "num_workers": (0, 256),
+    "tune_epochs": (1, 10**5), "tune_overfit_images": (1, 10**7), "tune_overfit_epochs": (1, 10**5),
+    "min_face_size": (12, 10**5), "smoothing": (0, (OPEN, 1)), "port": (0, 65535), "max_upload_megabytes": (1, 10**5),
+    "max_image_pixels": (1, 10**10), "max_video_seconds": ((OPEN, 0), 10**5), "bootstrap_samples": (1, 10**7),
+    "heatmap_images": (1, 10**7), "demo_num_images": (30, 10**7),
+}
+
+
+def _range_problem(name: str, value: float) -> str | None:
+    """Why `value` is outside RANGES[name] (None when inside)."""
+    low, high = RANGES[name]
+    low_open, low = (True, low[1]) if isinstance(low, tuple) else (False, low)
+    high_open, high = (True, high[1]) if isinstance(high, tuple) else (False, high)
+    inside = math.isfinite(value) and (low < value if low_open else low <= value) and (
+        value < high if high_open else value <= high)
+    if inside:
+        return None
+    return f"{name}={value} must lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def validate(cfg: Config, source: str = "") -> None:
+    """Stop with a clear message if a setting is out of range or settings contradict each other; `source` names
+    the file a stored config came from."""
+    problems = [problem for name in RANGES if (problem := _range_problem(name, getattr(cfg, name)))]
     types_by_name = _field_types()
     for name, annotation in types_by_name.items():  # every enumerated setting, from its Literal type
         if typing.get_origin(annotation) is Literal and getattr(cfg, name) not in typing.get_args(annotation):
@@ -267,16 +299,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"image_size={cfg.image_size} must be a multiple of 16 for vit")
     if not 0 < cfg.valid_fraction + cfg.test_fraction < 1:
         problems.append("valid_fraction + test_fraction must lie between 0 and 1")
-    if cfg.image_size < 16 or cfg.batch_size < 1 or cfg.epochs < 0:
-        problems.append("image_size must be >= 16, batch_size >= 1 and epochs >= 0")
-    if not 0 <= cfg.erase_probability <= 1:
-        problems.append(f"erase_probability={cfg.erase_probability} must lie in [0, 1] (0 turns erasing off)")
-    if not cfg.backbone_lr_scale >= 0:
-        problems.append(f"backbone_lr_scale={cfg.backbone_lr_scale} must be >= 0 (0 freezes the backbone's weights)")
-    if cfg.mixup_alpha < 0:
-        problems.append(f"mixup_alpha={cfg.mixup_alpha} must be >= 0 (0 turns mixup off)")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise UsageError((f"{source}: its stored config is not usable: " if source else "") + "; ".join(problems))
 
 
 def parse_config(arguments: list[str] | None = None, base: Config | None = None) -> Config:
@@ -335,17 +359,42 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps({name: getattr(cfg, name) for name in _field_types()}))
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved by `config_to_dict`; keys this version no longer knows are ignored."""
+def _stored_value(value: Any, annotation: Any) -> Any:
+    """A value read from a file as the field's type, or ValueError: a stored config is input too."""
+    if typing.get_origin(annotation) is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError("a list")
+        return tuple(_stored_value(item, float) for item in value)
+    if typing.get_origin(annotation) is Literal:
+        annotation = str  # the allowed values are checked by validate
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not annotation:
+        raise ValueError(f"a {annotation.__name__}")
+    return value
+
+
+def config_from_dict(values: dict[str, Any], source: str = "") -> Config:
+    """Rebuild a Config saved by `config_to_dict`, type- and range-checked (UsageError naming `source`, the file
+    it came from); keys this version no longer knows are ignored."""
+    where = f"{source}: " if source else ""
+    if not isinstance(values, dict):
+        raise UsageError(f"{where}the stored config is a {type(values).__name__}, not a dict of settings; the file "
+                         "is damaged or was not written by this project")
     types_by_name = _field_types()
-    known = {}
+    known, problems = {}, []
     for key, value in values.items():
         if key not in types_by_name:
             continue
-        if typing.get_origin(types_by_name[key]) is tuple:
-            value = tuple(value)
-        known[key] = value
-    return Config(**known)
+        try:
+            known[key] = _stored_value(value, types_by_name[key])
+        except ValueError as expected:
+            problems.append(f"{key}={value!r} is not {expected}")
+    if problems:
+        raise UsageError(f"{where}its stored config is not usable: " + "; ".join(problems))
+    cfg = Config(**known)
+    validate(cfg, source or "a stored config")
+    return cfg
 
 
 def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch is imported lazily

@@ -32,9 +32,11 @@ import hashlib
 import json
 import math
 import os
+import stat
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -75,15 +77,38 @@ def split_csv_path(cfg: Config, split: str) -> Path:
     return Path(cfg.csv_dir) / f"{split}_set.csv"
 
 
-def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
-    """Read a project CSV, checking that it exists, has the four columns and at least one valid row."""
+def read_csv_file(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
+    """pandas.read_csv with every way a CSV can be unreadable turned into one sentence naming the file: not UTF-8
+    (a UTF-16 file with its byte-order mark is read as UTF-16), empty, malformed, or not a regular file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist or is not a regular file")
+    with path.open("rb") as handle:
+        start = handle.read(2)
+    encoding = "utf-16" if start in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return pd.read_csv(path, encoding=encoding, **options)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text (byte {error.start} is {error.object[error.start:error.start + 1]!r}"
+                        "); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path} is empty") from None
+    except pd.errors.ParserError as error:
+        raise DataError(f"{path} is not a well-formed CSV ({str(error).strip()})") from None
+
+
+def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.DataFrame:
+    """Read a project CSV, checking that it exists, has the four columns and at least one valid row. Rows with a
+    missing age or name are skipped with a warning; an age outside 0..max_age (or not finite) stops with the file
+    and rows named, since it would train silently on a wrong label."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path} does not exist. Run eda.py and split_dataset.py first (or `python demo.py`).")
     try:
-        frame = pd.read_csv(path, dtype={"image_name": str, "gender": str, "ethnicity": str, "subject": str})
-    except pd.errors.EmptyDataError:
-        raise DataError(f"{path} is empty. Re-run eda.py / split_dataset.py to rewrite it.") from None
+        frame = read_csv_file(path, dtype={"image_name": str, "gender": str, "ethnicity": str, "subject": str})
+    except DataError as error:
+        reason = str(error).removeprefix("error: ")
+        raise DataError(f"{reason}. Re-run eda.py / split_dataset.py to rewrite it.") from None
     missing = [column for column in ("image_name", "age") if column not in frame.columns]
     if missing:
         raise DataError(f"{path} lacks the column(s) {missing}; expected {list(CSV_COLUMNS)}.")
@@ -91,11 +116,19 @@ def read_dataset_csv(path: str | os.PathLike) -> pd.DataFrame:
         if column not in frame.columns:
             frame[column] = "unknown"
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
-    bad_rows = frame["age"].isna() | frame["image_name"].isna() | (frame["age"] < 0)
+    bad_rows = frame["age"].isna() | frame["image_name"].isna()
     if bad_rows.any():
         count = int(bad_rows.sum())
         warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
+    highest = np.inf if max_age is None else max_age
+    out_of_range = ~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)
+    if out_of_range.any():
+        rows = ", ".join(f"line {index + 2} ({frame.at[index, 'image_name']}: {frame.at[index, 'age']})"
+                         for index in frame.index[out_of_range][:5])
+        limit = "" if max_age is None else f" (max_age={max_age})"
+        raise DataError(f"{path}: {int(out_of_range.sum())} age(s) outside 0..{highest:g}{limit}, e.g. {rows}; fix "
+                        "or remove those rows (or raise --max_age for a data set with older people)")
     if frame.empty:
         raise DataError(f"{path} has no usable rows. Re-run eda.py on a folder of UTKFace images.")
     return frame[[*CSV_COLUMNS, *(column for column in OPTIONAL_COLUMNS if column in frame.columns)]]
@@ -107,12 +140,38 @@ def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
-    """The path of one CSV row's image; rows that point outside data_dir are refused, not read."""
+    """The path of one CSV row's image, checked before anything opens it: a row that points outside data_dir
+    (by .., an absolute path or a symlink), into a symlink loop, or at something that is not a regular file (a
+    FIFO would block the reader forever) raises DataError naming the row."""
     root = Path(data_dir).resolve()
-    path = (root / image_name).resolve()
+    try:
+        path = (root / image_name).resolve(strict=True)
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"image {image_name!r} does not exist in {root}; fix or remove its CSV row") from None
+    except (OSError, RuntimeError) as error:  # a symlink loop, a permission error
+        raise DataError(f"image path {image_name!r} cannot be resolved ({type(error).__name__}); fix its CSV row"
+                        ) from None
     if root not in path.parents:
-        raise DataError(f"image path {image_name!r} points outside the data folder {root}; fix the CSV row.")
+        raise DataError(f"image path {image_name!r} points outside the data folder {root}; refused, never read")
+    if not stat.S_ISREG(mode):
+        raise DataError(f"image path {image_name!r} is not a regular file (a FIFO, device or folder); refused")
     return path
+
+
+def screen_rows(frame: pd.DataFrame, data_dir: str | os.PathLike, source: str | os.PathLike) -> pd.DataFrame:
+    """The rows of `frame` whose image resolve_image_path accepts (the index is kept); the others are named in
+    one warning and left out, so one bad row never stops a run."""
+    refused = {}
+    for index, image_name in zip(frame.index, frame["image_name"], strict=True):
+        try:
+            resolve_image_path(data_dir, image_name)
+        except DataError as error:
+            refused[index] = str(error).removeprefix("error: ")
+    if refused:
+        listed = "\n  ".join(list(refused.values())[:20]) + ("\n  ..." if len(refused) > 20 else "")
+        warnings.warn(f"{source}: {len(refused)} row(s) refused and left out:\n  {listed}", stacklevel=2)
+    return frame.drop(index=list(refused))
 
 
 def describe_read_error(error: Exception, path: str | os.PathLike) -> str:
@@ -319,11 +378,15 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     """The data set of one split (train/valid/test) or of any project CSV given as csv_path."""
     cfg = resolve_preprocessing(cfg)
     path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
-    frame = read_dataset_csv(path)
+    frame = read_dataset_csv(path, cfg.max_age)
     if not Path(cfg.data_dir).is_dir():
         raise DataError(
             f"data_dir={cfg.data_dir} is not a folder. Pass the folder given to eda.py, e.g. --data_dir=data/UTKFace."
         )
+    frame = screen_rows(frame, cfg.data_dir, path).reset_index(drop=True)  # positions in the cache built below
+    if frame.empty:
+        raise DataError(f"none of the images listed in {path} can be used from data_dir={cfg.data_dir}; pass the "
+                        "folder that eda.py scanned with --data_dir=...")
     train = split == "train" if train is None else train
     cache_path = None
     if cfg.use_cache:

@@ -44,6 +44,8 @@ from custom_dataset_dataloader import (
     dataset_csv_path,
     describe_read_error,
     load_image,
+    read_csv_file,
+    resolve_image_path,
     write_dataset_csv,
 )
 
@@ -119,10 +121,18 @@ def read_appa_real(root: Path) -> tuple[list[tuple], list[str]]:
         raise DataError(f"no gt_avg_*.csv in {root}; pass the APPA-REAL release folder (appa-real-release/)")
     for label_file in label_files:
         split = label_file.stem.removeprefix("gt_avg_")
-        labels = pd.read_csv(label_file)
+        labels = read_csv_file(label_file, dtype={"file_name": str})
+        needed = [column for column in ("file_name", "real_age", "apparent_age_avg") if column not in labels]
+        if needed:
+            raise DataError(f"{label_file} lacks the column(s) {needed} of an APPA-REAL gt_avg file; it has "
+                            f"{list(labels.columns)}")
         categories_file = root / f"allcategories_{split}.csv"
-        categories = pd.read_csv(categories_file).set_index("file") if categories_file.is_file() else None
-        for row in labels.itertuples(index=False):
+        categories = read_csv_file(categories_file).set_index("file") if categories_file.is_file() else None
+        for line, row in enumerate(labels.itertuples(index=False), start=2):
+            ages = pd.to_numeric(pd.Series([row.real_age, row.apparent_age_avg]), errors="coerce")
+            if pd.isna(row.file_name) or ages.isna().any() or not 0 <= ages[0] <= MAX_AGE:
+                missing.append(f"{label_file.name} line {line} (no image name or no valid age)")
+                continue
             face = root / split / f"{row.file_name}_face.jpg"
             path = face if face.is_file() else root / split / row.file_name
             if not path.is_file():
@@ -132,8 +142,8 @@ def read_appa_real(root: Path) -> tuple[list[tuple], list[str]]:
             if categories is not None and row.file_name in categories.index:
                 gender = _gender(categories.at[row.file_name, "gender"])
                 ethnicity = _ethnicity(categories.at[row.file_name, "race"])
-            rows.append((path.relative_to(root).as_posix(), int(row.real_age), gender, ethnicity,
-                         float(row.apparent_age_avg)))
+            rows.append((path.relative_to(root).as_posix(), round(float(ages[0])), gender, ethnicity,
+                         float(ages[1])))
     return rows, missing
 
 
@@ -143,7 +153,7 @@ def read_labels_csv(root: Path, labels_csv: str) -> tuple[list[tuple], list[str]
     path = Path(labels_csv)
     if not path.is_file():
         raise DataError(f"--labels_csv={labels_csv} is not a file; give a CSV with an image path and an age column")
-    table = pd.read_csv(path, dtype=str)
+    table = read_csv_file(path, dtype=str)
     table.columns = [column.strip().lower() for column in table.columns]
     path_column = next((column for column in ("image_name", "path", "file", "filename") if column in table), None)
     if path_column is None or "age" not in table:
@@ -153,13 +163,32 @@ def read_labels_csv(root: Path, labels_csv: str) -> tuple[list[tuple], list[str]
     for row in table.itertuples(index=False):
         row = row._asdict()
         name, age = str(row[path_column]).strip(), pd.to_numeric(row["age"], errors="coerce")
-        if pd.isna(age) or not 0 <= age <= MAX_AGE or not (root / name).is_file():
+        if pd.isna(age) or not 0 <= age <= MAX_AGE or not (root / name).exists():  # where it leads: scan_folder
             bad.append(name)
             continue
         subject = row.get("subject")
         rows.append((name, round(float(age)), _gender(row.get("gender", "")), _ethnicity(row.get("ethnicity", "")),
                      "" if subject is None or pd.isna(subject) else str(subject).strip()))
     return rows, bad
+
+
+def _screen_paths(root: Path, labelled: list[tuple]) -> tuple[list[tuple], dict[str, str]]:
+    """The labelled rows whose image is a regular file inside root (resolved, so a symlink or .. that leads out is
+    refused before anything is opened), each file once; and refused name -> reason. A file listed twice (by any
+    spelling of its path) keeps its first row: the same face must never reach two splits."""
+    kept, refused, seen = [], {}, {}
+    for row in labelled:
+        try:
+            resolved = resolve_image_path(root, row[0])
+        except DataError as error:
+            refused[row[0]] = "refused: " + str(error).removeprefix("error: ")
+            continue
+        if resolved in seen:
+            refused[row[0]] = f"the same file as {seen[resolved]!r}, listed again; its first row is kept"
+            continue
+        seen[resolved] = row[0]
+        kept.append(row)
+    return kept, refused
 
 
 def scan_folder(
@@ -192,7 +221,8 @@ def scan_folder(
         columns.append("subject")
     else:
         raise DataError(f"unknown dataset_format {dataset_format!r}")
-    rows, unreadable = [], {}
+    labelled, unreadable = _screen_paths(root, labelled)
+    rows = []
     iterator = labelled
     if check_images:
         from tqdm import tqdm
@@ -218,7 +248,7 @@ def scan_folder(
                       f"{', '.join(malformed)}", stacklevel=2)
     if unreadable:
         listed = "\n  ".join(f"{name}: {reason}" for name, reason in unreadable.items())
-        warnings.warn(f"{len(unreadable)} image(s) could not be decoded and are skipped:\n  {listed}", stacklevel=2)
+        warnings.warn(f"{len(unreadable)} image(s) refused or not decodable, skipped:\n  {listed}", stacklevel=2)
     if frame.empty:
         raise DataError(
             f"no usable {DATASET_NAMES.get(dataset_format, dataset_format)} images in {root} ({len(labelled)} "

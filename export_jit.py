@@ -17,6 +17,7 @@ Run:  python export_jit.py [--checkpoint=checkpoints/<run>/best.pt] [--format=on
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -57,6 +58,31 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metad
         onnx.save(graph, str(temporary))
 
 
+def is_export(path: Path) -> bool:
+    """Whether a file is an export this script wrote (TorchScript with config.json, or ONNX with "config")."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("/extra/config.json") for name in archive.namelist())
+        import onnx
+
+        return any(entry.key == "config" for entry in onnx.load(str(path), load_external_data=False).metadata_props)
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
+def claim_output(path: Path, checkpoint_path: Path) -> None:
+    """Stop before exporting if the output is the checkpoint itself or an existing file that is not an export."""
+    if path.resolve() == checkpoint_path.resolve():
+        raise SystemExit(f"error: --output={path} is the checkpoint being exported; choose another name (e.g. "
+                         f"{checkpoint_path.with_name('model.torchscript')})")
+    if path.is_dir() or (path.exists() and not is_export(path)):
+        raise SystemExit(f"error: --output={path} exists and is not an export written by export_jit.py; choose "
+                         "another name, it is never replaced")
+
+
 def exported_outputs(path: Path, export_format: str, images: torch.Tensor) -> torch.Tensor:
     """Run an exported file the way inference.py does."""
     if export_format == "onnx":
@@ -85,19 +111,27 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(0)
     example = torch.randn(2, 3, size, size)  # (B, 3, S, S)
     suffix = "onnx" if cfg.format == "onnx" else "torchscript"
-    path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"model.{suffix}")
-    (export_onnx if cfg.format == "onnx" else export_torchscript)(model, example, path, metadata)
+    final_path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"model.{suffix}")
+    claim_output(final_path, checkpoint_path)
+    # exported under a temporary name and renamed only once the parity check passes: a failed export leaves an
+    # earlier good one in place
+    path = final_path.with_name(f".{final_path.stem}.{os.getpid()}.checking{final_path.suffix}")
+    try:
+        (export_onnx if cfg.format == "onnx" else export_torchscript)(model, example, path, metadata)
 
-    check = torch.randn(5, 3, size, size)  # another batch size: the batch axis must be dynamic
-    with torch.no_grad():
-        expected = model(check)
-    difference = (exported_outputs(path, cfg.format, check) - expected).abs().max().item()
-    print(f"parity on a random batch of 5: max |exported - eager| = {difference:.2e} years "
-          f"(tolerance {TOLERANCE[cfg.format]:.0e})")
-    if not difference <= TOLERANCE[cfg.format]:
-        path.unlink(missing_ok=True)
-        raise ExportError(f"{cfg.format} export of {checkpoint_path} differs from the eager model by "
-                          f"{difference:.2e} years; nothing was written")
+        check = torch.randn(5, 3, size, size)  # another batch size: the batch axis must be dynamic
+        with torch.no_grad():
+            expected = model(check)
+        difference = (exported_outputs(path, cfg.format, check) - expected).abs().max().item()
+        print(f"parity on a random batch of 5: max |exported - eager| = {difference:.2e} years "
+              f"(tolerance {TOLERANCE[cfg.format]:.0e})")
+        if not difference <= TOLERANCE[cfg.format]:
+            raise ExportError(f"{cfg.format} export of {checkpoint_path} differs from the eager model by "
+                              f"{difference:.2e} years; nothing was written")
+        os.replace(path, final_path)
+    finally:
+        path.unlink(missing_ok=True)  # the temporary file, if anything above failed
+    path = final_path
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with "
           f"python inference.py --checkpoint={path} --input=...")
     return {"path": str(path), "format": cfg.format, "max_abs_difference": difference}

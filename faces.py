@@ -326,8 +326,10 @@ class CropGeometry:
         """None for a missing geometry or an older checkpoint's box-relative one (measured for another detector)."""
         if not values or "landmarks" not in values:
             return None
-        return cls(tuple(tuple(float(value) for value in point) for point in values["landmarks"]),
-                   int(values.get("measured_on", 0)))
+        points = np.asarray(values["landmarks"], dtype=np.float64)  # ValueError / TypeError for garbage
+        if points.shape != (5, 2) or not np.isfinite(points).all() or np.abs(points).max() > 4:
+            raise ValueError(f"crop geometry landmarks must be 5 (x, y) pairs in crop units, got {values['landmarks']}")
+        return cls(tuple(tuple(float(value) for value in point) for point in points), int(values.get("measured_on", 0)))
 
 
 # Used for checkpoints that carry no landmark geometry (trained on data the detector found too few faces in, or

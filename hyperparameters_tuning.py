@@ -78,7 +78,7 @@ def initial_loss(cfg: Config) -> dict[str, float]:
 
 def overfit_subset(cfg: Config) -> list[float]:
     """Step 2: train on a fixed subset, evaluated on itself, without augmentation or regularisation."""
-    frame = read_dataset_csv(split_csv_path(cfg, "train"))
+    frame = read_dataset_csv(split_csv_path(cfg, "train"), cfg.max_age)
     subset = frame.sample(min(cfg.tune_overfit_images, len(frame)), random_state=cfg.seed).sort_index()
     with tempfile.TemporaryDirectory(prefix="overfit_") as folder:
         for split in ("train", "valid", "test"):

@@ -49,6 +49,7 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpe
 # the codec each annotated-video suffix is written with: browsers play VP8 WebM (app.py writes it); OpenCV's wheels
 # carry no H.264 encoder, so an .mp4 gets MPEG-4 Part 2, which desktop players open
 VIDEO_CODECS = {".webm": "VP80", ".avi": "MJPG"}
+WRITABLE_VIDEO_SUFFIXES = (".mp4", ".avi", ".webm", ".mkv", ".mov")
 
 
 def is_torchscript(path: Path) -> bool:
@@ -70,6 +71,83 @@ class Predictions:
     adult_probabilities: np.ndarray | None = None
 
 
+IMAGE_OUTPUT_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an annotated photo is written as
+# written into every annotated photo (JPEG comment, PNG text), so a rerun may replace our own outputs and never a
+# user's file of the same name
+OUTPUT_MARK = "annotated by inference.py (facial age estimation)"
+
+
+def written_by_us(path: Path) -> bool:
+    """Whether an existing file is one inference.py wrote: an annotated photo carries OUTPUT_MARK, a JSON-lines
+    file holds face rows (or nothing), a video has such a JSON-lines file beside it."""
+    from PIL import Image
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix in IMAGE_OUTPUT_SUFFIXES:
+            with Image.open(path) as image:
+                return OUTPUT_MARK in (image.info.get("comment", b"").decode(errors="replace"),
+                                       image.info.get("Software", ""))
+        if suffix == ".jsonl":
+            with path.open(encoding="utf-8") as handle:
+                first = handle.readline()
+            return not first.strip() or {"source", "box", "age"} <= json.loads(first).keys()
+        if suffix in VIDEO_SUFFIXES:
+            return path.with_suffix(".jsonl").is_file() and written_by_us(path.with_suffix(".jsonl"))
+    except Exception:  # noqa: BLE001 - a file we cannot read (or a decompression bomb) is not one of ours
+        return False
+    return False
+
+
+def claim_outputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """Stop before any work if an output is an input of this run, a folder, or an existing file inference.py did
+    not write (it would be replaced), or if two outputs coincide."""
+    sources = {path.resolve() for path in inputs}
+    seen = set()
+    for output in outputs:
+        resolved = output.resolve()
+        if resolved in sources:
+            raise SystemExit(f"error: --output {output} is also an input of this run; choose another path (nothing "
+                             "was written)")
+        if resolved in seen:
+            raise SystemExit(f"error: two results would both be written to {output}; choose another --output")
+        seen.add(resolved)
+        if output.is_dir():
+            raise SystemExit(f"error: {output} is a folder; give a file name for --output")
+        if output.exists() and not written_by_us(output):
+            raise SystemExit(f"error: {output} exists and was not written by inference.py; choose another --output "
+                             "(or move that file), it is never replaced")
+
+
+def folder_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
+    """The annotated file of each input photo in an output folder: <stem>_age.jpg, with the suffix in the name
+    when two inputs share a stem (a.jpg, a.png), and a number added where the name is taken by an input or by a
+    file inference.py did not write, so no input is overwritten and no two inputs share an output."""
+    from collections import Counter
+
+    stems, sources = Counter(path.stem for path in paths), {path.resolve() for path in paths}
+    targets, taken = {}, set()
+    for path in paths:
+        base = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        target, number = folder / f"{base}_age.jpg", 1
+        while (target.resolve() in sources or target in taken
+               or (target.exists() and not written_by_us(target))):
+            number += 1
+            target = folder / f"{base}_age_{number}.jpg"
+        targets[path] = target
+        taken.add(target)
+    return targets
+
+
+def _stored_json(path: Path, text: str | None, entry: str) -> Any:
+    """An export's stored JSON entry, or one sentence naming the file: exports are input too."""
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        raise SystemExit(f"error: {path} has no readable {entry} entry (missing or not JSON); export it again with "
+                         "python export_jit.py") from None
+
+
 class AgePredictor:
     """Loads any model file this project writes and predicts ages (years) for uint8 face crops (N, 3, S, S)."""
 
@@ -85,20 +163,29 @@ class AgePredictor:
             self.kind = "onnx"
             options = onnxruntime.SessionOptions()
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # leave the CPU to the detector
-            self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            try:
+                self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as error:  # noqa: BLE001 - onnxruntime raises its own types for a damaged file
+                raise SystemExit(f"error: {path} is not a loadable ONNX model ({type(error).__name__}); export "
+                                 "it again with python export_jit.py --format=onnx") from None
             metadata = self.session.get_modelmeta().custom_metadata_map
-            config, geometry = json.loads(metadata["config"]), json.loads(metadata.get("crop_geometry", "null"))
+            config, geometry = _stored_json(path, metadata.get("config"), "config"), _stored_json(
+                path, metadata.get("crop_geometry", "null"), "crop_geometry")
         elif is_torchscript(path):
             self.kind = "torchscript"
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # deprecated, works
             extra_files = {"config.json": "", "crop_geometry.json": ""}
             self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
-            config, geometry = json.loads(extra_files["config.json"]), json.loads(extra_files["crop_geometry.json"])
+            config = _stored_json(path, extra_files["config.json"], "config.json")
+            geometry = _stored_json(path, extra_files["crop_geometry.json"] or "null", "crop_geometry.json")
         else:
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
-        self.cfg = config_from_model_file(config)
-        measured = CropGeometry.from_dict(geometry)
+        self.cfg = config_from_model_file(config, path)
+        try:
+            measured = CropGeometry.from_dict(geometry)
+        except (ValueError, TypeError, AttributeError) as error:
+            raise SystemExit(f"error: {path}: its stored crop geometry is damaged ({error})") from None
         self.crop_geometry = measured or DEFAULT_CROP_GEOMETRY
         if measured is None:
             warnings.warn(f"{path} carries no landmark crop geometry (an older file, or training faces the detector "
@@ -180,6 +267,16 @@ def estimate_faces(
                 landmarks, strict=True)]
 
 
+def _age_text(value: float | None, digits: int = 0) -> str:
+    """An age for a label or a message; '?' where the model gave no finite number."""
+    return f"{value:.{digits}f}" if value is not None and np.isfinite(value) else "?"
+
+
+def _finite(value: float | None, digits: int) -> float | None:
+    """A rounded number for JSON, None (null) where it is missing or not finite: NaN is not valid JSON."""
+    return round(float(value), digits) if value is not None and np.isfinite(value) else None
+
+
 def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -> np.ndarray:
     """A BGR copy of the RGB frame with a box and an age label per face (and the FPS when given)."""
     import cv2
@@ -188,7 +285,7 @@ def draw_faces(image: np.ndarray, faces: list[Face], fps: float | None = None) -
     thickness = max(1, round(max(image.shape[:2]) / 400))
     for face in faces:
         x, y, width, height = (round(value) for value in face.box)
-        label = f"{face.age:.0f}" if face.spread is None else f"{face.age:.0f} +/- {face.spread:.0f}"
+        label = _age_text(face.age) + ("" if face.spread is None else f" +/- {_age_text(face.spread)}")
         cv2.rectangle(canvas, (x, y), (x + width, y + height), (0, 220, 0), thickness)
         for point_x, point_y in [] if face.landmarks is None else face.landmarks:
             cv2.circle(canvas, (round(point_x), round(point_y)), thickness + 1, (0, 220, 0), -1)
@@ -258,9 +355,8 @@ def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[st
     for face in faces:
         landmarks = None if face.landmarks is None else np.round(face.landmarks, 1).tolist()
         row = {"source": source, "frame": frame, "box": [round(value, 1) for value in face.box],
-               "landmarks": landmarks, "age": round(face.age, 2),
-               "spread": None if face.spread is None else round(face.spread, 2),
-               "adult_probability": None if face.adult_probability is None else round(face.adult_probability, 3)}
+               "landmarks": landmarks, "age": _finite(face.age, 2), "spread": _finite(face.spread, 2),
+               "adult_probability": _finite(face.adult_probability, 3)}
         if face.track is not None:
             row["track"] = face.track
         rows.append(row)
@@ -268,13 +364,17 @@ def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[st
 
 
 def _write_image(path: Path, canvas: np.ndarray) -> None:
-    import cv2
+    """Write a BGR canvas as JPEG or PNG, marked as ours (OUTPUT_MARK), atomically."""
+    from PIL import Image, PngImagePlugin
 
+    image = Image.fromarray(np.ascontiguousarray(canvas[:, :, ::-1]))  # BGR (OpenCV's drawing) -> RGB
     with atomic_write_path(path) as temporary:
-        ok, encoded = cv2.imencode(path.suffix if path.suffix else ".jpg", canvas)
-        if not ok:
-            raise ValueError(f"cannot encode an image as {path.suffix}")
-        temporary.write_bytes(encoded.tobytes())
+        if path.suffix.lower() == ".png":
+            text = PngImagePlugin.PngInfo()
+            text.add_text("Software", OUTPUT_MARK)
+            image.save(temporary, format="PNG", pnginfo=text)
+        else:
+            image.save(temporary, format="JPEG", quality=92, comment=OUTPUT_MARK.encode())
 
 
 def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -282,24 +382,33 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def run_on_images(cfg: Config, paths: list[Path], output: Path, folder_output: bool,
+def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], rows_path: Path,
                   predictor: AgePredictor, detector: FaceDetector | None) -> list[dict[str, Any]]:
+    """Annotate each photo into targets[photo]; one photo that fails is a warning, never the end of the others,
+    and the face rows of every photo done are written to rows_path whatever happens."""
     rows = []
-    for path in paths:
-        try:
-            image = np.asarray(open_rgb_image(path))
-        except Exception as error:  # noqa: BLE001 - any unreadable file: name it and go on
-            warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(error, path)})", stacklevel=2)
-            continue
-        faces = estimate_faces(image, predictor, detector, cfg.tta)
-        if not faces:
-            print(f"{path}: no face found")
-        else:
-            print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(f"{face.age:.1f}" for face in faces))
-        rows += face_rows(str(path), None, faces)
-        target = output / f"{path.stem}_age.jpg" if folder_output else output
-        _write_image(target, draw_faces(image, faces))
-    _write_rows(output / "predictions.jsonl" if folder_output else output.with_suffix(".jsonl"), rows)
+    try:
+        for path in paths:
+            try:
+                image = np.asarray(open_rgb_image(path))
+            except Exception as error:  # noqa: BLE001 - any unreadable file: name it and go on
+                warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(error, path)})",
+                              stacklevel=2)
+                continue
+            try:
+                faces = estimate_faces(image, predictor, detector, cfg.tta)
+                _write_image(targets[path], draw_faces(image, faces))
+            except (OSError, ValueError) as error:  # a name too long for the file system, a full disk, ...
+                warnings.warn(f"skipping {path}: its result could not be written to {targets[path]} "
+                              f"({type(error).__name__}: {error})", stacklevel=2)
+                continue
+            if not faces:
+                print(f"{path}: no face found")
+            else:
+                print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
+            rows += face_rows(str(path), None, faces)
+    finally:
+        _write_rows(rows_path, rows)
     return rows
 
 
@@ -337,6 +446,8 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
                     height, width = canvas.shape[:2]
                     codec = cv2.VideoWriter_fourcc(*VIDEO_CODECS.get(output.suffix.lower(), "mp4v"))
                     writer = cv2.VideoWriter(str(temporary), codec, fps_in, (width, height))
+                    if not writer.isOpened():
+                        raise SystemExit(f"error: OpenCV cannot write a video to {output}; try --output=<name>.mp4")
                 writer.write(canvas)
             if show:
                 try:
@@ -379,7 +490,10 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
     if cfg.input.isdigit():
-        return run_on_video(cfg, int(cfg.input), Path(cfg.output) if cfg.output else None, predictor, detector)
+        output = Path(cfg.output) if cfg.output else None
+        if output is not None:
+            _check_video_output(output, [])
+        return run_on_video(cfg, int(cfg.input), output, predictor, detector)
     if source.is_dir():
         paths = sorted(path for path in source.iterdir() if path.is_file() and not path.name.startswith(".")
                        and path.suffix.lower() in IMAGE_SUFFIXES)
@@ -387,16 +501,42 @@ def main(cfg: Config) -> list[dict[str, Any]]:
                          and path.suffix.lower() not in IMAGE_SUFFIXES and not path.name.startswith("."))
         if skipped:
             warnings.warn(f"skipping {len(skipped)} non-image file(s) in {source}: {', '.join(skipped)}", stacklevel=2)
-        return run_on_images(cfg, paths, Path(cfg.output) if cfg.output else default_folder, True, predictor, detector)
+        ours = [path for path in paths if path.suffix.lower() in IMAGE_OUTPUT_SUFFIXES and written_by_us(path)]
+        if ours:  # annotations of an earlier run into this folder are results, not photos
+            print(f"leaving out {len(ours)} image(s) that inference.py annotated earlier (e.g. {ours[0].name})")
+            paths = [path for path in paths if path not in ours]
+        folder = Path(cfg.output) if cfg.output else default_folder
+        if folder.exists() and not folder.is_dir():
+            raise SystemExit(f"error: --output={folder} is a file, but a folder input needs an output folder")
+        rows_path = folder / "predictions.jsonl"
+        claim_outputs([rows_path], paths)
+        targets = folder_targets(paths, folder)
+        rows = run_on_images(cfg, paths, targets, rows_path, predictor, detector)
+        print(f"wrote {len(targets)} annotated image(s) and {rows_path} to {folder}")
+        return rows
     if not source.is_file():
         raise SystemExit(f"error: --input={cfg.input} is neither a file, a folder nor a camera index")
     if source.suffix.lower() in VIDEO_SUFFIXES:
         output = Path(cfg.output) if cfg.output else default_folder / f"{source.stem}_age.mp4"
+        _check_video_output(output, [source])
         return run_on_video(cfg, str(source), output, predictor, detector)
     output = Path(cfg.output) if cfg.output else default_folder / f"{source.stem}_age.jpg"
-    rows = run_on_images(cfg, [source], output, False, predictor, detector)
+    if output.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
+        raise SystemExit(f"error: --output={output}: an annotated photo is written as "
+                         f"{' or '.join(IMAGE_OUTPUT_SUFFIXES)}; give one of those suffixes")
+    claim_outputs([output, output.with_suffix(".jsonl")], [source])
+    rows = run_on_images(cfg, [source], {source: output}, output.with_suffix(".jsonl"), predictor, detector)
     print(f"wrote {output} and {output.with_suffix('.jsonl')}")
     return rows
+
+
+def _check_video_output(output: Path, inputs: list[Path]) -> None:
+    """Before the first frame: a video suffix OpenCV writes, a folder to write into, nothing of a user's replaced."""
+    if output.suffix.lower() not in WRITABLE_VIDEO_SUFFIXES:
+        raise SystemExit(f"error: --output={output}: an annotated video is written as "
+                         f"{', '.join(WRITABLE_VIDEO_SUFFIXES)}; give one of those suffixes")
+    claim_outputs([output, output.with_suffix(".jsonl")], inputs)
+    output.parent.mkdir(parents=True, exist_ok=True)
 
 
 if __name__ == "__main__":

@@ -580,13 +580,17 @@ def newest_checkpoint(cfg: Config) -> Path:
     return candidates[-1]
 
 
-def config_from_model_file(values: dict[str, Any]) -> Config:
-    """The Config stored in a checkpoint or an export; a file written before a setting existed gets the value it
-    was made with (head l1, bilinear resizing), so old files load and predict exactly as before."""
+def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "") -> Config:
+    """The Config stored in a checkpoint or an export, type- and range-checked (UsageError naming `source`); a file
+    written before a setting existed gets the value it was made with (head l1, bilinear resizing), so old files
+    load and predict exactly as before."""
+    if not isinstance(values, dict):
+        raise UsageError(f"{source}: the stored config is a {type(values).__name__}, not a dict of settings; the "
+                         "file is damaged or was not written by this project")
     values = dict(values)
     values.setdefault("head", "l1")  # files written before the heads existed were L1 regressions
     values.setdefault("interpolation", "bilinear")  # files written before the interpolation was recorded
-    return resolve_preprocessing(config_from_dict(values))
+    return resolve_preprocessing(config_from_dict(values, str(source)))
 
 
 def load_model(
@@ -594,10 +598,15 @@ def load_model(
 ) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
     """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
     checkpoint = load_checkpoint(path)
-    cfg = config_from_model_file(checkpoint["config"])
+    cfg = config_from_model_file(checkpoint.get("config"), path)
     checkpoint["config"] = config_to_dict(cfg)  # with what an older file left out filled in (head, interpolation)
     model = build_model(replace(cfg, pretrained=False))
-    model.load_state_dict(checkpoint["model"])  # older key names are renamed by the model's load hook
+    try:
+        model.load_state_dict(checkpoint["model"])  # older key names are renamed by the model's load hook
+    except RuntimeError as error:  # e.g. a max_age or head that disagrees with the stored weights
+        first = str(error).strip().splitlines()[1:2] or [str(error)[:200]]
+        raise UsageError(f"{path}: the weights do not fit the model its stored config describes "
+                         f"({first[0].strip()}); the file is damaged or its config was edited") from None
     return model.to(device).eval(), cfg, checkpoint
 
 

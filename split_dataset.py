@@ -16,6 +16,7 @@ Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fractio
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +118,12 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py")
-    frame = read_dataset_csv(dataset_csv_path(cfg))
+    frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
+    repeated = frame["image_name"].duplicated()
+    if repeated.any():  # one image in two splits would be the same face in training and test
+        warnings.warn(f"{dataset_csv_path(cfg)}: {int(repeated.sum())} image(s) listed more than once (e.g. "
+                      f"{frame.loc[repeated, 'image_name'].iloc[0]}); each keeps its first row", stacklevel=2)
+        frame = frame[~repeated].reset_index(drop=True)
     if cfg.subject_split:
         if "subject" not in frame:
             raise DataError(f"--subject_split needs a subject column, which {dataset_csv_path(cfg)} lacks "
@@ -126,6 +132,10 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     else:
         splits = stratified_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed,
                                   cfg.min_images_per_age_bin)
+    empty = [name for name, split in splits.items() if split.empty]
+    if empty:
+        raise DataError(f"{dataset_csv_path(cfg)} has {len(frame)} usable image(s), too few for a non-empty "
+                        f"{' and '.join(empty)} split; add images or raise --valid_fraction/--test_fraction")
     for name, split in splits.items():
         write_dataset_csv(split, split_csv_path(cfg, name))
     figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"

@@ -33,6 +33,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -539,16 +540,31 @@ def main(cfg: Config) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
+# On --resume these come from the command line (where the run is read and written, so a copied run folder is
+# continued in place, never written back to where it was made; and how long and where it runs); every other
+# setting, the recipe, comes from the checkpoint.
+RESUME_FROM_COMMAND_LINE = ("data_dir", "csv_dir", "checkpoint_dir", "runs_dir", "pics_dir", "cache_dir", "epochs",
+                            "device", "num_workers")
+
+
 def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any] | None]:
-    """The run's config and, with --resume, the last.pt state to continue from. A resumed run takes its recipe from
-    the checkpoint; epochs, device and num_workers come from the command line, so a run can be extended."""
+    """The run's config and, with --resume, the last.pt state to continue from (RESUME_FROM_COMMAND_LINE says
+    which settings come from where)."""
     if not cfg.resume:
         return replace(cfg, run_name=_broadcast(new_run_name(cfg), world_size)), None
     resume_from = find_resume_run(cfg)
     state = load_checkpoint(resume_from)
-    stored = config_from_dict(state["config"])
-    cfg = replace(stored, epochs=cfg.epochs, device=cfg.device, num_workers=cfg.num_workers, resume=True,
-                  run_name=resume_from.parent.name)
+    stored = config_from_dict(state["config"], str(resume_from))
+    from_command_line = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE}
+    ignored = [name for name in cfg.given_keys if name not in RESUME_FROM_COMMAND_LINE
+               and name not in ("resume", "run_name") and getattr(cfg, name) != getattr(stored, name)]
+    print(f"resuming {resume_from}: the recipe comes from the checkpoint; {', '.join(RESUME_FROM_COMMAND_LINE)} "
+          "from the command line")
+    if ignored:
+        warnings.warn(f"--resume keeps the checkpoint's recipe, so these settings on the command line are ignored: "
+                      f"{', '.join(ignored)} (start a new run to change them)", stacklevel=2)
+    cfg = replace(stored, **from_command_line, resume=True, run_name=resume_from.parent.name,
+                  given_keys=cfg.given_keys)
     state["path"] = str(resume_from)
     return cfg, state
 

@@ -61,7 +61,7 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
     csv_path = Path(cfg.test_csv) if cfg.test_csv else split_csv_path(model_cfg, "test")
     tag = f"{checkpoint.parent.name}__{csv_path.stem}"
     if cfg.exclude_csv:
-        frame = read_dataset_csv(csv_path)
+        frame = read_dataset_csv(csv_path, model_cfg.max_age)
         kept = exclude_rows(frame, cfg.exclude_csv)
         if kept.empty:
             raise DataError(f"--exclude_csv={cfg.exclude_csv} leaves none of the {len(frame)} rows of {csv_path}")

@@ -105,6 +105,6 @@ def test_split_csvs_with_bad_rows(tmp_path, face_folder):
     Path(cfg.csv_dir).mkdir(parents=True)
     pd.DataFrame({"image_name": ["a.jpg", "b.jpg", None], "age": [30, "x", 40]}).to_csv(
         Path(cfg.csv_dir) / "utkface_dataset.csv", index=False)
-    with pytest.warns(UserWarning, match="skipping 2 row"):
-        splits = split_dataset.main(cfg)
-    assert sum(len(split) for split in splits.values()) == 1
+    with pytest.warns(UserWarning, match="skipping 2 row"), pytest.raises(DataError, match="too few for a non-empty"):
+        split_dataset.main(cfg)
+    assert not (Path(cfg.csv_dir) / "train_set.csv").exists()  # no empty split files
