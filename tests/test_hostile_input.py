@@ -1,0 +1,405 @@
+"""The second bad-input corpus: what a hostile new user tries. Each case runs a stage as the command line would
+(`main(parse_config([...]))`), and checks three things: it ends in a one-line message or warning that says what
+happened (any other exception is a traceback and fails the case), it does not hang (the cases that could block
+run in a thread with a deadline), and every file that existed before it is byte-identical afterwards.
+
+The classes: outputs that would replace an input or a user's file; non-regular files (FIFOs) and symlink loops;
+the data folder as a boundary; labels out of range or listed twice; too little data to split; stored configs as
+input; settings out of range; per-file failures in folder inference; malformed or non-UTF-8 CSVs; NaN results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import warnings
+import zipfile
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import eda
+import export_jit
+import inference
+import split_dataset
+import train
+from config import Config, parse_config
+from custom_dataset_dataloader import build_dataset, read_dataset_csv
+from demo import generate_dataset
+from faces import DEFAULT_CROP_GEOMETRY
+from model import AgeEstimationModel, save_checkpoint
+from tests.helpers import make_config, write_splits
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under root (FIFOs and links left alone: reading a FIFO would block)."""
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*"))
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 50_000_000}
+
+
+def run_case(root: Path, call: Callable[[], object], seconds: float = 120,
+             asked: tuple[Path, ...] = ()) -> tuple[str, str]:
+    """Run `call` with a deadline; returns (the SystemExit message or '', all warnings joined). Fails on a hang,
+    on any exception but SystemExit, on a message over one line, and on any pre-existing file changed but those
+    the command was asked to write (`asked`: a rerun replacing its own outputs)."""
+    before = _snapshot(root)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                call()
+                outcome["message"] = ""
+            except SystemExit as stop:
+                outcome["message"] = str(stop.code)
+            except BaseException as error:  # noqa: BLE001 - reported as the traceback it would be
+                outcome["error"] = error
+            outcome["warnings"] = "\n".join(str(warning.message) for warning in caught)
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), f"hang: still running after {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    message = outcome["message"]
+    assert "\n" not in message, f"a message of more than one line: {message}"
+    after = _snapshot(root)
+    changed = [name for name, digest in before.items()
+               if after.get(name) != digest and name not in {str(path) for path in asked}]
+    assert not changed, f"pre-existing files changed or removed: {changed}"
+    return message, outcome["warnings"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict:
+    """A data folder of 90 generated faces with its splits, and a small DEX checkpoint with a crop geometry."""
+    root = tmp_path_factory.mktemp("hostile")
+    data = root / "UTKFace"
+    generate_dataset(data, 90, seed=3, size=48)
+    cfg = write_splits(make_config(root, data, check_images=False))
+    torch.manual_seed(0)
+    model = AgeEstimationModel("resnet18", image_size=32, head="dex")
+    model.set_age_statistics(35.0, 15.0)
+    checkpoint = root / "model" / "best.pt"
+    checkpoint.parent.mkdir()
+    model_cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head="dex")
+    save_checkpoint(checkpoint, model, model_cfg, crop_geometry=DEFAULT_CROP_GEOMETRY.to_dict())
+    photos = root / "photos"
+    photos.mkdir()
+    faces = sorted(data.iterdir())
+    for name, face in (("a.jpg", faces[0]), ("a.png", faces[1]), ("b.jpg", faces[2])):
+        Image.open(face).resize((96, 96)).save(photos / name)
+    Image.open(faces[3]).save(photos / "b_age.jpg")  # the user's own file that happens to have our naming
+    return {"root": root, "cfg": cfg, "checkpoint": checkpoint, "photos": photos, "model_cfg": model_cfg,
+            "model": model}
+
+
+def _inference(workspace: dict, *arguments: str) -> Callable[[], object]:
+    base = [f"--checkpoint={workspace['checkpoint']}", "--no_detect", "--device=cpu", "--show=false"]
+    return lambda: inference.main(parse_config([*base, *arguments]))
+
+
+# --- 1. nothing we write replaces an input or a user's file -------------------------------------------------
+
+def test_an_output_that_is_the_input_is_refused(workspace):
+    photo = workspace["photos"] / "b.jpg"
+    message, _ = run_case(workspace["root"], _inference(workspace, f"--input={photo}", f"--output={photo}"))
+    assert "is also an input of this run" in message
+
+
+def test_an_existing_user_file_is_never_replaced_but_our_own_output_is(workspace, tmp_path):
+    user_file = tmp_path / "holiday.jpg"
+    shutil.copy(workspace["photos"] / "a.jpg", user_file)
+    photo = workspace["photos"] / "b.jpg"
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={user_file}"))
+    assert "was not written by inference.py" in message
+    ours = tmp_path / "b_annotated.png"
+    for _ in range(2):  # the second run replaces what the first one wrote
+        message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"),
+                              asked=(ours, ours.with_suffix(".jsonl")))
+        assert message == "" and inference.written_by_us(ours)
+
+
+def test_folder_inference_into_its_own_folder_keeps_every_photo(workspace, tmp_path):
+    photos = tmp_path / "photos"
+    shutil.copytree(workspace["photos"], photos)
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photos}", f"--output={photos}"))
+    assert message == ""
+    rows = [json.loads(line) for line in (photos / "predictions.jsonl").read_text().splitlines()]
+    assert {Path(row["source"]).name for row in rows} == {"a.jpg", "a.png", "b.jpg", "b_age.jpg"}  # all four read
+    written = {path.name for path in photos.iterdir() if inference.written_by_us(path)}
+    # a.jpg and a.png get two names; b.jpg's result avoids the user's own b_age.jpg
+    assert written >= {"a_jpg_age.jpg", "a_png_age.jpg", "b_age_2.jpg", "b_age_age.jpg"}
+    ours = tuple(photos / name for name in (*written, "predictions.jsonl"))
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photos}", f"--output={photos}"), asked=ours)
+    assert message == "" and len(list(photos.glob("*_2_age.jpg"))) == 0  # a rerun leaves our annotations out
+    assert len((photos / "predictions.jsonl").read_text().splitlines()) == 4
+
+
+def test_export_never_replaces_the_checkpoint_or_a_user_file(workspace, tmp_path):
+    checkpoint = workspace["checkpoint"]
+    export = lambda output: lambda: export_jit.main(parse_config(  # noqa: E731
+        [f"--checkpoint={checkpoint}", f"--output={output}"]))
+    message, _ = run_case(workspace["root"], export(checkpoint))
+    assert "is the checkpoint being exported" in message
+    notes = tmp_path / "notes.torchscript"
+    notes.write_text("my notes")
+    message, _ = run_case(tmp_path, export(notes))
+    assert "is not an export written by export_jit.py" in message
+    good = tmp_path / "model.torchscript"
+    for _ in range(2):
+        message, _ = run_case(tmp_path, export(good), asked=(good,))
+        assert message == "" and export_jit.is_export(good)
+    assert not list(tmp_path.glob(".*checking*"))  # no temporary file left behind
+
+
+def test_resume_writes_where_the_command_line_says(workspace, tmp_path):
+    cfg = replace(workspace["cfg"], checkpoint_dir=str(tmp_path / "original"), runs_dir=str(tmp_path / "runs"),
+                  pics_dir=str(tmp_path / "pics"), epochs=1, run_name="t1")
+    train.main(cfg)
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    original = _snapshot(tmp_path / "original")
+    resumed = replace(cfg, checkpoint_dir=str(tmp_path / "copy"), runs_dir=str(tmp_path / "copy_runs"), epochs=2,
+                      resume=True, lr=0.5, given_keys=("checkpoint_dir", "runs_dir", "epochs", "resume", "lr"))
+    message, caught = run_case(tmp_path / "original", lambda: train.main(resumed))
+    assert message == "" and "ignored: lr" in caught
+    assert _snapshot(tmp_path / "original") == original
+    assert torch.load(tmp_path / "copy" / "t1" / "last.pt", weights_only=True)["epoch"] == 2
+    assert (tmp_path / "copy_runs" / "t1").is_dir()
+
+
+# --- 2. nothing hangs: FIFOs and symlink loops --------------------------------------------------------------
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_fifo_listed_in_a_split_is_refused_by_name(workspace, tmp_path, use_cache):
+    data = tmp_path / "data"
+    shutil.copytree(workspace["cfg"].data_dir, data)
+    os.mkfifo(data / "30_0_0_fifo.jpg")
+    (data / "31_0_0_loop.jpg").symlink_to(data / "31_0_0_loop.jpg")
+    frame = read_dataset_csv(Path(workspace["cfg"].csv_dir) / "test_set.csv")
+    extra = pd.DataFrame({"image_name": ["30_0_0_fifo.jpg", "31_0_0_loop.jpg"], "age": [30, 31],
+                          "gender": ["male"] * 2, "ethnicity": ["white"] * 2})
+    csv_path = tmp_path / "test_set.csv"
+    pd.concat([frame, extra]).to_csv(csv_path, index=False)
+    cfg = replace(workspace["cfg"], data_dir=str(data), use_cache=use_cache, cache_dir=str(tmp_path / "cache"))
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("set", build_dataset(cfg, "test",
+                                                                                  csv_path=str(csv_path))), 60)
+    assert "30_0_0_fifo.jpg' is not a regular file" in caught and "31_0_0_loop.jpg' cannot be resolved" in caught
+    assert len(result["set"]) == len(frame)
+    result["set"][0]  # reading an image does not block either
+
+
+def test_eda_lists_no_fifo_and_no_symlink_out_of_the_folder(workspace, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(workspace["cfg"].data_dir, data)
+    outside = tmp_path / "outside" / "50_1_0_20170109150557335.jpg"
+    outside.parent.mkdir()
+    shutil.copy(next(data.iterdir()), outside)
+    (data / "50_1_0_20170109150557335.jpg.chip.jpg").symlink_to(outside)
+    (data / "51_1_0_20170109150557335.jpg").symlink_to("/etc/passwd")
+    os.mkfifo(data / "52_1_0_20170109150557335.jpg")
+    cfg = make_config(tmp_path, data)
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("frame", eda.main(cfg)), 120)
+    names = set(result["frame"]["image_name"])
+    assert not {"50_1_0_20170109150557335.jpg.chip.jpg", "51_1_0_20170109150557335.jpg",
+                "52_1_0_20170109150557335.jpg"} & names
+    assert caught.count("points outside the data folder") == 2
+
+
+def test_rows_leading_out_of_the_folder_are_skipped_and_named(workspace, tmp_path):
+    frame = read_dataset_csv(Path(workspace["cfg"].csv_dir) / "test_set.csv")
+    outside = tmp_path / "outside.jpg"
+    shutil.copy(workspace["photos"] / "a.jpg", outside)
+    extra = pd.DataFrame({"image_name": ["../" * 30 + "etc/passwd", str(outside)], "age": [30, 31],
+                          "gender": ["male"] * 2, "ethnicity": ["white"] * 2})
+    csv_path = tmp_path / "evil.csv"
+    pd.concat([frame, extra]).to_csv(csv_path, index=False)
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("set", build_dataset(
+        replace(workspace["cfg"], use_cache=False), "test", csv_path=str(csv_path))))
+    assert "2 row(s) refused" in caught and caught.count("points outside the data folder") == 2
+    assert len(result["set"]) == len(frame)
+
+
+# --- 4. labels are checked where they enter ----------------------------------------------------------------
+
+@pytest.mark.parametrize("age", ["500", "inf", "1e308", "-3"])
+def test_an_age_out_of_range_names_the_file_and_line(workspace, tmp_path, age):
+    frame = pd.read_csv(Path(workspace["cfg"].csv_dir) / "train_set.csv", dtype=str)
+    frame.loc[2, "age"] = age
+    csv_path = tmp_path / "train_set.csv"
+    frame.to_csv(csv_path, index=False)
+    message, _ = run_case(tmp_path, lambda: build_dataset(workspace["cfg"], "train", csv_path=str(csv_path)))
+    assert f"{csv_path}: 1 age(s) outside 0..116" in message and "line 4" in message
+
+
+def test_an_image_listed_twice_is_kept_once(workspace, tmp_path):
+    data = Path(workspace["cfg"].data_dir)
+    names = sorted(path.name for path in data.iterdir())[:30]
+    labels = tmp_path / "labels.csv"
+    lines = ["path,age"] + [f"{name},{20 + index}" for index, name in enumerate(names)]
+    lines += [f"{names[0]},70", f"./{names[1]},71"]  # the same images again, one in another spelling
+    labels.write_text("\n".join(lines) + "\n")
+    cfg = make_config(tmp_path, data, dataset_format="csv", labels_csv=str(labels), check_images=False)
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("frame", eda.main(cfg)))
+    assert len(result["frame"]) == 30 and caught.count("listed again; its first row is kept") == 2
+    assert result["frame"].set_index("image_name").loc[names[0], "age"] == 20
+
+
+def test_a_data_set_too_small_to_split_stops(workspace, tmp_path):
+    cfg = make_config(tmp_path, workspace["cfg"].data_dir)
+    Path(cfg.csv_dir).mkdir(parents=True)
+    read_dataset_csv(Path(workspace["cfg"].csv_dir) / "test_set.csv").head(2).to_csv(
+        Path(cfg.csv_dir) / "utkface_dataset.csv", index=False)
+    message, _ = run_case(tmp_path, lambda: split_dataset.main(cfg))
+    assert "too few for a non-empty" in message and not (Path(cfg.csv_dir) / "train_set.csv").exists()
+
+
+# --- 5. settings and stored configs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("argument", [
+    "--lr=-1", "--lr=nan", "--weight_decay=nan", "--normalize_std=0,0,0", "--smoothing=5", "--ema_decay=2",
+    "--max_age=0", "--dropout=2", "--seed=-1", "--num_workers=-1", "--image_size=100000", "--batch_size=0",
+])
+def test_a_setting_out_of_range_stops_before_any_work(tmp_path, argument):
+    message, _ = run_case(tmp_path, lambda: parse_config([argument]))
+    assert message.startswith("error: ") and argument[2:].split("=")[0] in message
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    ({"image_size": -1}, "image_size=-1 must lie in"), ({"image_size": "64"}, "image_size='64' is not a int"),
+    ({"image_size": 64.5}, "is not a int"), ({"image_size": 100000}, "image_size=100000 must lie in"),
+    ({"dropout": 5}, "dropout=5.0 must lie in"), ({"normalize_std": [0, 0, 0]}, "normalize_std"),
+    ({"max_age": 50}, "the weights do not fit"), (None, "not a dict"), ([1, 2], "not a dict"),
+])
+def test_a_damaged_stored_config_is_named(workspace, tmp_path, change, expected):
+    checkpoint = torch.load(workspace["checkpoint"], weights_only=True)
+    checkpoint["config"] = change if not isinstance(change, dict) else {**checkpoint["config"], **change}
+    path = tmp_path / "best.pt"
+    torch.save(checkpoint, path)
+    message, _ = run_case(tmp_path, lambda: inference.AgePredictor(path))
+    assert str(path) in message and expected in message
+
+
+@pytest.mark.parametrize("config_text", ["{garbled", None])
+def test_a_torchscript_file_with_a_damaged_config_entry_is_named(workspace, tmp_path, config_text):
+    good = tmp_path / "model.torchscript"
+    export_jit.main(parse_config([f"--checkpoint={workspace['checkpoint']}", f"--output={good}"]))
+    damaged = tmp_path / "damaged.torchscript"
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            if item.filename.endswith("/extra/config.json"):
+                if config_text is None:
+                    continue  # the entry is missing
+                target.writestr(item, config_text)
+            else:
+                target.writestr(item, source.read(item.filename))
+    message, _ = run_case(tmp_path, lambda: inference.AgePredictor(damaged))
+    assert str(damaged) in message and "config.json" in message
+
+
+# --- 6. one bad file never ends a batch; bad output paths fail before the work -------------------------------
+
+def test_a_file_whose_result_cannot_be_written_is_a_warning(workspace, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(workspace["photos"] / "a.jpg", photos / "a.jpg")
+    shutil.copy(workspace["photos"] / "b.jpg", photos / ("x" * 245 + ".jpg"))  # its annotated name is too long
+    output = tmp_path / "annotated"
+    message, caught = run_case(tmp_path, _inference(workspace, f"--input={photos}", f"--output={output}"))
+    assert message == "" and "could not be written" in caught
+    rows = (output / "predictions.jsonl").read_text().splitlines()
+    assert [Path(json.loads(row)["source"]).name for row in rows] == ["a.jpg"]
+
+
+@pytest.mark.parametrize(("input_name", "output_name", "expected"), [
+    ("b.jpg", "g.txt", "an annotated photo is written as"),
+    ("clip.mp4", "clip_out.txt", "an annotated video is written as"),
+    ("photos", "existing_file.jpg", "a folder input needs an output folder"),
+])
+def test_a_bad_output_path_fails_before_the_work(workspace, tmp_path, input_name, output_name, expected):
+    import cv2
+
+    source = workspace["photos"] / input_name if input_name != "photos" else workspace["photos"]
+    if input_name == "clip.mp4":
+        source = tmp_path / "clip.mp4"
+        writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 64))
+        for _ in range(3):
+            writer.write(np.full((64, 64, 3), 120, np.uint8))
+        writer.release()
+    output = tmp_path / output_name
+    if output_name == "existing_file.jpg":
+        shutil.copy(workspace["photos"] / "a.jpg", output)
+    message, _ = run_case(workspace["root"], _inference(workspace, f"--input={source}", f"--output={output}"))
+    assert expected in message
+
+
+def test_a_video_into_a_missing_folder_is_written(workspace, tmp_path):
+    import cv2
+
+    source = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(source), cv2.VideoWriter_fourcc(*"mp4v"), 5, (64, 64))
+    for _ in range(3):
+        writer.write(np.full((64, 64, 3), 120, np.uint8))
+    writer.release()
+    output = tmp_path / "new" / "folder" / "clip_age.mp4"
+    message, _ = run_case(workspace["root"], _inference(workspace, f"--input={source}", f"--output={output}"))
+    assert message == "" and output.is_file() and output.with_suffix(".jsonl").is_file()
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("image_name,age\nb\xe9b\xe9.jpg,30\n".encode("latin-1"), "is not UTF-8 text"),
+    (b"not,a\n\"csv", "not a well-formed CSV"),
+])
+def test_a_csv_that_is_not_utf8_or_not_csv_is_one_sentence(tmp_path, content, expected):
+    path = tmp_path / "train_set.csv"
+    path.write_bytes(content)
+    message, _ = run_case(tmp_path, lambda: read_dataset_csv(path))
+    assert str(path) in message and expected in message
+
+
+def test_a_utf16_csv_is_read(workspace, tmp_path):
+    frame = read_dataset_csv(Path(workspace["cfg"].csv_dir) / "test_set.csv")
+    path = tmp_path / "test_set.csv"
+    path.write_bytes(frame.to_csv(index=False).encode("utf-16"))
+    assert read_dataset_csv(path).equals(frame)
+
+
+def test_appa_real_with_a_blank_age_or_a_missing_column(tmp_path):
+    root = tmp_path / "appa"
+    (root / "train").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (150, 120, 100)).save(root / "train" / "000001.jpg")
+    Image.new("RGB", (40, 40), (150, 120, 100)).save(root / "train" / "000002.jpg")
+    (root / "gt_avg_train.csv").write_text("file_name,num_ratings,apparent_age_avg,apparent_age_std,real_age\n"
+                                           "000001.jpg,30,24.5,3.0,22\n000002.jpg,30,30.0,3.0,\n")
+    cfg = make_config(tmp_path, root, dataset_format="appa_real")
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("frame", eda.main(cfg)))
+    assert result["frame"]["image_name"].tolist() == ["train/000001.jpg"] and "gt_avg_train.csv line 3" in caught
+    (root / "gt_avg_train.csv").write_text("file_name,apparent_age_avg\n000001.jpg,24.5\n")
+    message, _ = run_case(tmp_path, lambda: eda.main(cfg))
+    assert "lacks the column(s) ['real_age']" in message
+
+
+def test_nan_predictions_are_null_in_json_and_drawn_as_a_question_mark():
+    face = inference.Face((1.0, 2.0, 30.0, 30.0), float("nan"), float("nan"), adult_probability=float("nan"))
+    row = inference.face_rows("x.jpg", None, [face])[0]
+    json.dumps(row, allow_nan=False)  # valid JSON
+    assert row["age"] is None and row["spread"] is None and row["adult_probability"] is None
+    assert inference._age_text(face.age) == "?"
+    canvas = inference.draw_faces(np.zeros((64, 64, 3), np.uint8), [face])
+    assert canvas.shape == (64, 64, 3)
