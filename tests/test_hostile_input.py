@@ -164,6 +164,7 @@ def test_export_never_replaces_the_checkpoint_or_a_user_file(workspace, tmp_path
     assert not list(tmp_path.glob(".*checking*"))  # no temporary file left behind
 
 
+@pytest.mark.slow  # two short trainings
 def test_resume_writes_where_the_command_line_says(workspace, tmp_path):
     cfg = replace(workspace["cfg"], checkpoint_dir=str(tmp_path / "original"), runs_dir=str(tmp_path / "runs"),
                   pics_dir=str(tmp_path / "pics"), epochs=1, run_name="t1")
@@ -295,6 +296,7 @@ def test_a_damaged_stored_config_is_named(workspace, tmp_path, change, expected)
     assert str(path) in message and expected in message
 
 
+@pytest.mark.slow  # an export first
 @pytest.mark.parametrize("config_text", ["{garbled", None])
 def test_a_torchscript_file_with_a_damaged_config_entry_is_named(workspace, tmp_path, config_text):
     good = tmp_path / "model.torchscript"
