@@ -16,7 +16,8 @@ all of them; each figure is the median over the repeats.
    (loading=sample, DataLoader workers) and our batch path (loading=batch), augmentation included in each, plus
    the batch path without augmentation (reading and normalising only).
 3. Inference, for resnet18 and efficientnet_lite0: batch throughput (64 faces) and single-face latency of the
-   eager model (fp32 NCHW, and bf16 + channels_last), its TorchScript export and its ONNX Runtime export.
+   eager model (fp32 NCHW, and bf16 + channels_last), its TorchScript export, its ONNX Runtime export and that
+   export quantised to static int8 (export_jit.write_int8; the accuracy check lives in export_jit.py).
 4. Peak memory of each contender: the proportional set size (PSS, shared pages split fairly) of this process
    and its DataLoader workers, sampled every 0.5 s while it runs (Linux; n/a elsewhere).
 
@@ -235,7 +236,7 @@ def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
 
 
 def inference_runners(cfg: Config, folder: Path, model_name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
-    """Eager fp32, eager bf16 + channels_last, TorchScript and ONNX Runtime versions of one model."""
+    """Eager fp32, eager bf16 + channels_last, TorchScript, ONNX Runtime and its static int8 versions of one model."""
     import export_jit
     import train
     from model import build_model
@@ -263,6 +264,15 @@ def inference_runners(cfg: Config, folder: Path, model_name: str) -> dict[str, C
         export_jit.export_onnx(model, example, onnx_path, metadata)
         session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         runners["ONNX Runtime"] = lambda images: session.run(None, {"images": images.numpy()})[0]
+        for method in ("u8s8", "s8s8"):  # the two static int8 forms export_jit.py may write
+            int8_path = onnx_path.with_name(f"{onnx_path.stem}.{method}.onnx")
+            # speed only (an untrained model): the ranges come from random batches; export_jit.py calibrates on
+            # real crops and checks the test MAE
+            calibration = (torch.randn(1, 3, cfg.image_size, cfg.image_size).numpy() for _ in range(16))
+            export_jit.write_int8(onnx_path, int8_path, calibration, method)
+            int8 = onnxruntime.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+            runners[f"ONNX Runtime int8 {method}"] = lambda images, int8=int8: int8.run(
+                None, {"images": images.numpy()})[0]
     except ImportError:
         print("onnx / onnxruntime not installed: the ONNX Runtime row is skipped")
     return runners

@@ -122,6 +122,7 @@ class Config:
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
     format: Literal["torchscript", "onnx"] = "torchscript"  # export_jit.py's output format
+    quantize: Literal["", "int8"] = ""  # export_jit.py --format=onnx: int8 = ONNX Runtime static int8 (calibrated)
     # --- app.py (the web page and its API) ---
     host: str = "127.0.0.1"  # address the app listens on (0.0.0.0 = every network interface; only on a trusted network)
     port: int = 7860  # the app's port

@@ -261,3 +261,26 @@ def test_a_checkpoint_without_landmark_geometry_uses_the_default(tmp_path):
 def test_pretrained_flag_is_ignored_when_rebuilding(checkpoint):
     predictor = inference.AgePredictor(checkpoint)
     assert replace(predictor.cfg, pretrained=True).model_name == "resnet18"
+
+
+@pytest.mark.slow  # a one-epoch training first
+def test_int8_export_is_checked_in_years_on_the_test_split(split_config, monkeypatch):
+    import train
+
+    results = train.main(replace(split_config, epochs=1, run_name="int8"))
+    checkpoint = Path(results["best_checkpoint"])
+    export = Config(checkpoint=str(checkpoint), format="onnx", quantize="int8", num_workers=0)
+    monkeypatch.setattr(export_jit, "INT8_TOLERANCE_YEARS", 100.0)  # the pass path, whatever this tiny model does
+    result = export_jit.main(export)
+    int8_path = Path(result["int8_path"])
+    assert int8_path.name == "model.int8.onnx" and int8_path.stat().st_size < Path(result["path"]).stat().st_size
+    assert result["int8_method"] == "u8s8" and np.isfinite(result["int8_test_mae"])
+    int8, fp32 = inference.AgePredictor(int8_path), inference.AgePredictor(result["path"])
+    assert int8.cfg == fp32.cfg  # the config travels into the quantised file too
+    crops = np.random.default_rng(0).integers(0, 255, (4, 3, 32, 32), dtype=np.uint8)
+    assert np.abs(int8.predict(crops) - fp32.predict(crops)).max() < 5  # int8 noise, not another model
+    int8_path.unlink()
+    monkeypatch.setattr(export_jit, "INT8_TOLERANCE_YEARS", -1.0)  # no quantisation can pass: nothing written
+    with pytest.raises(export_jit.ExportError, match="nothing was written"):
+        export_jit.main(export)
+    assert not int8_path.exists() and not list(checkpoint.parent.glob(".*"))
