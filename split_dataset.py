@@ -7,8 +7,8 @@ Writes: csv_dataset/train_set.csv, valid_set.csv, test_set.csv (same columns) an
 Stratification: neighbouring ages are merged into bins until each bin holds at least min_images_per_age_bin
 images (so ages with one or two images never break the split), then every bin is shuffled with the seed and
 cut 80/10/10 (valid_fraction / test_fraction). The same CSV and seed give byte-identical split files.
-With --subject_split (data sets with identities: FG-NET, AgeDB, MORPH), whole subjects are dealt to the splits
-instead, so no person appears in two of them.
+With --subject_split (data sets with identities: FG-NET, AgeDB, MORPH), scikit-learn's StratifiedGroupKFold
+keeps each person in one split and stratifies on the same age bins at once.
 
 Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fraction=0.1]
 """
@@ -79,24 +79,34 @@ def stratified_split(
 
 
 def subject_split(
-    frame: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int
+    frame: pd.DataFrame, valid_fraction: float, test_fraction: float, seed: int, min_per_bin: int = 10
 ) -> dict[str, pd.DataFrame]:
-    """Split by subject: all images of one person land in one split (images of one person on both sides of
-    the split inflate the test score). Subjects are shuffled with the seed and dealt to test, then valid,
-    until each holds its share of the images; the rest train."""
+    """Split by subject with scikit-learn's StratifiedGroupKFold: all images of one person land in one split
+    (images of one person on both sides inflate the test score) while each split's ages follow the whole set's
+    (stratified on the age bins of age_bins). The test split is the first of round(1 / test_fraction) folds, the
+    valid split the first of round((1 - test_fraction) / valid_fraction) folds of the rest, so the shares are
+    1/k approximations of the fractions (0.1 -> exactly 1/10)."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
     frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
-    subjects = np.array(sorted(frame["subject"].astype(str).unique()))
-    np.random.default_rng(seed).shuffle(subjects)
-    sizes = frame["subject"].astype(str).value_counts()
-    targets = {"test": test_fraction * len(frame), "valid": valid_fraction * len(frame)}
-    assignment, filled = {}, dict.fromkeys(targets, 0.0)
-    for subject in subjects:
-        split = next((name for name in targets if filled[name] < targets[name]), "train")
-        assignment[subject] = split
-        if split in filled:
-            filled[split] += sizes[subject]
-    splits = frame["subject"].astype(str).map(assignment)
-    return {split: frame[splits == split].reset_index(drop=True) for split in SPLITS}
+    subjects = frame["subject"].astype(str).to_numpy()
+    bins = age_bins(frame["age"].to_numpy(), min_per_bin)
+
+    def first_fold(rows: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows kept, rows held out): the held-out part is one fold of `folds`."""
+        if len(np.unique(subjects[rows])) < folds:
+            raise DataError(f"--subject_split needs at least {folds} subjects for these fractions; the data set "
+                            f"has {len(np.unique(subjects[rows]))} (lower --valid_fraction/--test_fraction)")
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+        with warnings.catch_warnings():  # a rare-age bin smaller than the fold count is expected, not a problem
+            warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+            kept, held_out = next(splitter.split(rows, bins[rows], subjects[rows]))
+        return rows[kept], rows[held_out]
+
+    rest, test = first_fold(np.arange(len(frame)), max(2, round(1 / test_fraction)))
+    train, valid = first_fold(rest, max(2, round((1 - test_fraction) / valid_fraction)))
+    return {name: frame.iloc[np.sort(rows)].reset_index(drop=True)
+            for name, rows in (("train", train), ("valid", valid), ("test", test))}
 
 
 def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
@@ -128,7 +138,7 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
         if "subject" not in frame:
             raise DataError(f"--subject_split needs a subject column, which {dataset_csv_path(cfg)} lacks "
                             "(FG-NET, AgeDB and --labels_csv with a subject column have one)")
-        splits = subject_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
+        splits = subject_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed, cfg.min_images_per_age_bin)
     else:
         splits = stratified_split(frame, cfg.valid_fraction, cfg.test_fraction, cfg.seed,
                                   cfg.min_images_per_age_bin)

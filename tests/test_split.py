@@ -77,3 +77,25 @@ def test_missing_dataset_csv_names_the_fix(tmp_path):
     cfg = make_config(tmp_path, tmp_path)
     with pytest.raises(DataError, match=r"utkface_dataset.csv does not exist.*eda.py"):
         split_dataset.main(cfg)
+
+
+def test_the_subject_split_keeps_people_apart_and_stratifies_on_age():
+    rng = np.random.default_rng(0)
+    rows = []
+    for subject in range(300):  # 300 people, 1-8 photos each, a subject's photos spread over ten years
+        base = int(rng.integers(1, 80))
+        rows += [(f"{subject:03d}_{photo}.jpg", base + int(rng.integers(0, 10)), "male", "white", f"s{subject}")
+                 for photo in range(int(rng.integers(1, 9)))]
+    frame = pd.DataFrame(rows, columns=["image_name", "age", "gender", "ethnicity", "subject"])
+    splits = split_dataset.subject_split(frame, 0.1, 0.1, seed=42)
+    people = [set(split["subject"]) for split in splits.values()]
+    assert not (people[0] & people[1] or people[0] & people[2] or people[1] & people[2])
+    assert sum(map(len, splits.values())) == len(frame)
+    for name in ("valid", "test"):
+        assert abs(len(splits[name]) / len(frame) - 0.1) < 0.03
+        for decade in range(0, 80, 20):  # each age band's share follows the whole set's
+            band = lambda part, low=decade: ((part["age"] >= low) & (part["age"] < low + 20)).mean()  # noqa: E731
+            assert abs(band(splits[name]) - band(frame)) < 0.06, (name, decade)
+    again = split_dataset.subject_split(frame.sample(frac=1, random_state=1), 0.1, 0.1, seed=42)
+    assert all(again[name].equals(splits[name]) for name in splits)  # seeded, whatever the input order
+    assert not split_dataset.subject_split(frame, 0.1, 0.1, seed=7)["test"].equals(splits["test"])
