@@ -558,8 +558,6 @@ def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any
     from_command_line = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE}
     ignored = [name for name in cfg.given_keys if name not in RESUME_FROM_COMMAND_LINE
                and name not in ("resume", "run_name") and getattr(cfg, name) != getattr(stored, name)]
-    print(f"resuming {resume_from}: the recipe comes from the checkpoint; {', '.join(RESUME_FROM_COMMAND_LINE)} "
-          "from the command line")
     if ignored:
         warnings.warn(f"--resume keeps the checkpoint's recipe, so these settings on the command line are ignored: "
                       f"{', '.join(ignored)} (start a new run to change them)", stacklevel=2)
@@ -665,7 +663,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         if is_main:
             print(f"resuming {run_name} from {resume_state['path']} at epoch {start_epoch} "
-                  f"(best valid MAE {best_valid_mae:.2f})")
+                  f"(best valid MAE {best_valid_mae:.2f}); the recipe comes from the checkpoint, "
+                  f"{', '.join(RESUME_FROM_COMMAND_LINE)} from the command line")
     evaluated = average.module if average is not None else model  # the weights that are validated and kept
     writer = None
     if is_main:
