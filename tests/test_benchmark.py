@@ -25,7 +25,7 @@ def test_benchmark_measures_every_contender_and_writes_its_json(split_config, mo
     results = benchmark.main(cfg)
 
     training = results["training resnet18"]
-    assert set(training) == {"seed", "ours"}
+    assert set(training) == {"seed", "ours", "ceiling"}
     assert set(results["loading"]) == {"seed JPEG", "cache, per image", "cache, batch", "cache, batch, no augmentation"}
     for model_name in ("resnet18", "efficientnet_lite0"):
         assert {"eager fp32", "TorchScript", "ONNX Runtime"} <= set(results[f"inference {model_name}"])
@@ -34,7 +34,9 @@ def test_benchmark_measures_every_contender_and_writes_its_json(split_config, mo
             assert len(runs) == 1 and runs[0]["images_per_second"] > 0
             assert runs[0]["peak_mib"] is None or runs[0]["peak_mib"] > 50  # at least torch itself
     written = sorted((Path(cfg.runs_dir) / "benchmark").glob("benchmark_*.json"))
-    assert len(written) == 1 and json.loads(written[0].read_text())["results"] == results
+    stored = json.loads(written[0].read_text())
+    assert len(written) == 1 and stored["results"] == results
+    assert stored["ceiling_share"]["resnet18"] > 0  # ours / the model-only step
     table = capsys.readouterr().out
     assert "seed pipeline (PIL, fp32)" in table and "img/s" in table
 
