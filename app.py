@@ -24,7 +24,6 @@ API:  from gradio_client import Client, handle_file
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
@@ -39,11 +38,12 @@ import torch
 
 from config import Config, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import describe_read_error, open_rgb_image
+from demo import DEMO_DEFAULTS
 from faces import FaceDetector
-from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video
+from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video, write_rows
 from model import ADULT_AGE
 
-DEMO_CHECKPOINTS = Path("demo_output") / "checkpoints"  # where demo.py leaves its model
+DEMO_CHECKPOINTS = Path(DEMO_DEFAULTS.checkpoint_dir)  # where demo.py leaves its model
 MODEL_FILE_PATTERNS = ("*/best.pt", "*/*.torchscript", "*/*.onnx")
 KEEP_OUTPUTS_SECONDS = 3600  # annotated files older than this are removed from the app's folder
 GALLERY_SIZE = 192  # pixels: the side each crop and its map are shown at in the gallery
@@ -204,14 +204,14 @@ def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label
     return output, [{**row, "source": name, "model": label} for row in rows]
 
 
-def write_rows(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
+def write_download(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
     """The JSON lines inference.py writes, as a download; files older than KEEP_OUTPUTS_SECONDS are removed."""
     now = time.time()
     for old in folder.iterdir():
         if now - old.stat().st_mtime > KEEP_OUTPUTS_SECONDS:
             old.unlink(missing_ok=True)
     path = folder / f"{stem}_{uuid.uuid4().hex[:8]}.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_rows(path, rows)
     return path
 
 
@@ -234,7 +234,7 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
                    "setting or a photo where the face is larger.")
         if result.faces and not result.gallery:
             message += " (Grad-CAM maps need a .pt checkpoint of a backbone with a Grad-CAM set-up.)"
-        download = write_rows(folder, Path(path).stem, result.rows)
+        download = write_download(folder, Path(path).stem, result.rows)
         return (result.canvas, table_rows(result.faces, label), gr.update(value=result.gallery,
                 visible=bool(result.gallery)), str(download), message)
 
@@ -247,7 +247,7 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
             raise page_error(error) from None
         frames = len({row["frame"] for row in rows})
         message = f"{len(rows)} face detections over {frames} frame(s) with faces, by {label}."
-        return str(video), str(write_rows(folder, Path(path).stem, rows)), message
+        return str(video), str(write_download(folder, Path(path).stem, rows)), message
 
     def estimate(photo: str | None, label: str, tta: bool, min_face_size: float) -> list[dict[str, Any]]:
         """The API: one dict per face (box, landmarks, age, spread, adult_probability, model)."""

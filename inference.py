@@ -377,7 +377,8 @@ def _write_image(path: Path, canvas: np.ndarray) -> None:
             image.save(temporary, format="JPEG", quality=92, comment=OUTPUT_MARK.encode())
 
 
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    """The face rows as JSON lines (one dict per line), written atomically."""
     with atomic_write_path(path) as temporary:
         temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -408,7 +409,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
             rows += face_rows(str(path), None, faces)
     finally:
-        _write_rows(rows_path, rows)
+        write_rows(rows_path, rows)
     return rows
 
 
@@ -474,7 +475,7 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
     seconds = time.perf_counter() - started
     print(f"{frame_index} frames in {seconds:.1f}s ({frame_index / max(seconds, 1e-9):.1f} FPS), {len(rows)} face rows")
     if output is not None:
-        _write_rows(output.with_suffix(".jsonl"), rows)
+        write_rows(output.with_suffix(".jsonl"), rows)
     return rows
 
 
