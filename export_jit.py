@@ -56,8 +56,6 @@ def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    import onnx
-
     with atomic_write_path(path) as temporary, warnings.catch_warnings():
         # forward's raw_outputs flag is traced as its default (False: ages in years), which is what is wanted
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
@@ -65,10 +63,18 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metad
             model, (example,), str(temporary), input_names=["images"], output_names=["ages"],
             dynamic_axes={"images": {0: "batch"}, "ages": {0: "batch"}}, opset_version=17, dynamo=False,
         )
-        graph = onnx.load(str(temporary))
-        for key, value in metadata.items():
-            graph.metadata_props.add(key=key.removesuffix(".json"), value=value)
-        onnx.save(graph, str(temporary))
+        store_onnx_metadata(temporary, metadata)
+
+
+def store_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Replace an ONNX file's metadata properties with `metadata` (keys without their .json: "config", ...)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key, value in metadata.items():
+        graph.metadata_props.add(key=key.removesuffix(".json"), value=value)
+    onnx.save(graph, str(path))
 
 
 def is_export(path: Path) -> bool:
@@ -96,21 +102,18 @@ def claim_output(path: Path, checkpoint_path: Path) -> None:
                          "another name, it is never replaced")
 
 
-def exported_outputs(path: Path, export_format: str, images: torch.Tensor) -> torch.Tensor:
-    """Run an exported file the way inference.py does."""
-    if export_format == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-    with torch.no_grad():
-        return torch.jit.load(str(path)).eval()(images)
-
-
 def _session(path: Path) -> Any:
     import onnxruntime
 
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def exported_outputs(path: Path, export_format: str, images: torch.Tensor) -> torch.Tensor:
+    """Run an exported file the way inference.py does."""
+    if export_format == "onnx":
+        return torch.from_numpy(_session(path).run(None, {"images": images.numpy()})[0])
+    with torch.no_grad():
+        return torch.jit.load(str(path)).eval()(images)
 
 
 def onnx_mae(session: Any, loader: Any) -> float:
@@ -168,7 +171,6 @@ def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray],
 
 def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:
     """Write the int8 ONNX model beside the fp32 one, parity-checked in years on the test split."""
-    import onnx
     from torch.utils.data import DataLoader, Subset
 
     from custom_dataset_dataloader import build_dataset
@@ -199,11 +201,7 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
             print(f"int8 ({method}): test MAE {int8_mae:.3f} against fp32 {fp32_mae:.3f} years "
                   f"(tolerance {INT8_TOLERANCE_YEARS})")
             if abs(int8_mae - fp32_mae) <= INT8_TOLERANCE_YEARS:
-                graph = onnx.load(str(candidate))
-                del graph.metadata_props[:]
-                for key, value in metadata.items():
-                    graph.metadata_props.add(key=key.removesuffix(".json"), value=value)
-                onnx.save(graph, str(candidate))
+                store_onnx_metadata(candidate, metadata)
                 os.replace(candidate, final)
                 print(f"wrote {final} ({final.stat().st_size / 1e6:.1f} MB, {method} int8)")
                 return {"int8_path": str(final), "int8_method": method, "fp32_test_mae": fp32_mae,
