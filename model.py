@@ -584,12 +584,9 @@ def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "
     """The Config stored in a checkpoint or an export, type- and range-checked (UsageError naming `source`); a file
     written before a setting existed gets the value it was made with (head l1, bilinear resizing), so old files
     load and predict exactly as before."""
-    if not isinstance(values, dict):
-        raise UsageError(f"{source}: the stored config is a {type(values).__name__}, not a dict of settings; the "
-                         "file is damaged or was not written by this project")
-    values = dict(values)
-    values.setdefault("head", "l1")  # files written before the heads existed were L1 regressions
-    values.setdefault("interpolation", "bilinear")  # files written before the interpolation was recorded
+    if isinstance(values, dict):  # anything else is refused by config_from_dict, naming the file
+        # files written before the heads existed were L1 regressions; before the interpolation was recorded, bilinear
+        values = {"head": "l1", "interpolation": "bilinear", **values}
     return resolve_preprocessing(config_from_dict(values, str(source)))
 
 
