@@ -159,15 +159,23 @@ def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
     return path
 
 
+def check_image_names(data_dir: str | os.PathLike, names: list[str]) -> tuple[dict[int, Path], dict[int, str]]:
+    """resolve_image_path for every name: (position -> resolved path) of the accepted ones and (position -> why)
+    of the refused ones. eda.py and build_dataset screen their rows with it."""
+    accepted, refused = {}, {}
+    for position, image_name in enumerate(names):
+        try:
+            accepted[position] = resolve_image_path(data_dir, image_name)
+        except DataError as error:
+            refused[position] = str(error).removeprefix("error: ")
+    return accepted, refused
+
+
 def screen_rows(frame: pd.DataFrame, data_dir: str | os.PathLike, source: str | os.PathLike) -> pd.DataFrame:
     """The rows of `frame` whose image resolve_image_path accepts (the index is kept); the others are named in
     one warning and left out, so one bad row never stops a run."""
-    refused = {}
-    for index, image_name in zip(frame.index, frame["image_name"], strict=True):
-        try:
-            resolve_image_path(data_dir, image_name)
-        except DataError as error:
-            refused[index] = str(error).removeprefix("error: ")
+    _, refused = check_image_names(data_dir, frame["image_name"].tolist())
+    refused = {frame.index[position]: reason for position, reason in refused.items()}
     if refused:
         listed = "\n  ".join(list(refused.values())[:20]) + ("\n  ..." if len(refused) > 20 else "")
         warnings.warn(f"{source}: {len(refused)} row(s) refused and left out:\n  {listed}", stacklevel=2)

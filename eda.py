@@ -41,11 +41,11 @@ from custom_dataset_dataloader import (
     GENDERS,
     IMAGE_SUFFIXES,
     DataError,
+    check_image_names,
     dataset_csv_path,
     describe_read_error,
     load_image,
     read_csv_file,
-    resolve_image_path,
     write_dataset_csv,
 )
 
@@ -176,18 +176,15 @@ def _screen_paths(root: Path, labelled: list[tuple]) -> tuple[list[tuple], dict[
     """The labelled rows whose image is a regular file inside root (resolved, so a symlink or .. that leads out is
     refused before anything is opened), each file once; and refused name -> reason. A file listed twice (by any
     spelling of its path) keeps its first row: the same face must never reach two splits."""
-    kept, refused, seen = [], {}, {}
-    for row in labelled:
-        try:
-            resolved = resolve_image_path(root, row[0])
-        except DataError as error:
-            refused[row[0]] = "refused: " + str(error).removeprefix("error: ")
-            continue
+    accepted, refusals = check_image_names(root, [row[0] for row in labelled])
+    kept, refused, seen = [], {labelled[position][0]: f"refused: {why}" for position, why in refusals.items()}, {}
+    for position, resolved in accepted.items():
+        name = labelled[position][0]
         if resolved in seen:
-            refused[row[0]] = f"the same file as {seen[resolved]!r}, listed again; its first row is kept"
+            refused[name] = f"the same file as {seen[resolved]!r}, listed again; its first row is kept"
             continue
-        seen[resolved] = row[0]
-        kept.append(row)
+        seen[resolved] = name
+        kept.append(labelled[position])
     return kept, refused
 
 
