@@ -143,6 +143,16 @@ class Config:
     given_keys: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 
 
+OUTPUT_FOLDERS = ("csv_dir", "checkpoint_dir", "pics_dir", "runs_dir", "cache_dir")  # where the scripts write
+
+
+def folders_under(root: str | os.PathLike) -> dict[str, str]:
+    """Every output folder setting moved under `root` with its default name (root/csv_dataset, root/checkpoints,
+    ...): a workspace of its own, as demo.py's demo_output/ and the tests' temporary folders are."""
+    defaults = Config()
+    return {name: str(Path(root) / getattr(defaults, name)) for name in OUTPUT_FOLDERS}
+
+
 # Named recipes: `--preset=NAME` sets these fields first; every other --key=value on the line is applied after.
 PRESETS: dict[str, dict[str, Any]] = {
     # The seed repository's method: ResNet-50 with an L1 head, SGD with momentum 0.9 at a constant lr 5e-4, L2

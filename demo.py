@@ -26,16 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from config import Config, parse_config
+from config import Config, folders_under, parse_config
 
 DEMO_ROOT = Path("demo_output")
 DEMO_DEFAULTS = Config(
     data_dir=str(DEMO_ROOT / "UTKFace"),
-    csv_dir=str(DEMO_ROOT / "csv_dataset"),
-    checkpoint_dir=str(DEMO_ROOT / "checkpoints"),
-    pics_dir=str(DEMO_ROOT / "pics"),
-    runs_dir=str(DEMO_ROOT / "runs"),
-    cache_dir=str(DEMO_ROOT / "cache"),
+    **folders_under(DEMO_ROOT),
     run_name="demo",
     model_name="resnet18",
     pretrained=False,

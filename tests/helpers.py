@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from config import Config
+from config import Config, folders_under
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -15,11 +15,7 @@ def make_config(root: Path, data_dir: Path, **changes) -> Config:
     """A quick CPU config with every output under `root`."""
     base = Config(
         data_dir=str(data_dir),
-        csv_dir=str(root / "csv"),
-        checkpoint_dir=str(root / "checkpoints"),
-        pics_dir=str(root / "pics"),
-        runs_dir=str(root / "runs"),
-        cache_dir=str(root / "cache"),
+        **folders_under(root),
         model_name="resnet18",
         pretrained=False,
         image_size=32,

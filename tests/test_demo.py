@@ -7,6 +7,7 @@ from PIL import Image
 
 import demo
 import eda
+from config import folders_under
 
 pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
 
@@ -40,9 +41,8 @@ def test_age_changes_the_face():
 def test_demo_runs_every_stage_end_to_end(tmp_path):
     cfg = replace(
         demo.DEMO_DEFAULTS,
-        data_dir=str(tmp_path / "UTKFace"), csv_dir=str(tmp_path / "csv"), pics_dir=str(tmp_path / "pics"),
-        checkpoint_dir=str(tmp_path / "checkpoints"), runs_dir=str(tmp_path / "runs"),
-        cache_dir=str(tmp_path / "cache"), demo_num_images=80, epochs=1, image_size=32, num_workers=0,
+        data_dir=str(tmp_path / "UTKFace"), **folders_under(tmp_path), demo_num_images=80, epochs=1, image_size=32,
+        num_workers=0,
     )
     results = demo.main(cfg)
     assert Path(results["best_checkpoint"]).is_file()
