@@ -39,7 +39,7 @@ import torch
 from config import Config, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import describe_read_error, open_rgb_image
 from demo import DEMO_DEFAULTS
-from faces import FaceDetector
+from faces import Detector, build_detector
 from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video, write_rows
 from model import ADULT_AGE
 
@@ -75,13 +75,14 @@ def find_model_files(cfg: Config) -> dict[str, Path]:
 
 
 class ModelShelf:
-    """The model files on offer, each loaded on first use and then kept, and one face detector per smallest-face
-    size. A label that was not found at start is refused: requests choose among these files, never a path."""
+    """The model files on offer, each loaded on first use and then kept, and one face detector per detector and
+    smallest-face size. A label that was not found at start is refused: requests choose among these files, never a
+    path. detector: the detector asked for (cfg.detector); a model file from before YuNet gets MTCNN."""
 
-    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu"):
-        self.files, self.device = files, device
+    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu", detector: str = "yunet"):
+        self.files, self.device, self.detector_name = files, device, detector
         self.predictors: dict[str, AgePredictor] = {}
-        self.detectors: dict[int, FaceDetector] = {}
+        self.detectors: dict[tuple[str, int], Detector] = {}
 
     @property
     def labels(self) -> list[str]:
@@ -94,11 +95,12 @@ class ModelShelf:
             self.predictors[label] = AgePredictor(self.files[label], self.device)
         return self.predictors[label]
 
-    def detector(self, min_face_size: int) -> FaceDetector:
-        size = int(min_face_size)
-        if size not in self.detectors:
-            self.detectors[size] = FaceDetector(size)
-        return self.detectors[size]
+    def detector(self, label: str, min_face_size: int) -> Detector:
+        """The face detector for the model called label (see AgePredictor.detector_name)."""
+        key = self.predictor(label).detector_name(self.detector_name), int(min_face_size)
+        if key not in self.detectors:
+            self.detectors[key] = build_detector(*key)
+        return self.detectors[key]
 
 
 def read_photo(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
@@ -132,7 +134,8 @@ def table_rows(faces: list[Face], label: str) -> list[list[Any]]:
             for index, face in enumerate(faces)]
 
 
-def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face]) -> list[tuple[np.ndarray, str]]:
+def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face],
+                    detector_name: str) -> list[tuple[np.ndarray, str]]:
     """Each face's aligned crop beside its Grad-CAM map, (crop | overlay) uint8 RGB, with a caption; empty for an
     exported model (no gradients) or a backbone without a Grad-CAM set-up."""
     from analysis.heatmaps import cam_setup, compute_heatmaps
@@ -147,8 +150,8 @@ def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     size, interpolation = predictor.image_size, predictor.cfg.interpolation
-    crops = np.stack([predictor.crop_geometry.crop(image, face.landmarks, size, interpolation)
-                      for face in faces])  # (N, 3, S, S) uint8
+    geometry = predictor.geometry_for(detector_name)
+    crops = np.stack([geometry.crop(image, face.landmarks, size, interpolation) for face in faces])  # (N, 3, S, S)
     maps = compute_heatmaps(predictor.model, predictor.cfg.model_name,
                             predictor.transform(torch.from_numpy(crops)).to(predictor.device))  # (N, S, S)
     gallery = []
@@ -174,10 +177,12 @@ def estimate_photo(shelf: ModelShelf, path: str | os.PathLike, label: str, tta: 
     """Detect, align and predict every face of one photo with the chosen model (InputError for a bad file)."""
     predictor = shelf.predictor(label)
     image = read_photo(path, max_pixels)
-    faces = estimate_faces(image, predictor, shelf.detector(min_face_size), tta)
+    detector = shelf.detector(label, min_face_size)
+    faces = estimate_faces(image, predictor, detector, tta)
     rows = [{**row, "model": label} for row in face_rows(Path(path).name, None, faces)]
     canvas = draw_faces(image, faces)[:, :, ::-1]  # draw_faces gives BGR (OpenCV's order) -> RGB
-    return PhotoResult(canvas, faces, rows, heatmap_gallery(predictor, image, faces) if heatmaps else [])
+    gallery = heatmap_gallery(predictor, image, faces, detector.name) if heatmaps else []
+    return PhotoResult(canvas, faces, rows, gallery)
 
 
 def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label: str, tta: bool,
@@ -198,7 +203,8 @@ def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label
                          f"{cfg.max_video_seconds:.0f} s; send a shorter clip")
     output = folder / f"{Path(path).stem}_{uuid.uuid4().hex[:8]}_age.webm"
     video_cfg = replace(cfg, tta=tta, show=False)
-    rows = run_on_video(video_cfg, str(path), output, shelf.predictor(label), shelf.detector(min_face_size))
+    rows = run_on_video(video_cfg, str(path), output, shelf.predictor(label),
+                        shelf.detector(label, min_face_size))
     if not output.is_file():
         raise InputError(f"{name}: no frame could be decoded")
     return output, [{**row, "source": name, "model": label} for row in rows]
@@ -307,7 +313,7 @@ def main(cfg: Config) -> Any:
     """Serve the page until interrupted; returns the gr.Blocks (closed)."""
     print_config(cfg, "app.py")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
-    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device))
+    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector)
     print(f"models on offer: {', '.join(shelf.labels)}")
     shelf.predictor(shelf.labels[0])  # load the default model now: a broken file stops here, not on a request
     with tempfile.TemporaryDirectory(prefix="age_app_") as folder:

@@ -1,12 +1,15 @@
-"""Inference on real faces: detection recall, crop consistency, and per-frame latency on the CPU.
+"""Inference on real faces, for each face detector (faces.DETECTORS: YuNet, MTCNN): detection recall, crop
+consistency, and per-frame latency on the CPU.
 
 1. Proof of the crop geometry: real UTKFace crops (../shared/data/utkface200 by default, or --data_dir) are pasted
    into larger scenes (random size 60-250 px, random position, varied backgrounds, 1-4 faces per scene), and the
    full pipeline runs on each scene. Reported: detection recall (a pasted face counts as found when a detected box
    overlaps it with IoU >= 0.4), false detections (boxes that overlap no pasted face so), and the mean
-   |age via detect -> align -> crop - age on the original crop| for the same model.
-2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for the eager
-   checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint if missing).
+   |age via detect -> align -> crop - age on the original crop| for the same model. Every detector sees the same
+   scenes (the same seed) and aligns with the geometry the model file stores for it (or faces.py's default).
+2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for each detector
+   with the eager checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint
+   if missing). --detector=<name> limits both parts to one detector.
 
 Reads:  --checkpoint (default: newest checkpoints/*/best.pt), --data_dir (default ../shared/data/utkface200).
 Writes: nothing but the exports; prints the tables.
@@ -25,7 +28,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from config import Config, parse_config
-from faces import FaceDetector
+from faces import DETECTORS, build_detector
 from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
 from model import newest_checkpoint
 
@@ -66,10 +69,11 @@ def paste_scene(paths: list[Path], rng: np.random.Generator) -> tuple[np.ndarray
     return np.asarray(scene), boxes, paths[: len(boxes)]
 
 
-def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int, seed: int) -> dict[str, float]:
+def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int, seed: int,
+                    detector_name: str = "mtcnn") -> dict[str, float]:
     from custom_dataset_dataloader import load_image
 
-    detector, rng = FaceDetector(), np.random.default_rng(seed)
+    detector, rng = build_detector(detector_name), np.random.default_rng(seed)
     found = total = false_detections = 0
     differences = []
     for _ in range(scenes):
@@ -90,15 +94,18 @@ def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int
             "median_abs_age_difference": float(np.median(differences))}
 
 
-def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, repeats: int = 30) -> dict[str, float]:
+def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, detector_name: str = "mtcnn",
+            repeats: int = 30) -> dict[str, float]:
     """Median milliseconds of each stage on one frame."""
-    detector = FaceDetector(min_face_size)
+    detector = build_detector(detector_name, min_face_size)
+    geometry = predictor.geometry_for(detector_name)
     timings: dict[str, list[float]] = {"detect": [], "crop": [], "model": [], "draw": [], "total": []}
     for _ in range(repeats + 3):
         started = time.perf_counter()
         faces = detector.detect_faces(frame)[:1]  # the frame holds one face that every setting here finds
         detected = time.perf_counter()
-        crops = np.stack([predictor.crop_geometry.crop(frame, face.landmarks, predictor.image_size) for face in faces])
+        crops = np.stack([geometry.crop(frame, face.landmarks, predictor.image_size, predictor.cfg.interpolation)
+                          for face in faces])
         cropped = time.perf_counter()
         ages = predictor.predict(crops)
         predicted = time.perf_counter()
@@ -119,30 +126,37 @@ def main(cfg: Config) -> dict:
     face_paths = sorted(data_dir.glob("*.jpg"))
     if not face_paths:
         raise SystemExit(f"error: no face images in {data_dir}; pass --data_dir=<folder of UTKFace crops>")
+    detectors = [cfg.detector] if "detector" in cfg.given_keys else list(DETECTORS)
     predictor = AgePredictor(checkpoint)
-    proof = detection_proof(predictor, face_paths, scenes=100, seed=cfg.seed)
-    print(f"\ncrop proof on {proof['faces']} real faces pasted into 100 scenes ({data_dir}):")
-    print(f"  detection recall {proof['recall']:.1%}, {proof['false_detections']} false detections; "
-          f"|age via detect->align->crop - age on the original crop|: "
-          f"mean {proof['mean_abs_age_difference']:.2f} y, median {proof['median_abs_age_difference']:.2f} y")
+    results: dict = {"proof": {}, "latency": {}}
+    print(f"\ncrop proof on real faces pasted into 100 scenes ({data_dir}):")
+    for name in detectors:
+        stored = "stored" if name in predictor.crop_geometries else "faces.py's default"
+        proof = results["proof"][name] = detection_proof(predictor, face_paths, scenes=100, seed=cfg.seed,
+                                                         detector_name=name)
+        print(f"  {name:<6} ({stored} crop geometry): {proof['faces']} faces, recall {proof['recall']:.1%}, "
+              f"{proof['false_detections']} false detections; |age via detect->align->crop - age on the original "
+              f"crop|: mean {proof['mean_abs_age_difference']:.2f} y, "
+              f"median {proof['median_abs_age_difference']:.2f} y")
 
     frame = np.asarray(make_background(np.random.default_rng(1), 640, 480)).copy()  # (480, 640, 3)
     face = Image.open(face_paths[len(face_paths) // 2]).convert("RGB").resize((160, 160), Image.Resampling.BICUBIC)
     frame[160:320, 240:400] = np.asarray(face)  # one 160 px face in the middle
-    results = {"proof": proof}
     print(f"\nlatency of one 640x480 frame with one face ({predictor.cfg.model_name} at {predictor.image_size}px, "
           f"min_face_size={cfg.min_face_size}, median ms):")
-    print(f"  {'model file':<12} {'detect':>7} {'crop':>6} {'model':>7} {'draw':>6} {'total':>7} {'FPS':>6}")
+    print(f"  {'model file':<12} {'detector':<8} {'detect':>7} {'crop':>6} {'model':>7} {'draw':>6} {'total':>7} "
+          f"{'FPS':>6}")
     for export_format in ("checkpoint", "torchscript", "onnx"):
         path = checkpoint
         if export_format != "checkpoint":
             path = checkpoint.with_name(f"model.{export_format}")
             if not path.is_file():
                 export_jit.main(replace(cfg, checkpoint=str(checkpoint), format=export_format, output=str(path)))
-        timing = latency(AgePredictor(path), frame, cfg.min_face_size)
-        results[export_format] = timing
-        print(f"  {export_format:<12} {timing['detect']:7.1f} {timing['crop']:6.1f} {timing['model']:7.1f} "
-              f"{timing['draw']:6.1f} {timing['total']:7.1f} {1000 / timing['total']:6.1f}")
+        exported = AgePredictor(path)
+        for name in detectors:
+            timing = results["latency"][f"{export_format}/{name}"] = latency(exported, frame, cfg.min_face_size, name)
+            print(f"  {export_format:<12} {name:<8} {timing['detect']:7.1f} {timing['crop']:6.1f} "
+                  f"{timing['model']:7.1f} {timing['draw']:6.1f} {timing['total']:7.1f} {1000 / timing['total']:6.1f}")
     return results
 
 

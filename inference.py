@@ -8,12 +8,13 @@ Writes: annotated images / video (a box and the age per face) at --output (defau
         {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread", "adult_probability"}
         (spread and the calibrated P(age >= 18) for distribution heads of a .pt checkpoint, else null).
 
-Each face is found by faces.FaceDetector (MTCNN: a box and five landmarks) and aligned on its landmarks with the
-crop geometry stored in the model file, which train.py measured on the training images: the model sees the same
-kind of crop it was trained on. All faces of a frame are predicted in one batch; --tta averages with the mirrored
-face. --no_detect treats every input image as an already-cropped face. In a video a face is tracked by box
-overlap and its age smoothed across frames. Unreadable files are named in a warning and skipped; a photo without
-a face is reported, not an error.
+Each face is found by the detector --detector names (faces.py: YuNet by default, or MTCNN; both give a box and
+five landmarks) and aligned on its landmarks with the crop geometry the model file stores for that detector, which
+train.py measured on the training images: the model sees the same kind of crop it was trained on. A model file
+written before YuNet existed stores MTCNN's geometry alone and runs with MTCNN, exactly as before. All faces of a
+frame are predicted in one batch; --tta averages with the mirrored face. --no_detect treats every input image as
+an already-cropped face. In a video a face is tracked by box overlap and its age smoothed across frames.
+Unreadable files are named in a warning and skipped; a photo without a face is reported, not an error.
 
 Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best.pt] [--output=annotated.jpg]
       python inference.py --input=0          (webcam; q or Esc quits)
@@ -42,7 +43,7 @@ from custom_dataset_dataloader import (
     open_rgb_image,
     resize_square,
 )
-from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector
+from faces import DEFAULT_CROP_GEOMETRIES, CropGeometry, Detector, build_detector, geometries_from_dict
 from model import ADULT_AGE, config_from_model_file, load_model, newest_checkpoint
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -182,17 +183,30 @@ class AgePredictor:
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
         self.cfg = config_from_model_file(config, path)
+        self.path = path
         try:
-            measured = CropGeometry.from_dict(geometry)
+            self.crop_geometries = geometries_from_dict(geometry)  # by detector name
         except (ValueError, TypeError, AttributeError) as error:
             raise SystemExit(f"error: {path}: its stored crop geometry is damaged ({error})") from None
-        self.crop_geometry = measured or DEFAULT_CROP_GEOMETRY
-        if measured is None:
+        if not self.crop_geometries:
             warnings.warn(f"{path} carries no landmark crop geometry (an older file, or training faces the detector "
-                          "did not find); aligning faces like UTKFace's crops (faces.DEFAULT_CROP_GEOMETRY)",
+                          "did not find); aligning faces like UTKFace's crops (faces.DEFAULT_CROP_GEOMETRIES)",
                           stacklevel=2)
         self.transform = build_transforms(self.cfg, train=False)
         self.image_size = self.cfg.image_size
+
+    def geometry_for(self, detector_name: str) -> CropGeometry:
+        """Where this model's training crops put the landmarks `detector_name` finds (its default if unmeasured)."""
+        return self.crop_geometries.get(detector_name) or DEFAULT_CROP_GEOMETRIES[detector_name]
+
+    def detector_name(self, wanted: str) -> str:
+        """The detector to run: `wanted`, unless this file's crop geometry was measured with other detectors only (a
+        file from before YuNet stores MTCNN's alone: it then runs with MTCNN, so it predicts exactly as before)."""
+        if self.crop_geometries and wanted not in self.crop_geometries:
+            chosen = next(iter(self.crop_geometries))
+            print(f"{self.path} stores no crop geometry for {wanted} (an older file); detecting faces with {chosen}")
+            return chosen
+        return wanted
 
     @torch.inference_mode()
     def predict_details(self, crops: np.ndarray, tta: bool = False) -> Predictions:
@@ -240,7 +254,7 @@ class Face:
 
 
 def estimate_faces(
-    image: np.ndarray, predictor: AgePredictor, detector: FaceDetector | None, tta: bool = False
+    image: np.ndarray, predictor: AgePredictor, detector: Detector | None, tta: bool = False
 ) -> list[Face]:
     """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
     from PIL import Image
@@ -252,8 +266,8 @@ def estimate_faces(
     else:
         detected = detector.detect_faces(image)
         boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
-        crops = [predictor.crop_geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation)
-                 for face in detected]
+        geometry = predictor.geometry_for(detector.name)
+        crops = [geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation) for face in detected]
     predictions = predictor.predict_details(
         np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
     )
@@ -384,7 +398,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], rows_path: Path,
-                  predictor: AgePredictor, detector: FaceDetector | None) -> list[dict[str, Any]]:
+                  predictor: AgePredictor, detector: Detector | None) -> list[dict[str, Any]]:
     """Annotate each photo into targets[photo]; one photo that fails is a warning, never the end of the others,
     and the face rows of every photo done are written to rows_path whatever happens."""
     rows = []
@@ -418,7 +432,7 @@ def _display_available() -> bool:
 
 
 def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor: AgePredictor,
-                 detector: FaceDetector | None) -> list[dict[str, Any]]:
+                 detector: Detector | None) -> list[dict[str, Any]]:
     import cv2
 
     capture = cv2.VideoCapture(source)
@@ -485,9 +499,9 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
     predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device))
-    detector = None if cfg.no_detect else FaceDetector(cfg.min_face_size)
-    print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px; crop geometry "
-          f"{predictor.crop_geometry}")
+    detector = None if cfg.no_detect else build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
+    print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px"
+          + (f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""))
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
     if cfg.input.isdigit():

@@ -57,7 +57,7 @@ from config import (
     seed_everything,
 )
 from custom_dataset_dataloader import build_dataloader, decade_start
-from faces import measure_crop_geometry
+from faces import DETECTORS, measure_crop_geometry
 from model import (
     ADULT_AGE,
     build_model,
@@ -434,16 +434,21 @@ def build_scheduler(
 
 
 def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame, count: int = 100) -> dict | None:
-    """Where the detector's five landmarks sit in the training crops (see faces.py), from up to `count` training
-    images; stored in every checkpoint so that inference aligns faces the same way. None without OpenCV or the
-    detector's weights, or when the detector finds too few faces (inference then uses faces.DEFAULT_CROP_GEOMETRY)."""
+    """Where each detector's five landmarks sit in the training crops (see faces.py), from up to `count` training
+    images: {detector name: geometry}, stored in every checkpoint so that inference aligns faces the same way with
+    whichever detector it runs. A detector whose package is missing, or that finds too few faces, is left out
+    (inference then uses faces.DEFAULT_CROP_GEOMETRIES); None when no detector gives one."""
     paths = [Path(cfg.data_dir) / name for name in frame["image_name"]]
-    try:
-        geometry = measure_crop_geometry(paths, limit=count)
-    except ImportError:  # OpenCV or the mtcnn package is missing
-        return None
-    print(f"crop geometry of the training faces (for inference): {geometry}")
-    return geometry.to_dict() if geometry else None
+    geometries = {}
+    for name in DETECTORS:
+        try:
+            geometry = measure_crop_geometry(paths, limit=count, detector_name=name)
+        except ImportError:  # OpenCV, or the package shipping this detector's weights, is missing
+            continue
+        print(f"crop geometry of the training faces ({name}, for inference): {geometry}")
+        if geometry:
+            geometries[name] = geometry.to_dict()
+    return geometries or None
 
 
 def find_resume_run(cfg: Config) -> Path:

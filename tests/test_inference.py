@@ -10,7 +10,16 @@ from PIL import Image
 import export_jit
 import inference
 from config import Config
-from faces import DEFAULT_CROP_GEOMETRY, CropGeometry, FaceDetector, measure_crop_geometry
+from faces import (
+    DEFAULT_CROP_GEOMETRIES,
+    DEFAULT_CROP_GEOMETRY,
+    DETECTORS,
+    CropGeometry,
+    FaceDetector,
+    build_detector,
+    geometries_from_dict,
+    measure_crop_geometry,
+)
 from model import AgeEstimationModel, save_checkpoint
 from tests.helpers import REAL_DATA
 
@@ -58,12 +67,29 @@ def test_crop_geometry_round_trips_through_a_rotated_enlarged_face():
     assert np.abs(recovered[inner].astype(int) - expected[inner]).mean() < 3
 
 
-def test_detector_weights_load_and_find_no_face_in_noise():
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_every_detector_loads_offline_and_finds_no_face_in_noise(name):
+    detector = build_detector(name)
+    assert detector.name == name and detector.detect_faces(_smooth_image(300, seed=3)) == []
+    assert detector.detect_faces(_smooth_image(200, seed=4)[:, :, 0]) == []  # grayscale is accepted
+
+
+def test_stored_geometries_are_read_by_detector_and_old_files_mean_mtcnn():
+    old, new = DEFAULT_CROP_GEOMETRY.to_dict(), {name: g.to_dict() for name, g in DEFAULT_CROP_GEOMETRIES.items()}
+    assert geometries_from_dict(old) == {"mtcnn": DEFAULT_CROP_GEOMETRY}  # a file from before detectors were a choice
+    assert geometries_from_dict(new) == DEFAULT_CROP_GEOMETRIES
+    assert geometries_from_dict(None) == {} and geometries_from_dict({"center_dx": 0.0, "scale": 1.0}) == {}
+    with pytest.raises(ValueError, match="unknown detectors"):
+        geometries_from_dict({"haar": old})
+    with pytest.raises(ValueError, match="5 \\(x, y\\) pairs"):
+        geometries_from_dict({"yunet": {"landmarks": [[0.1, 0.2]]}})
+
+
+def test_mtcnn_weights_load_with_matching_shapes():
     from faces import OutputNetwork, ProposalNetwork, RefinementNetwork, load_mtcnn_weights
 
     for network, name in ((ProposalNetwork(), "pnet"), (RefinementNetwork(), "rnet"), (OutputNetwork(), "onet")):
         network.load_keras_weights(load_mtcnn_weights(name))  # raises on any shape mismatch or left-over array
-    assert FaceDetector().detect_faces(_smooth_image(300, seed=3)) == []
 
 
 def test_box_overlap():
@@ -86,7 +112,8 @@ def test_exports_match_eager_and_carry_their_config(checkpoint, tmp_path, export
     result = export_jit.main(Config(checkpoint=str(checkpoint), format=export_format, output=str(output)))
     assert result["max_abs_difference"] <= export_jit.TOLERANCE[export_format]
     exported, eager = inference.AgePredictor(output), inference.AgePredictor(checkpoint)
-    assert exported.cfg == eager.cfg and exported.crop_geometry == DEFAULT_CROP_GEOMETRY
+    assert exported.cfg == eager.cfg
+    assert exported.crop_geometries == eager.crop_geometries == {"mtcnn": DEFAULT_CROP_GEOMETRY}
     crops = np.random.default_rng(0).integers(0, 255, (3, 3, 32, 32), dtype=np.uint8)
     assert np.allclose(exported.predict(crops), eager.predict(crops), atol=1e-3)
     assert np.allclose(exported.predict(crops, tta=True), eager.predict(crops, tta=True), atol=1e-3)
@@ -227,6 +254,45 @@ def test_one_face_found_in_a_real_portrait(checkpoint, tmp_path):
 
 
 @needs_real_faces
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_each_detector_finds_the_portrait_face_with_five_ordered_landmarks(name):
+    faces = build_detector(name).detect_faces(np.asarray(Image.open(HOPPER).convert("RGB")))
+    assert len(faces) == 1
+    (x, y, width, height), points = faces[0].box, faces[0].landmarks
+    assert points.shape == (5, 2) and 100 < width < 350 and faces[0].score > 0.5
+    assert ((points[:, 0] > x) & (points[:, 0] < x + width) & (points[:, 1] > y) & (points[:, 1] < y + height)).all()
+    left_eye, right_eye, nose, mouth_left, mouth_right = points  # faces.LANDMARK_NAMES: left as seen in the image
+    assert left_eye[0] < nose[0] < right_eye[0] and mouth_left[0] < mouth_right[0]
+    assert max(left_eye[1], right_eye[1]) < nose[1] < min(mouth_left[1], mouth_right[1])
+
+
+@needs_real_faces
+def test_the_detectors_agree_on_the_portrait_and_yunet_finds_a_face_filling_a_large_photo():
+    image = np.asarray(Image.open(HOPPER).convert("RGB"))
+    (mtcnn,), (yunet,) = build_detector("mtcnn").detect_faces(image), build_detector("yunet").detect_faces(image)
+    assert np.abs(mtcnn.landmarks - yunet.landmarks).max() < 0.1 * mtcnn.box[2]  # the same eyes, nose and mouth
+    large = np.asarray(Image.open(HOPPER).convert("RGB").resize((2048, 2048), Image.Resampling.BICUBIC))
+    faces = build_detector("yunet", min_face_size=12).detect_faces(large)  # a 700 px face: the coarse pass finds it
+    assert len(faces) == 1 and inference.box_overlap(faces[0].box, [value * 4 for value in yunet.box]) > 0.6
+
+
+@needs_real_faces
+def test_old_model_files_run_with_mtcnn_and_new_ones_with_their_yunet_geometry(checkpoint, tmp_path):
+    old_rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "a.jpg")))
+    mtcnn_rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "b.jpg"),
+                                       detector="mtcnn"))
+    assert old_rows == mtcnn_rows and len(old_rows) == 1  # an old file predicts exactly as before YuNet
+    checkpoint_file = torch.load(checkpoint, weights_only=True)
+    checkpoint_file["crop_geometry"] = {name: g.to_dict() for name, g in DEFAULT_CROP_GEOMETRIES.items()}
+    torch.save(checkpoint_file, tmp_path / "new.pt")
+    predictor = inference.AgePredictor(tmp_path / "new.pt")
+    assert predictor.detector_name("yunet") == "yunet" and predictor.detector_name("mtcnn") == "mtcnn"
+    new_rows = inference.main(Config(checkpoint=str(tmp_path / "new.pt"), input=str(HOPPER),
+                                     output=str(tmp_path / "c.jpg")))
+    assert len(new_rows) == 1 and new_rows[0]["landmarks"] != old_rows[0]["landmarks"]  # YuNet's own landmarks
+
+
+@needs_real_faces
 def test_real_faces_pasted_into_scenes_are_found():
     from benchmark_inference import paste_scene
 
@@ -243,10 +309,11 @@ def test_real_faces_pasted_into_scenes_are_found():
 
 
 @needs_real_faces
-def test_geometry_measured_on_real_crops_is_close_to_the_default():
-    geometry = measure_crop_geometry(sorted(UTK200.glob("*.jpg"))[::300][:25])
+@pytest.mark.parametrize("name", list(DETECTORS))
+def test_geometry_measured_on_real_crops_is_close_to_the_default(name):
+    geometry = measure_crop_geometry(sorted(UTK200.glob("*.jpg"))[::300][:25], detector_name=name)
     assert geometry is not None and geometry.measured_on >= 20
-    assert np.abs(np.array(geometry.landmarks) - np.array(DEFAULT_CROP_GEOMETRY.landmarks)).max() < 0.03
+    assert np.abs(np.array(geometry.landmarks) - np.array(DEFAULT_CROP_GEOMETRIES[name].landmarks)).max() < 0.03
 
 
 def test_a_checkpoint_without_landmark_geometry_uses_the_default(tmp_path):
@@ -255,7 +322,7 @@ def test_a_checkpoint_without_landmark_geometry_uses_the_default(tmp_path):
                     crop_geometry={"center_dx": 0.01, "center_dy": 0.09, "scale": 0.95, "measured_on": 100})
     with pytest.warns(UserWarning, match="no landmark crop geometry"):
         predictor = inference.AgePredictor(tmp_path / "old.pt")
-    assert predictor.crop_geometry == DEFAULT_CROP_GEOMETRY
+    assert predictor.crop_geometries == {} and predictor.geometry_for("mtcnn") == DEFAULT_CROP_GEOMETRY
 
 
 def test_pretrained_flag_is_ignored_when_rebuilding(checkpoint):
