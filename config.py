@@ -136,6 +136,8 @@ class Config:
     exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)
     bootstrap_samples: int = 1000  # analysis.errors: resamples behind each 95 % confidence interval
     heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
+    # --- benchmark_scale.py ---
+    scale_sizes: str = "5000,20000,80000"  # comma-separated data-set sizes (generated faces) to measure
     # --- demo.py ---
     demo_num_images: int = 2400  # synthetic faces demo.py generates
     # --- set by parse_config, not a setting ---

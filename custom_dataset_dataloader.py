@@ -35,6 +35,7 @@ import os
 import stat
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -271,6 +272,24 @@ def _keep_as_is(item: tuple) -> tuple:
     return item
 
 
+def decode_images(
+    paths: list[Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear", description: str = ""
+) -> Iterator[tuple[int, np.ndarray | None, str]]:
+    """Decode every path at image_size in `num_workers` DataLoader worker processes (0 = here), in order:
+    (index, uint8 (3, S, S) or None, why not). The image check (eda.py) and the cache build share it; decoding is
+    the work that grows with the data set, and worker processes put it on every core (RESULTS.md, "Scale")."""
+    from tqdm import tqdm
+
+    loader = DataLoader(
+        _DecodeDataset(paths, image_size, interpolation),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_keep_as_is,
+        generator=torch.Generator(),  # leaves the global RNG alone: a cache hit or miss must not change a run
+    )
+    yield from tqdm(loader, desc=description, leave=False, disable=None if description else True)
+
+
 def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int, interpolation: str) -> str:
     resize = image_size if interpolation == "bilinear" else f"{image_size}|{interpolation}"  # bilinear: older keys
     digest = hashlib.sha256(f"v{CACHE_FORMAT_VERSION}|{Path(data_dir).resolve()}|{resize}".encode())
@@ -304,17 +323,8 @@ def build_image_cache(
             array = np.lib.format.open_memmap(
                 temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
             )
-            loader = DataLoader(
-                _DecodeDataset(paths, image_size, interpolation),
-                batch_size=None,
-                num_workers=num_workers,
-                collate_fn=_keep_as_is,
-                generator=torch.Generator(),  # leaves the global RNG alone: a cache hit or miss must not change a run
-            )
-            from tqdm import tqdm
-
-            progress = tqdm(loader, desc=f"caching {name} at {image_size}px", leave=False, disable=None)
-            for index, pixels, reason in progress:
+            decoded = decode_images(paths, image_size, num_workers, interpolation, f"caching {name} at {image_size}px")
+            for index, pixels, reason in decoded:
                 if pixels is None:
                     ok[index] = False
                     failures[str(paths[index])] = reason

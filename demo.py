@@ -171,8 +171,10 @@ def draw_face(
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def generate_dataset(folder: str | Path, count: int, seed: int = 0, size: int = GENERATED_SIZE) -> list[Path]:
-    """Write `count` faces as JPEGs named [age]_[gender]_[race]_[date&time].jpg.chip.jpg; returns the paths."""
+def generate_dataset(folder: str | Path, count: int, seed: int = 0, size: int = GENERATED_SIZE,
+                     first_index: int = 0) -> list[Path]:
+    """Write `count` faces as JPEGs named [age]_[gender]_[race]_[date&time].jpg.chip.jpg; returns the paths.
+    first_index numbers the names from there (parallel writers into one folder each take their own range)."""
     from custom_dataset_dataloader import ETHNICITIES, GENDERS
 
     folder = Path(folder)
@@ -180,7 +182,7 @@ def generate_dataset(folder: str | Path, count: int, seed: int = 0, size: int = 
     rng = np.random.default_rng(seed)
     paths = []
     for index, (age, gender, race) in enumerate(sample_labels(count, rng)):
-        path = folder / f"{age}_{gender}_{race}_2026010112{index:07d}.jpg.chip.jpg"
+        path = folder / f"{age}_{gender}_{race}_2026010112{first_index + index:07d}.jpg.chip.jpg"
         draw_face(age, GENDERS[gender], ETHNICITIES[race], rng, size).save(path, quality=90)
         paths.append(path)
     return paths

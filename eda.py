@@ -43,7 +43,7 @@ from custom_dataset_dataloader import (
     DataError,
     check_image_names,
     dataset_csv_path,
-    describe_read_error,
+    decode_images,
     load_image,
     read_csv_file,
     write_dataset_csv,
@@ -189,10 +189,12 @@ def _screen_paths(root: Path, labelled: list[tuple]) -> tuple[list[tuple], dict[
 
 
 def scan_folder(
-    data_dir: str, check_images: bool = True, dataset_format: str = "utkface", labels_csv: str = ""
+    data_dir: str, check_images: bool = True, dataset_format: str = "utkface", labels_csv: str = "",
+    num_workers: int = 0,
 ) -> tuple[pd.DataFrame, list[str], dict[str, str]]:
     """Read data_dir in its layout; return (frame sorted by name, malformed names or label rows, unreadable ->
-    reason). Subject and apparent-age columns are added where the layout has them."""
+    reason). Subject and apparent-age columns are added where the layout has them. The image check decodes in
+    num_workers processes (0 = in this one)."""
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(
@@ -219,21 +221,15 @@ def scan_folder(
     else:
         raise DataError(f"unknown dataset_format {dataset_format!r}")
     labelled, unreadable = _screen_paths(root, labelled)
-    rows = []
-    iterator = labelled
-    if check_images:
-        from tqdm import tqdm
-
-        iterator = tqdm(labelled, desc="checking images", leave=False, disable=None)
-    for row in iterator:
-        name, path = row[0], root / row[0]
-        if check_images:
-            try:
-                load_image(path, 32)
-            except Exception as error:  # noqa: BLE001 - any decoder failure: list the file, go on
-                unreadable[name] = describe_read_error(error, path)
-                continue
-        rows.append(row)
+    rows = labelled
+    if check_images:  # decode each image (small: the decoder's draft mode) in worker processes; keep the good ones
+        rows = []
+        for index, pixels, reason in decode_images([root / row[0] for row in labelled], 32, num_workers,
+                                                   description="checking images"):
+            if pixels is None:
+                unreadable[labelled[index][0]] = reason
+            else:
+                rows.append(labelled[index])
     frame = pd.DataFrame(rows, columns=columns).sort_values("image_name", kind="stable").reset_index(drop=True)
     if "subject" in frame and (frame["subject"] == "").all():
         frame = frame.drop(columns="subject")
@@ -325,7 +321,8 @@ def main(cfg: Config) -> pd.DataFrame:
 
     matplotlib.use("Agg")
     print_config(cfg, "eda.py")
-    frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv)
+    frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv,
+                                               cfg.num_workers)
     csv_path = dataset_csv_path(cfg)
     write_dataset_csv(frame, csv_path)
     pics = Path(cfg.pics_dir)

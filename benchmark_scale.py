@@ -1,0 +1,296 @@
+"""How the cost of each stage grows with the data set: time per image and peak memory against N.
+
+For each N in --scale_sizes, N UTKFace-named 200 px faces are written to a temporary folder, and each stage runs
+in a fresh Python process, as a user runs it, on that folder:
+  eda           eda.main: scan the names, check every image (decoded in --num_workers processes), the figures
+  split         split_dataset.main
+  cache         custom_dataset_dataloader.main: the decoded 64 px caches of the three splits (memory-mapped)
+  train epoch   one epoch of ResNet-18 at 64 px from scratch (train.main --epochs=1; the epoch's own time from its
+                log line: training plus the validation pass)
+Each stage's time is measured around its main(cfg) inside the child, so the imports (a constant) are left out.
+Meanwhile this process samples the child's process tree (workers included) every 0.5 s for two peaks, each the
+proportional set size (a page shared by a parent and its forked workers counts once, split between them):
+  anonymous (Pss_Anon)  what the stage allocates itself: the figure that runs a machine out of memory;
+  resident (Pss)        that plus the file pages it maps, among them the memory-mapped cache (page cache that
+                        the kernel can drop: it grows with N by design and is not the stage's own memory).
+Time per image is given two ways: the stage's seconds / N, and the marginal seconds per extra image between two
+sizes, (t(N2) - t(N1)) / (N2 - N1), which leaves out what a stage costs whatever N (worker start-up, figures):
+a stage that grows faster than linearly shows as a rising marginal cost.
+At the largest N the image check (eda.scan_folder alone) and the cache build also run with num_workers=1: the
+speed-up with 2 workers on 2 cores is theirs.
+
+The faces: demo.py's generator draws min(N, 5,000) distinct faces (two processes); the rest are byte copies of
+them under new UTKFace names with freshly drawn labels. What is measured is decoding, resizing and bookkeeping
+per file, which does not depend on which face a file shows; drawing 80,000 faces would take 40 CPU minutes.
+
+Reads:  nothing (generated data).  Writes: runs/benchmark/scale_<date>_<time>.json (every figure) and
+        pics/scale_benchmark.png (log-log: time per image and peak memory against N); prints the table and an
+        extrapolation to 500,000 faces.
+Run:    python benchmark_scale.py                                   # 5k, 20k and 80k faces: ~25 min on 2 cores
+        python benchmark_scale.py --scale_sizes=5000,20000          # ~6 min
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from config import Config, atomic_write_path, folders_under, parse_config, print_config, save_figure
+
+SCALE_DEFAULTS = Config(image_size=64, model_name="resnet18", pretrained=False, epochs=1, num_workers=2)
+DISTINCT_FACES, FACE_SIZE = 5000, 200
+STAGES = ("eda", "split", "cache", "train epoch")
+EXTRAPOLATE_TO, CACHE_SIZES = 500_000, (64, 128, 224)
+SAMPLE_SECONDS = 0.5  # reading smaps_rollup takes the memory-map lock; benchmark.PeakMemory measured 0.5 s harmless
+_EPOCH_LINE = re.compile(r"^epoch\s+1/1 .*?([\d.]+)s", re.MULTILINE)
+
+
+def run_stage(arguments: list[str]) -> None:
+    """In the child: run one stage on the --key=value settings that follow its name; print its seconds."""
+    stage, cfg = arguments[0], parse_config(arguments[1:])
+    if stage == "eda":
+        import eda as module
+    elif stage == "image check":
+        import eda
+
+        started = time.perf_counter()
+        eda.scan_folder(cfg.data_dir, True, num_workers=cfg.num_workers)
+        print(f"STAGE_SECONDS {time.perf_counter() - started}")
+        return
+    elif stage == "split":
+        import split_dataset as module
+    elif stage == "cache":
+        import custom_dataset_dataloader as module
+    elif stage == "train epoch":
+        import train as module
+    else:
+        raise SystemExit(f"error: unknown stage {stage!r}")
+    started = time.perf_counter()
+    module.main(cfg)
+    print(f"STAGE_SECONDS {time.perf_counter() - started}")
+
+
+def _tree(pid: int) -> list[int]:
+    """pid and all its descendants."""
+    pids, index = [pid], 0
+    while index < len(pids):
+        for children in Path(f"/proc/{pids[index]}/task").glob("*/children"):
+            try:
+                pids += [int(child) for child in children.read_text().split()]
+            except OSError:
+                pass
+        index += 1
+    return pids
+
+
+def _memory_kib(pids: list[int]) -> tuple[int, int]:
+    """(Pss_Anon, Pss) summed over pids, in KiB (Linux 5.x and later; zeros elsewhere)."""
+    anonymous = resident = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss_Anon:"):
+                    anonymous += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    resident += int(line.split()[1])
+        except OSError:
+            continue
+    return anonymous, resident
+
+
+def measure_stage(stage: str, cfg: Config, log: Path) -> dict[str, float]:
+    """Run a stage in a child process; its seconds and peak memory (MiB). Stops with the log's tail on failure."""
+    settings = [f"--{name}={getattr(cfg, name)}" for name in (
+        "data_dir", "csv_dir", "pics_dir", "cache_dir", "checkpoint_dir", "runs_dir", "num_workers", "image_size",
+        "model_name", "pretrained", "epochs", "seed")]
+    command = [sys.executable, "-c", "import sys, benchmark_scale; benchmark_scale.run_stage(sys.argv[1:])", stage,
+               *settings, "--tta=false", "--run_name=scale", "--device=cpu"]
+    peaks = [0, 0]
+    with log.open("w") as output:
+        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent, stdout=output,
+                                 stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        done = threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peaks[:] = [max(peak, value) for peak, value in zip(peaks, _memory_kib(_tree(child.pid)), strict=True)]
+                done.wait(SAMPLE_SECONDS)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        code = child.wait()
+        done.set()
+        sampler.join()
+    text = log.read_text()
+    if code != 0 or "STAGE_SECONDS" not in text:
+        raise SystemExit(f"error: stage {stage!r} failed (exit {code}); the end of {log}:\n{text[-3000:]}")
+    seconds = float(text.rsplit("STAGE_SECONDS", 1)[1].split()[0])
+    if stage == "train epoch":
+        seconds = float(_EPOCH_LINE.findall(text)[-1])
+    return {"seconds": seconds, "anonymous_mib": peaks[0] / 1024, "resident_mib": peaks[1] / 1024}
+
+
+def _generate_chunk(folder: str, count: int, seed: int, first_index: int) -> list[str]:
+    from demo import generate_dataset
+
+    return [str(path) for path in generate_dataset(folder, count, seed=seed, size=FACE_SIZE, first_index=first_index)]
+
+
+def write_faces(folder: Path, count: int, seed: int, workers: int = 2) -> None:
+    """count UTKFace-named faces in folder: min(count, DISTINCT_FACES) drawn, the rest copies (see the docstring)."""
+    import numpy as np
+
+    from demo import sample_labels
+
+    distinct = min(count, DISTINCT_FACES)
+    chunks = [(index * distinct // workers, (index + 1) * distinct // workers) for index in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        drawn = [path for paths in pool.map(_generate_chunk, [str(folder)] * workers, [end - start for start, end in
+                 chunks], [seed + index for index in range(workers)], [start for start, _ in chunks])
+                 for path in paths]
+    labels = sample_labels(count - distinct, np.random.default_rng(seed + 1000))
+    for index, (age, gender, race) in enumerate(labels):
+        target = folder / f"{age}_{gender}_{race}_2026010113{index:07d}.jpg.chip.jpg"
+        shutil.copyfile(drawn[index % distinct], target)
+
+
+def measure_size(cfg: Config, count: int, root: Path, worker_comparison: bool) -> dict[str, Any]:
+    """Every stage on `count` generated faces under root; with worker_comparison also the 1-worker runs."""
+    faces = root / "faces"
+    faces.mkdir(parents=True)
+    started = time.perf_counter()
+    write_faces(faces, count, cfg.seed)
+    print(f"N = {count:,}: faces written in {time.perf_counter() - started:.0f}s", flush=True)
+    stage_cfg = replace(cfg, data_dir=str(faces), **folders_under(root))
+    result: dict[str, Any] = {"faces": count, "stages": {}}
+    for stage in STAGES:
+        result["stages"][stage] = measure_stage(stage, stage_cfg, root / f"{stage.replace(' ', '_')}.log")
+        figures = result["stages"][stage]
+        print(f"  {stage:<12} {figures['seconds']:8.1f}s {1000 * figures['seconds'] / count:8.3f} ms/image "
+              f"peak anonymous {figures['anonymous_mib']:7.0f} MiB, resident {figures['resident_mib']:7.0f} MiB",
+              flush=True)
+    result["csv_bytes"] = sum(path.stat().st_size for path in Path(stage_cfg.csv_dir).glob("*.csv"))
+    result["cache_bytes"] = sum(path.stat().st_size for path in Path(stage_cfg.cache_dir).glob("*.npy"))
+    if worker_comparison:
+        for workers in (2, 1):  # the 2-worker image check once more, beside the 1-worker one: a paired figure
+            check = measure_stage("image check", replace(stage_cfg, num_workers=workers), root / f"check_{workers}.log")
+            result["stages"][f"image check, {workers} worker(s)"] = check
+        for workers in (1,):  # the cache stage above ran with 2 workers; a fresh cache folder for 1
+            cache = measure_stage("cache", replace(stage_cfg, num_workers=workers, cache_dir=str(root / "cache_1")),
+                                  root / "cache_1.log")
+            result["stages"][f"cache, {workers} worker(s)"] = cache
+    shutil.rmtree(faces)  # the next N needs the disk, not these
+    return result
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [result["faces"] for result in results]
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for stage in STAGES:
+        stages = [result["stages"][stage] for result in results]
+        time_axis.plot(sizes, [1000 * figures["seconds"] / size for figures, size in zip(stages, sizes, strict=True)],
+                       marker="o", label=stage)
+        memory_axis.plot(sizes, [figures["anonymous_mib"] for figures in stages], marker="o", label=stage)
+    memory_axis.plot(sizes, [result["csv_bytes"] / 2**20 for result in results], "k--", label="the CSVs' size")
+    for axis, label in ((time_axis, "ms per image"), (memory_axis, "peak anonymous memory (MiB)")):
+        axis.set(xscale="log", yscale="log", xlabel="faces in the data set (N)", ylabel=label)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=8)
+    time_axis.set_title("time per image (flat = linear total)")
+    memory_axis.set_title("peak memory of each stage")
+    save_figure(figure, path)
+
+
+def report(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Print the table, the growth from the smallest to the largest N and the extrapolation; return the figures."""
+    smallest, largest = results[0], results[-1]
+    print(f"\n{'stage':<12} " + " ".join(f"{result['faces']:>17,}" for result in results) + "   growth of ms/image")
+    growth = {}
+    for stage in STAGES:
+        cells = [f"{1000 * figures['seconds'] / result['faces']:6.3f} ms {figures['anonymous_mib']:5.0f}M"
+                 for result in results for figures in [result["stages"][stage]]]
+        per_image = [r["stages"][stage]["seconds"] / r["faces"] for r in (smallest, largest)]
+        growth[stage] = per_image[1] / per_image[0]
+        print(f"{stage:<12} " + " ".join(f"{cell:>17}" for cell in cells) + f"   x{growth[stage]:.2f}")
+    print("(each cell: ms per image, peak anonymous MiB)")
+    marginal: dict[str, list[float]] = {}
+    if len(results) > 1:
+        print("marginal ms per extra image between consecutive sizes:")
+        for stage in STAGES:
+            marginal[stage] = [1000 * (later["stages"][stage]["seconds"] - earlier["stages"][stage]["seconds"])
+                               / (later["faces"] - earlier["faces"]) for earlier, later in itertools.pairwise(results)]
+            print(f"  {stage:<12} " + " ".join(f"{value:8.3f}" for value in marginal[stage]))
+    speedups = {}
+    for stage in ("image check", "cache"):
+        one = largest["stages"].get(f"{stage}, 1 worker(s)")
+        two = largest["stages"].get(f"{stage}, 2 worker(s)") or largest["stages"].get(stage)
+        if one and two:
+            speedups[stage] = one["seconds"] / two["seconds"]
+            print(f"{stage} at N = {largest['faces']:,}: 1 worker {one['seconds']:.1f}s, 2 workers "
+                  f"{two['seconds']:.1f}s: x{speedups[stage]:.2f}")
+    scale = EXTRAPOLATE_TO / largest["faces"]
+    print(f"\nextrapolated to {EXTRAPOLATE_TO:,} faces (linearly from N = {largest['faces']:,}):")
+    extrapolation: dict[str, Any] = {"minutes": {}, "cache_gib": {}, "anonymous_gib": {}}
+    for stage in STAGES:
+        figures = largest["stages"][stage]
+        previous = results[-2]["stages"][stage] if len(results) > 1 else figures
+        slope = (figures["anonymous_mib"] - previous["anonymous_mib"]) / max(largest["faces"] - (
+            results[-2]["faces"] if len(results) > 1 else 0), 1)
+        memory = figures["anonymous_mib"] + max(slope, 0.0) * (EXTRAPOLATE_TO - largest["faces"])
+        extrapolation["minutes"][stage] = figures["seconds"] * scale / 60
+        extrapolation["anonymous_gib"][stage] = memory / 1024
+        print(f"  {stage:<12} {figures['seconds'] * scale / 60:7.1f} min, peak anonymous memory "
+              f"{memory / 1024:6.2f} GiB (the last two sizes' slope)")
+    for size in CACHE_SIZES:
+        extrapolation["cache_gib"][size] = EXTRAPOLATE_TO * 3 * size * size / 2**30
+    print("  decoded cache on disk (N x 3 x S x S bytes): " + ", ".join(
+        f"{size} px {gib:.1f} GiB" for size, gib in extrapolation["cache_gib"].items()))
+    return {"growth_of_time_per_image": growth, "marginal_ms_per_image": marginal, "worker_speedup": speedups,
+            "extrapolation": extrapolation}
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    """Measure every size, print the table, write the JSON and the figure; returns the figures."""
+    print_config(cfg, "benchmark_scale.py")
+    sizes = sorted({int(value) for value in cfg.scale_sizes.split(",") if value.strip()})
+    if not sizes or sizes[0] < 20:
+        raise SystemExit(f"error: --scale_sizes={cfg.scale_sizes!r}: give comma-separated sizes of 20 faces or more")
+    free = shutil.disk_usage(tempfile.gettempdir()).free
+    needed = sizes[-1] * (12_000 + 3 * cfg.image_size**2 * 2)  # JPEGs plus two caches, with room to spare
+    if free < needed:
+        raise SystemExit(f"error: {sizes[-1]:,} faces need about {needed / 2**30:.1f} GiB in "
+                         f"{tempfile.gettempdir()}, which has {free / 2**30:.1f} GiB free; pass smaller --scale_sizes")
+    results = []
+    for count in sizes:
+        with tempfile.TemporaryDirectory(prefix=f"scale_{count}_") as temporary:
+            results.append(measure_size(cfg, count, Path(temporary), worker_comparison=count == sizes[-1]))
+    summary = report(results)
+    figure = Path(cfg.pics_dir) / "scale_benchmark.png"
+    plot(results, figure)
+    output = Path(cfg.runs_dir) / "benchmark" / f"scale_{datetime.now():%Y%m%d_%H%M%S}.json"
+    with atomic_write_path(output) as path:
+        path.write_text(json.dumps({"sizes": results, **summary, "cpu_count": os.cpu_count()}, indent=2) + "\n")
+    print(f"\nwrote {figure} and {output}")
+    return {"sizes": results, **summary, "figure": str(figure), "json": str(output)}
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:], base=SCALE_DEFAULTS))
