@@ -50,3 +50,33 @@ def test_seed_dataset_reads_jpegs_with_the_seed_transforms(split_config):
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32
     assert ages.dtype == torch.float32 and torch.all(ages >= 0)
     assert images.min() < -1 and images.max() > 1  # ImageNet-normalised, not [0, 1]
+
+
+def test_scale_benchmark_runs_every_stage_on_tiny_sizes(tmp_path, monkeypatch):
+    import benchmark_scale
+    from config import folders_under
+
+    monkeypatch.setattr(benchmark_scale, "DISTINCT_FACES", 20)  # 20 drawn faces, the rest copies under new names
+    monkeypatch.setattr(benchmark_scale, "FACE_SIZE", 64)
+    cfg = replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="30,60", image_size=32, **folders_under(tmp_path))
+    result = benchmark_scale.main(cfg)
+    assert [size["faces"] for size in result["sizes"]] == [30, 60]
+    for size in result["sizes"]:
+        assert set(benchmark_scale.STAGES) <= set(size["stages"])
+        for figures in size["stages"].values():
+            assert figures["seconds"] > 0 and figures["resident_mib"] >= figures["anonymous_mib"] > 50  # torch's own
+        assert size["cache_bytes"] >= size["faces"] * 3 * 32 * 32  # every face decoded into the cache
+    assert {"image check, 1 worker(s)", "image check, 2 worker(s)", "cache, 1 worker(s)"} <= set(
+        result["sizes"][-1]["stages"])
+    assert set(result["marginal_ms_per_image"]) == set(benchmark_scale.STAGES)
+    assert result["extrapolation"]["cache_gib"][64] == pytest.approx(500_000 * 3 * 64 * 64 / 2**30)
+    stored = json.loads(Path(result["json"]).read_text())
+    assert stored["sizes"] == result["sizes"] and Path(result["figure"]).stat().st_size > 10_000
+    assert len(list(Path(cfg.csv_dir).glob("*"))) == 0  # every stage wrote into its own temporary workspace
+
+
+def test_scale_benchmark_refuses_nonsense_sizes(tmp_path):
+    import benchmark_scale
+
+    with pytest.raises(SystemExit, match="20 faces or more"):
+        benchmark_scale.main(replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="5", runs_dir=str(tmp_path)))
