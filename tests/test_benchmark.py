@@ -52,27 +52,42 @@ def test_seed_dataset_reads_jpegs_with_the_seed_transforms(split_config):
     assert images.min() < -1 and images.max() > 1  # ImageNet-normalised, not [0, 1]
 
 
-def test_scale_benchmark_runs_every_stage_on_tiny_sizes(tmp_path, monkeypatch):
+def test_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path, monkeypatch):
     import benchmark_scale
     from config import folders_under
 
     monkeypatch.setattr(benchmark_scale, "DISTINCT_FACES", 20)  # 20 drawn faces, the rest copies under new names
     monkeypatch.setattr(benchmark_scale, "FACE_SIZE", 64)
-    cfg = replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="30,60", image_size=32, **folders_under(tmp_path))
+    cfg = replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="40", image_size=32, **folders_under(tmp_path))
     result = benchmark_scale.main(cfg)
-    assert [size["faces"] for size in result["sizes"]] == [30, 60]
-    for size in result["sizes"]:
-        assert set(benchmark_scale.STAGES) <= set(size["stages"])
-        for figures in size["stages"].values():
-            assert figures["seconds"] > 0 and figures["resident_mib"] >= figures["anonymous_mib"] > 50  # torch's own
-        assert size["cache_bytes"] >= size["faces"] * 3 * 32 * 32  # every face decoded into the cache
-    assert {"image check, 1 worker(s)", "image check, 2 worker(s)", "cache, 1 worker(s)"} <= set(
-        result["sizes"][-1]["stages"])
-    assert set(result["marginal_ms_per_image"]) == set(benchmark_scale.STAGES)
-    assert result["extrapolation"]["cache_gib"][64] == pytest.approx(500_000 * 3 * 64 * 64 / 2**30)
+    (size,) = result["sizes"]
+    assert size["faces"] == 40 and set(size["stages"]) == {*benchmark_scale.STAGES, "image check, 1 worker(s)",
+                                                           "image check, 2 worker(s)", "cache, 1 worker(s)"}
+    for figures in size["stages"].values():
+        assert figures["seconds"] > 0 and figures["resident_mib"] >= figures["anonymous_mib"] > 50  # torch's own
+    assert size["cache_bytes"] >= 40 * 3 * 32 * 32  # every face decoded into the cache
     stored = json.loads(Path(result["json"]).read_text())
     assert stored["sizes"] == result["sizes"] and Path(result["figure"]).stat().st_size > 10_000
-    assert len(list(Path(cfg.csv_dir).glob("*"))) == 0  # every stage wrote into its own temporary workspace
+    assert list(Path(cfg.csv_dir).glob("*")) == []  # every stage wrote into its own temporary workspace
+
+
+def test_scale_report_computes_growth_marginal_cost_and_the_extrapolation():
+    import benchmark_scale
+
+    def size(count: int, seconds: float, memory: float) -> dict:
+        stages = {stage: {"seconds": seconds, "anonymous_mib": memory, "resident_mib": 2 * memory}
+                  for stage in benchmark_scale.STAGES}
+        return {"faces": count, "stages": stages, "csv_bytes": 40 * count}
+
+    # 2 s fixed + 1 ms per image: the per-image time falls, the marginal cost stays 1 ms; memory 100 MiB + 1 KiB/face
+    sizes = [size(count, 2 + count / 1000, 100 + count / 1024) for count in (1000, 4000, 8000)]
+    summary = benchmark_scale.report(sizes)
+    for stage in benchmark_scale.STAGES:
+        assert summary["growth_of_time_per_image"][stage] == pytest.approx((2 + 8) / 8000 / ((2 + 1) / 1000))
+        assert summary["marginal_ms_per_image"][stage] == pytest.approx([1.0, 1.0])
+        assert summary["extrapolation"]["minutes"][stage] == pytest.approx((2 + 8) * 500_000 / 8000 / 60)
+        assert summary["extrapolation"]["anonymous_gib"][stage] == pytest.approx((100 + 500_000 / 1024) / 1024)
+    assert summary["extrapolation"]["cache_gib"][64] == pytest.approx(500_000 * 3 * 64 * 64 / 2**30)
 
 
 def test_scale_benchmark_refuses_nonsense_sizes(tmp_path):
