@@ -19,8 +19,8 @@ a stage that grows faster than linearly shows as a rising marginal cost.
 At the largest N the image check (eda.scan_folder alone) and the cache build also run with num_workers=1: the
 speed-up with 2 workers on 2 cores is theirs.
 
-The faces: demo.py's generator draws min(N, 5,000) distinct faces (two processes); the rest are byte copies of
-them under new UTKFace names with freshly drawn labels. What is measured is decoding, resizing and bookkeeping
+The faces: demo.py's generator draws min(N, 5,000) distinct faces once (two processes); each N gets those files
+and, past 5,000, byte copies of them under new UTKFace names with freshly drawn labels. What is measured is decoding, resizing and bookkeeping
 per file, which does not depend on which face a file shows; drawing 80,000 faces would take 40 CPU minutes.
 
 Reads:  nothing (generated data).  Writes: runs/benchmark/scale_<date>_<time>.json (every figure) and
@@ -149,30 +149,36 @@ def _generate_chunk(folder: str, count: int, seed: int, first_index: int) -> lis
     return [str(path) for path in generate_dataset(folder, count, seed=seed, size=FACE_SIZE, first_index=first_index)]
 
 
-def write_faces(folder: Path, count: int, seed: int, workers: int = 2) -> None:
-    """count UTKFace-named faces in folder: min(count, DISTINCT_FACES) drawn, the rest copies (see the docstring)."""
+def draw_faces(folder: Path, count: int, seed: int, workers: int = 2) -> list[Path]:
+    """count distinct faces drawn by demo.py's generator into folder, in `workers` processes."""
+    chunks = [(index * count // workers, (index + 1) * count // workers) for index in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        drawn = pool.map(_generate_chunk, [str(folder)] * workers, [end - start for start, end in chunks],
+                         [seed + index for index in range(workers)], [start for start, _ in chunks])
+        return [Path(path) for paths in drawn for path in paths]
+
+
+def write_faces(folder: Path, count: int, drawn: list[Path], seed: int) -> None:
+    """count UTKFace-named faces in folder: the drawn ones (at most count), then copies of them under new names with
+    freshly drawn labels (see the docstring)."""
     import numpy as np
 
     from demo import sample_labels
 
-    distinct = min(count, DISTINCT_FACES)
-    chunks = [(index * distinct // workers, (index + 1) * distinct // workers) for index in range(workers)]
-    with ProcessPoolExecutor(workers) as pool:
-        drawn = [path for paths in pool.map(_generate_chunk, [str(folder)] * workers, [end - start for start, end in
-                 chunks], [seed + index for index in range(workers)], [start for start, _ in chunks])
-                 for path in paths]
-    labels = sample_labels(count - distinct, np.random.default_rng(seed + 1000))
+    for path in drawn[:count]:
+        shutil.copyfile(path, folder / path.name)
+    labels = sample_labels(max(count - len(drawn), 0), np.random.default_rng(seed + 1000))
     for index, (age, gender, race) in enumerate(labels):
         target = folder / f"{age}_{gender}_{race}_2026010113{index:07d}.jpg.chip.jpg"
-        shutil.copyfile(drawn[index % distinct], target)
+        shutil.copyfile(drawn[index % len(drawn)], target)
 
 
-def measure_size(cfg: Config, count: int, root: Path, worker_comparison: bool) -> dict[str, Any]:
-    """Every stage on `count` generated faces under root; with worker_comparison also the 1-worker runs."""
+def measure_size(cfg: Config, count: int, drawn: list[Path], root: Path, worker_comparison: bool) -> dict[str, Any]:
+    """Every stage on `count` faces (from the drawn ones) under root; with worker_comparison also 1-worker runs."""
     faces = root / "faces"
     faces.mkdir(parents=True)
     started = time.perf_counter()
-    write_faces(faces, count, cfg.seed)
+    write_faces(faces, count, drawn, cfg.seed)
     print(f"N = {count:,}: faces written in {time.perf_counter() - started:.0f}s", flush=True)
     stage_cfg = replace(cfg, data_dir=str(faces), **folders_under(root))
     result: dict[str, Any] = {"faces": count, "stages": {}}
@@ -279,9 +285,13 @@ def main(cfg: Config) -> dict[str, Any]:
         raise SystemExit(f"error: {sizes[-1]:,} faces need about {needed / 2**30:.1f} GiB in "
                          f"{tempfile.gettempdir()}, which has {free / 2**30:.1f} GiB free; pass smaller --scale_sizes")
     results = []
-    for count in sizes:
-        with tempfile.TemporaryDirectory(prefix=f"scale_{count}_") as temporary:
-            results.append(measure_size(cfg, count, Path(temporary), worker_comparison=count == sizes[-1]))
+    with tempfile.TemporaryDirectory(prefix="scale_drawn_") as pool:
+        started = time.perf_counter()
+        drawn = draw_faces(Path(pool), min(sizes[-1], DISTINCT_FACES), cfg.seed)
+        print(f"{len(drawn):,} distinct faces drawn in {time.perf_counter() - started:.0f}s", flush=True)
+        for count in sizes:
+            with tempfile.TemporaryDirectory(prefix=f"scale_{count}_") as temporary:
+                results.append(measure_size(cfg, count, drawn, Path(temporary), worker_comparison=count == sizes[-1]))
     summary = report(results)
     figure = Path(cfg.pics_dir) / "scale_benchmark.png"
     plot(results, figure)
