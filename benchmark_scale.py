@@ -20,8 +20,9 @@ At the largest N the image check (eda.scan_folder alone) and the cache build als
 speed-up with 2 workers on 2 cores is theirs.
 
 The faces: demo.py's generator draws min(N, 5,000) distinct faces once (two processes); each N gets those files
-and, past 5,000, byte copies of them under new UTKFace names with freshly drawn labels. What is measured is decoding, resizing and bookkeeping
-per file, which does not depend on which face a file shows; drawing 80,000 faces would take 40 CPU minutes.
+and, past 5,000, byte copies of them under new UTKFace names with freshly drawn labels. What is measured is
+decoding, resizing and bookkeeping per file, which does not depend on which face a file shows; drawing 80,000
+faces would take 40 CPU minutes.
 
 Reads:  nothing (generated data).  Writes: runs/benchmark/scale_<date>_<time>.json (every figure) and
         pics/scale_benchmark.png (log-log: time per image and peak memory against N); prints the table and an

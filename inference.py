@@ -184,7 +184,7 @@ class AgePredictor:
             self.model, _, checkpoint = load_model(path, self.device)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
         self.cfg = config_from_model_file(config, path)
-        self.path = path
+        self.path, self._announced = path, set()
         try:
             self.crop_geometries = geometries_from_dict(geometry)  # by detector name
         except (ValueError, TypeError, AttributeError) as error:
@@ -205,7 +205,10 @@ class AgePredictor:
         file from before YuNet stores MTCNN's alone: it then runs with MTCNN, so it predicts exactly as before)."""
         if self.crop_geometries and wanted not in self.crop_geometries:
             chosen = next(iter(self.crop_geometries))
-            print(f"{self.path} stores no crop geometry for {wanted} (an older file); detecting faces with {chosen}")
+            if wanted not in self._announced:  # once per model file, not once per photo of the app
+                self._announced.add(wanted)
+                print(f"{self.path} stores no crop geometry for {wanted} (an older file); detecting faces with "
+                      f"{chosen}")
             return chosen
         return wanted
 
