@@ -33,6 +33,7 @@ import importlib.util
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,6 +328,7 @@ class YuNetDetector:
         self.min_face_size, self.max_side, self.smallest = min_face_size, max_side, smallest or YUNET_SMALLEST
         # top_k 5000 and NMS 0.3 are OpenCV Zoo's settings; the input size is set per image below
         self.network = cv2.FaceDetectorYN.create(str(yunet_model_path()), "", (320, 320), score_threshold, 0.3, 5000)
+        self._lock = threading.Lock()  # the network keeps its input size: one image at a time (the app has threads)
 
     def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
         """The boxes (x, y, w, h) of every face, largest first."""
@@ -354,8 +356,9 @@ class YuNetDetector:
 
         if factor < 1.0:
             bgr = cv2.resize(bgr, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-        self.network.setInputSize((bgr.shape[1], bgr.shape[0]))
-        _, rows = self.network.detect(bgr)
+        with self._lock:
+            self.network.setInputSize((bgr.shape[1], bgr.shape[0]))
+            _, rows = self.network.detect(bgr)
         if rows is None:
             return np.zeros((0, 15), np.float32)
         rows = rows.copy()

@@ -277,6 +277,19 @@ def test_the_detectors_agree_on_the_portrait_and_yunet_finds_a_face_filling_a_la
 
 
 @needs_real_faces
+def test_one_yunet_detector_shared_by_threads_gives_each_image_its_own_faces():
+    from concurrent.futures import ThreadPoolExecutor
+
+    portrait = Image.open(HOPPER).convert("RGB")
+    images = [np.asarray(portrait.resize((side, side))) for side in (256, 512, 640, 384)] * 4  # sizes interleaved
+    detector = build_detector("yunet")
+    alone = [detector.detect(image) for image in images]
+    with ThreadPoolExecutor(8) as pool:  # as the app's request threads share one detector
+        together = list(pool.map(detector.detect, images))
+    assert together == alone and all(len(boxes) == 1 for boxes in alone)
+
+
+@needs_real_faces
 def test_old_model_files_run_with_mtcnn_and_new_ones_with_their_yunet_geometry(checkpoint, tmp_path):
     old_rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "a.jpg")))
     mtcnn_rows = inference.main(Config(checkpoint=str(checkpoint), input=str(HOPPER), output=str(tmp_path / "b.jpg"),
