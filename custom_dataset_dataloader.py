@@ -58,6 +58,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # 
 ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image one rectangle covers (torchvision's defaults)
 ERASE_ASPECT = (0.3, 3.3)  # random erasing: height / width of the rectangle
 CACHE_FORMAT_VERSION = 2  # bump when load_image changes, so old caches are rebuilt
+DECODE_CHUNK = 64  # images per worker round trip when decoding for the cache or the image check
 
 
 class DataError(UsageError):
@@ -253,19 +254,26 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
 
 
 class _DecodeDataset(Dataset):
-    """Decodes each image once (used to fill the cache in parallel DataLoader workers)."""
+    """Decodes images once, DECODE_CHUNK consecutive paths per item (used to fill the cache and to check images in
+    parallel DataLoader workers): one round trip between a worker and the main process per chunk, not per image."""
 
     def __init__(self, paths: list[Path], image_size: int, interpolation: str):
         self.paths, self.image_size, self.interpolation = paths, image_size, interpolation
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return math.ceil(len(self.paths) / DECODE_CHUNK)
 
-    def __getitem__(self, index: int) -> tuple[int, np.ndarray | None, str]:
-        try:
-            return index, load_image(self.paths[index], self.image_size, self.interpolation), ""
-        except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
-            return index, None, describe_read_error(error, self.paths[index])
+    def __getitem__(self, chunk: int) -> tuple[int, np.ndarray, list[str]]:
+        """(first index, uint8 (n, 3, S, S) with zeros where decoding failed, why each failed ('' = it did not))."""
+        paths = self.paths[chunk * DECODE_CHUNK:(chunk + 1) * DECODE_CHUNK]
+        pixels = np.zeros((len(paths), 3, self.image_size, self.image_size), np.uint8)
+        reasons = [""] * len(paths)
+        for position, path in enumerate(paths):
+            try:
+                pixels[position] = load_image(path, self.image_size, self.interpolation)
+            except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
+                reasons[position] = describe_read_error(error, path)
+        return chunk * DECODE_CHUNK, pixels, reasons
 
 
 def _keep_as_is(item: tuple) -> tuple:
@@ -287,7 +295,11 @@ def decode_images(
         collate_fn=_keep_as_is,
         generator=torch.Generator(),  # leaves the global RNG alone: a cache hit or miss must not change a run
     )
-    yield from tqdm(loader, desc=description, leave=False, disable=None if description else True)
+    with tqdm(total=len(paths), desc=description, leave=False, disable=None if description else True) as progress:
+        for start, pixels, reasons in loader:
+            for position, reason in enumerate(reasons):
+                yield start + position, None if reason else pixels[position], reason
+            progress.update(len(reasons))
 
 
 def _cache_key(frame: pd.DataFrame, data_dir: str, image_size: int, interpolation: str) -> str:
