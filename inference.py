@@ -28,7 +28,6 @@ import sys
 import time
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,17 +256,10 @@ class Face:
     adult_probability: float | None = None  # calibrated P(age >= ADULT_AGE); distribution heads of .pt files only
 
 
-@dataclass
-class FoundFaces:
-    """The faces of one frame before the model sees them: boxes, landmarks and aligned uint8 crops (N, 3, S, S)."""
-
-    boxes: list[tuple[float, float, float, float]]
-    landmarks: list[np.ndarray | None]
-    crops: np.ndarray
-
-
-def find_faces(image: np.ndarray, predictor: AgePredictor, detector: Detector | None) -> FoundFaces:
-    """Detect and align every face of an RGB frame (H, W, 3); without a detector the frame is the face."""
+def estimate_faces(
+    image: np.ndarray, predictor: AgePredictor, detector: Detector | None, tta: bool = False
+) -> list[Face]:
+    """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
     from PIL import Image
 
     size = predictor.image_size
@@ -279,29 +271,17 @@ def find_faces(image: np.ndarray, predictor: AgePredictor, detector: Detector | 
         boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
         geometry = predictor.geometry_for(detector.name)
         crops = [geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation) for face in detected]
-    return FoundFaces(boxes, landmarks, np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8))
-
-
-def faces_with_ages(found: FoundFaces, predictions: Predictions, start: int = 0) -> list[Face]:
-    """Face records of `found`, whose predictions are rows start.. of `predictions` (several frames may share one
-    model call)."""
-    stop = start + len(found.boxes)
+    predictions = predictor.predict_details(
+        np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
+    )
 
     def floats(values: np.ndarray | None) -> list[float | None]:
-        return [None] * (stop - start) if values is None else [float(value) for value in values[start:stop]]
+        return [None] * len(predictions.ages) if values is None else [float(value) for value in values]
 
-    return [Face(box, age, spread, landmarks=points, adult_probability=probability)
+    return [Face(box, float(age), spread, landmarks=points, adult_probability=probability)
             for box, age, spread, probability, points in zip(
-                found.boxes, floats(predictions.ages), floats(predictions.spreads),
-                floats(predictions.adult_probabilities), found.landmarks, strict=True)]
-
-
-def estimate_faces(
-    image: np.ndarray, predictor: AgePredictor, detector: Detector | None, tta: bool = False
-) -> list[Face]:
-    """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
-    found = find_faces(image, predictor, detector)
-    return faces_with_ages(found, predictor.predict_details(found.crops, tta))
+                boxes, predictions.ages, floats(predictions.spreads), floats(predictions.adult_probabilities),
+                landmarks, strict=True)]
 
 
 def _age_text(value: float | None, digits: int = 0) -> str:
@@ -420,87 +400,31 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-PHOTOS_PER_MODEL_CALL = 8  # folder inference: the faces of this many photos go through the model together
-PHOTOS_DECODED_AHEAD = 4  # folder inference: photos a background thread decodes while the current ones are analysed
-
-
-def decoded_photos(paths: list[Path], ahead: int = PHOTOS_DECODED_AHEAD) -> Iterator[tuple[Path, Any]]:
-    """(path, RGB array or the exception that stopped its decoding) in order, each photo decoded in a background
-    thread up to `ahead` photos before it is needed (PIL releases the GIL while it decodes)."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    def decode(path: Path) -> Any:
-        try:
-            return np.asarray(open_rgb_image(path))
-        except Exception as error:  # noqa: BLE001 - handed to the caller, who names the file
-            return error
-
-    with ThreadPoolExecutor(1, thread_name_prefix="decode") as pool:
-        pending = deque()
-        for path in paths:
-            pending.append((path, pool.submit(decode, path)))
-            if len(pending) > ahead:
-                done_path, future = pending.popleft()
-                yield done_path, future.result()
-        while pending:
-            done_path, future = pending.popleft()
-            yield done_path, future.result()
-
-
 def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], rows_path: Path,
                   predictor: AgePredictor, detector: Detector | None) -> list[dict[str, Any]]:
-    """Annotate each photo into targets[photo]. Photos are decoded ahead in a background thread and the faces of
-    PHOTOS_PER_MODEL_CALL photos share one model call; annotated files are encoded and written by a second thread.
-    One photo that fails is a warning, never the end of the others, and the face rows of every photo done are
-    written to rows_path whatever happens."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    rows: list[dict[str, Any]] = []
-    group: list[tuple[Path, np.ndarray, FoundFaces]] = []
-
-    def predict_group(writer: ThreadPoolExecutor) -> list[tuple[Path, list[Face], Any]]:
-        """One model call for the group's faces; each annotated photo handed to the writer thread."""
-        crops = np.concatenate([found.crops for _, _, found in group])  # (N faces of the group, 3, S, S)
-        predictions = predictor.predict_details(crops, cfg.tta)
-        results, start = [], 0
-        for path, image, found in group:
-            faces = faces_with_ages(found, predictions, start)
-            start += len(faces)
-            results.append((path, faces, writer.submit(_write_image, targets[path], draw_faces(image, faces))))
-        group.clear()
-        return results
-
-    def report(results: list[tuple[Path, list[Face], Any]]) -> None:
-        """Once a group's files are written (called a group later, so writing overlaps the next group's work)."""
-        for path, faces, write in results:
-            error = write.exception()
-            if error is not None:  # a name too long for the file system, a full disk, ...
+    """Annotate each photo into targets[photo]; one photo that fails is a warning, never the end of the others,
+    and the face rows of every photo done are written to rows_path whatever happens."""
+    rows = []
+    try:
+        for path in paths:
+            try:
+                image = np.asarray(open_rgb_image(path))
+            except Exception as error:  # noqa: BLE001 - any unreadable file: name it and go on
+                warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(error, path)})",
+                              stacklevel=2)
+                continue
+            try:
+                faces = estimate_faces(image, predictor, detector, cfg.tta)
+                _write_image(targets[path], draw_faces(image, faces))
+            except (OSError, ValueError) as error:  # a name too long for the file system, a full disk, ...
                 warnings.warn(f"skipping {path}: its result could not be written to {targets[path]} "
-                              f"({type(error).__name__}: {error})", stacklevel=3)
+                              f"({type(error).__name__}: {error})", stacklevel=2)
                 continue
             if not faces:
                 print(f"{path}: no face found")
             else:
                 print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
-            rows.extend(face_rows(str(path), None, faces))
-
-    previous: list[tuple[Path, list[Face], Any]] = []
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-            for path, image in decoded_photos(paths):
-                if isinstance(image, Exception):
-                    warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(image, path)})",
-                                  stacklevel=2)
-                    continue
-                group.append((path, image, find_faces(image, predictor, detector)))
-                if len(group) == PHOTOS_PER_MODEL_CALL:
-                    report(previous)
-                    previous = predict_group(writer)
-            report(previous)
-            previous = predict_group(writer) if group else []
-            report(previous)
-            previous = []
+            rows += face_rows(str(path), None, faces)
     finally:
         write_rows(rows_path, rows)
     return rows

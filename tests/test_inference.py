@@ -364,26 +364,3 @@ def test_int8_export_is_checked_in_years_on_the_test_split(split_config, monkeyp
     with pytest.raises(export_jit.ExportError, match="nothing was written"):
         export_jit.main(export)
     assert not int8_path.exists() and not list(checkpoint.parent.glob(".*"))
-
-
-def test_folder_inference_batches_photos_and_matches_one_photo_at_a_time(checkpoint, tmp_path):
-    """11 photos (one model call of 8, one of 3, decoded ahead, written by a thread): the same rows, in the same
-    order, as predicting each photo alone."""
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for index in range(11):
-        Image.fromarray(_smooth_image(48, seed=index)).save(photos / f"photo_{index:02d}.png")
-    (photos / "photo_05.png").write_bytes(b"broken")  # one unreadable photo among them
-    cfg = Config(checkpoint=str(checkpoint), input=str(photos), output=str(tmp_path / "out"), no_detect=True,
-                 device="cpu")
-    with pytest.warns(UserWarning, match="photo_05.png: not a readable image"):
-        rows = inference.main(cfg)
-    predictor = inference.AgePredictor(checkpoint)
-    expected = []
-    for path in sorted(photos.iterdir()):
-        if path.name != "photo_05.png":
-            image = np.asarray(Image.open(path).convert("RGB"))
-            expected += inference.face_rows(str(path), None, inference.estimate_faces(image, predictor, None))
-    assert [row["source"] for row in rows] == [row["source"] for row in expected]
-    assert np.allclose([row["age"] for row in rows], [row["age"] for row in expected], atol=0.02)
-    assert len(list((tmp_path / "out").glob("*_age.jpg"))) == 10
