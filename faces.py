@@ -6,9 +6,9 @@ corners): YuNet (OpenCV's cv2.FaceDetectorYN, the default: one pass of a small n
 2016: a proposal, a refinement and an output network). It aligns each face on those landmarks with a
 `CropGeometry`: where the five landmarks sit in a training crop, for the detector in use. The geometry is measured
 from the training images themselves (train.py runs `measure_crop_geometry` with each detector on a sample of them
-and stores the results in every checkpoint),
-so inference crops the way whatever data set the model was trained on is cropped; UTKFace's "Aligned & Cropped"
-faces are aligned on the eyes, and a similarity transform onto the measured landmark positions reproduces that.
+and stores the results in every checkpoint), so inference crops the way whatever data set the model was trained
+on is cropped; UTKFace's "Aligned & Cropped" faces are aligned on the eyes, and a similarity transform onto the
+measured landmark positions reproduces that.
 
 Why MTCNN too, and why written here: the networks are small (PyTorch below, 0.5 M parameters together), their
 trained weights ship inside the `mtcnn` PyPI package (MIT licence; `assets/weights/*.lz4`, whose only
@@ -190,7 +190,17 @@ class DetectedFace:
     score: float  # O-Net's face probability
 
 
-class FaceDetector:
+class _Detector:
+    """What every detector offers besides detect_faces(image, min_face_size=None) -> list[DetectedFace]."""
+
+    name: str
+
+    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
+        """The boxes (x, y, w, h) of every face, largest first."""
+        return [face.box for face in self.detect_faces(image)]
+
+
+class FaceDetector(_Detector):
     """MTCNN on RGB uint8 arrays (H, W, 3): every face with its box and five landmarks, largest first."""
 
     name = "mtcnn"
@@ -203,10 +213,6 @@ class FaceDetector:
         for network, name in zip(networks, ("pnet", "rnet", "onet"), strict=True):
             network.load_keras_weights(load_mtcnn_weights(name))
             self.networks.append(network.eval())
-
-    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
-        """The boxes (x, y, w, h) of every face, largest first."""
-        return [face.box for face in self.detect_faces(image)]
 
     @torch.inference_mode()
     def detect_faces(self, image: np.ndarray, min_face_size: int | None = None) -> list[DetectedFace]:
@@ -308,7 +314,7 @@ def yunet_model_path() -> Path:
     return path
 
 
-class YuNetDetector:
+class YuNetDetector(_Detector):
     """OpenCV's YuNet (cv2.FaceDetectorYN; Wu et al., 2023) on RGB uint8 arrays (H, W, 3): a box, five landmarks in
     LANDMARK_NAMES' order (its right eye, as seen in the image the left one, comes first, as in MTCNN) and a
     score per face, largest first. A single-shot network: one pass over the image instead of MTCNN's pyramid and
@@ -330,10 +336,6 @@ class YuNetDetector:
         self.network = cv2.FaceDetectorYN.create(str(yunet_model_path()), "", (320, 320), score_threshold, 0.3, 5000)
         self._lock = threading.Lock()  # the network keeps its input size: one image at a time (the app has threads)
 
-    def detect(self, image: np.ndarray) -> list[tuple[float, float, float, float]]:
-        """The boxes (x, y, w, h) of every face, largest first."""
-        return [face.box for face in self.detect_faces(image)]
-
     def detect_faces(self, image: np.ndarray, min_face_size: int | None = None) -> list[DetectedFace]:
         """Every face in an RGB (or grayscale) uint8 image, largest first. min_face_size overrides the detector's
         own for this image."""
@@ -345,7 +347,7 @@ class YuNetDetector:
         rows = self._pass(bgr, factor)  # (N, 15) in image pixels
         if longest * factor > YUNET_COARSE_SIDE * 2:  # faces too large for the first pass: look again at 320 px
             coarse = self._pass(bgr, YUNET_COARSE_SIDE / longest)
-            rows = np.concatenate([rows, coarse[[self._new(face, rows) for face in coarse]]]) if len(coarse) else rows
+            rows = np.concatenate([rows, coarse[self._new(coarse, rows)]])
         faces = [DetectedFace(tuple(float(value) for value in row[:4]), row[4:14].reshape(5, 2).astype(np.float64),
                               float(row[14])) for row in rows]
         return sorted(faces, key=lambda face: -face.box[2] * face.box[3])
@@ -366,16 +368,12 @@ class YuNetDetector:
         return rows
 
     @staticmethod
-    def _new(face: np.ndarray, found: np.ndarray) -> bool:
-        """Whether a coarse-pass face overlaps none of the fine pass's faces (IoU < 0.3)."""
-        x, y, w, h = face[:4]
-        for other in found:
-            width = min(x + w, other[0] + other[2]) - max(x, other[0])
-            height = min(y + h, other[1] + other[3]) - max(y, other[1])
-            intersection = max(width, 0) * max(height, 0)
-            if intersection / (w * h + other[2] * other[3] - intersection) >= 0.3:
-                return False
-        return True
+    def _new(coarse: np.ndarray, found: np.ndarray) -> np.ndarray:
+        """(N,) bool: which coarse-pass faces overlap none of the fine pass's faces (IoU < 0.3)."""
+        from torchvision.ops import box_convert, box_iou
+
+        boxes = [box_convert(torch.from_numpy(rows[:, :4]), "xywh", "xyxy") for rows in (coarse, found)]
+        return (box_iou(*boxes).amax(1) < 0.3).numpy() if len(found) else np.ones(len(coarse), bool)
 
 
 DETECTORS = {"mtcnn": FaceDetector, "yunet": YuNetDetector}
