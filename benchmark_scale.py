@@ -41,7 +41,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -84,34 +83,6 @@ def run_stage(arguments: list[str]) -> None:
     print(f"STAGE_SECONDS {time.perf_counter() - started}")
 
 
-def _tree(pid: int) -> list[int]:
-    """pid and all its descendants."""
-    pids, index = [pid], 0
-    while index < len(pids):
-        for children in Path(f"/proc/{pids[index]}/task").glob("*/children"):
-            try:
-                pids += [int(child) for child in children.read_text().split()]
-            except OSError:
-                pass
-        index += 1
-    return pids
-
-
-def _memory_kib(pids: list[int]) -> tuple[int, int]:
-    """(Pss_Anon, Pss) summed over pids, in KiB (Linux 5.x and later; zeros elsewhere)."""
-    anonymous = resident = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss_Anon:"):
-                    anonymous += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    resident += int(line.split()[1])
-        except OSError:
-            continue
-    return anonymous, resident
-
-
 def measure_stage(stage: str, cfg: Config, log: Path) -> dict[str, float]:
     """Run a stage in a child process; its seconds and peak memory (MiB). Stops with the log's tail on failure."""
     settings = [f"--{name}={getattr(cfg, name)}" for name in (
@@ -119,29 +90,21 @@ def measure_stage(stage: str, cfg: Config, log: Path) -> dict[str, float]:
         "model_name", "pretrained", "epochs", "seed")]
     command = [sys.executable, "-c", "import sys, benchmark_scale; benchmark_scale.run_stage(sys.argv[1:])", stage,
                *settings, "--tta=false", "--run_name=scale", "--device=cpu"]
-    peaks = [0, 0]
+    from benchmark import PeakMemory  # here, not at the top: the stages' own processes need not import it
+
     with log.open("w") as output:
         child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent, stdout=output,
                                  stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
-        done = threading.Event()
-
-        def sample() -> None:
-            while not done.is_set():
-                peaks[:] = [max(peak, value) for peak, value in zip(peaks, _memory_kib(_tree(child.pid)), strict=True)]
-                done.wait(SAMPLE_SECONDS)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = child.wait()
-        done.set()
-        sampler.join()
+        with PeakMemory(SAMPLE_SECONDS, str(child.pid), ("Pss_Anon", "Pss")) as memory:
+            code = child.wait()
+    peaks = memory.peaks or {"Pss_Anon": 0.0, "Pss": 0.0}  # zeros off Linux
     text = log.read_text()
     if code != 0 or "STAGE_SECONDS" not in text:
         raise SystemExit(f"error: stage {stage!r} failed (exit {code}); the end of {log}:\n{text[-3000:]}")
     seconds = float(text.rsplit("STAGE_SECONDS", 1)[1].split()[0])
     if stage == "train epoch":
         seconds = float(_EPOCH_LINE.findall(text)[-1])
-    return {"seconds": seconds, "anonymous_mib": peaks[0] / 1024, "resident_mib": peaks[1] / 1024}
+    return {"seconds": seconds, "anonymous_mib": peaks["Pss_Anon"], "resident_mib": peaks["Pss"]}
 
 
 def _generate_chunk(folder: str, count: int, seed: int, first_index: int) -> list[str]:
