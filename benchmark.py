@@ -14,6 +14,9 @@ all of them; each figure is the median over the repeats.
    Both run train.train_one_epoch with train.build_optimizer (fused), so the optimiser step is the same code.
    - ceiling: ours with the data path taken away: the same model, optimiser, autocast and layout training on one
      augmented batch that already sits on the device. ours / ceiling is the JSON's ceiling_share per model.
+   - data only: ours with the model taken away (the same loader and augmentation at the training size, batches
+     drawn and dropped). Its time per batch over ours' time per step is the JSON's data_path_share: a second,
+     less noisy reading of the same gap, since ceiling_share is a ratio of two noisy step times.
 2. Data loading alone (no model), at 128 px: the seed's JPEG path, our per-image path from the cache
    (loading=sample, DataLoader workers) and our batch path (loading=batch), augmentation included in each, plus
    the batch path without augmentation (reading and normalising only).
@@ -57,7 +60,10 @@ BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
 )
 GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
 MODELS = ("resnet18", "resnet", "efficientnet_lite0")  # the small backbone, the seed's ResNet-50, the offline one
-STEPS = {"resnet18": (3, 16), "resnet": (2, 6), "efficientnet_lite0": (2, 8)}  # per model: (warm-up, timed steps)
+# per model: (warm-up, timed steps); 16 timed ResNet-18 steps (3 s) put ours at 90-116 % of the ceiling from repeat
+# to repeat on a busy machine, 40 steps keep the median within a few points (RESULTS.md)
+STEPS = {"resnet18": (3, 40), "resnet": (2, 8), "efficientnet_lite0": (2, 16)}
+DATA_ONLY_BATCHES = 40
 INFERENCE_MODELS = ("resnet18", "efficientnet_lite0")
 REPEATS = 3
 LOADING_SIZE, LOADING_BATCHES = 128, 12
@@ -204,6 +210,8 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
 
     model_cfg = replace(cfg, model_name=model_name)
     warmup, timed = STEPS[model_name]
+    if contender == "data only":  # the loader of ours at the training size, without a model
+        return measure_batches(our_loader(model_cfg, csv_path, device), DATA_ONLY_BATCHES, cfg.batch_size)
     with PeakMemory() as memory:
         seed_everything(cfg.seed)
         model = build_model(model_cfg)
@@ -225,26 +233,31 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
     return {"images_per_second": timed * cfg.batch_size / seconds, "peak_mib": memory.peak_mib}
 
 
+def measure_batches(loader: Any, count: int, batch_size: int) -> dict:
+    """images/s of drawing `count` batches from `loader` after a first, uncounted one (worker start-up)."""
+    with PeakMemory() as memory:
+        batches = _forever(loader)
+        next(batches)
+        started = time.perf_counter()
+        images = sum(len(batch[0]) for batch in itertools.islice(batches, count))
+        seconds = time.perf_counter() - started
+        del batches  # stops the workers
+    return {"images_per_second": images / seconds, "peak_mib": memory.peak_mib}
+
+
 def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
     """images/s of augmented, normalised batches at LOADING_SIZE px, with no model."""
     from custom_dataset_dataloader import BatchAugmentation
 
     loading = "sample" if contender == "cache, per image" else "batch"
     loading_cfg = replace(cfg, image_size=LOADING_SIZE, loading=loading)
-    with PeakMemory() as memory:
-        if contender == "seed JPEG":
-            loader = seed_loader(loading_cfg, csv_path, LOADING_SIZE)
-        else:
-            loader = our_loader(loading_cfg, csv_path, torch.device("cpu"))
-        if contender == "cache, batch, no augmentation":
-            loader.augmentation = BatchAugmentation(loading_cfg, train=False)  # read + normalise only
-        batches = _forever(loader)
-        next(batches)  # worker start-up and the first batch are not counted
-        started = time.perf_counter()
-        count = sum(len(images) for images, *_ in itertools.islice(batches, LOADING_BATCHES))
-        seconds = time.perf_counter() - started
-        del batches
-    return {"images_per_second": count / seconds, "peak_mib": memory.peak_mib}
+    if contender == "seed JPEG":
+        loader = seed_loader(loading_cfg, csv_path, LOADING_SIZE)
+    else:
+        loader = our_loader(loading_cfg, csv_path, torch.device("cpu"))
+    if contender == "cache, batch, no augmentation":
+        loader.augmentation = BatchAugmentation(loading_cfg, train=False)  # read + normalise only
+    return measure_batches(loader, LOADING_BATCHES, cfg.batch_size)
 
 
 def inference_runners(cfg: Config, folder: Path, model_name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
@@ -371,7 +384,8 @@ def main(cfg: Config) -> dict[str, Any]:
         folder = Path(temporary)
         cfg, csv_path = prepare_data(cfg, folder)
         for model_name in MODELS:
-            section = results.setdefault(f"training {model_name}", {"seed": [], "ours": [], "ceiling": []})
+            section = results.setdefault(f"training {model_name}", {"seed": [], "ours": [], "ceiling": [],
+                                                                           "data only": []})
             for repeat in range(REPEATS):
                 for contender in section:
                     section[contender].append(measure_training(cfg, model_name, contender, csv_path, device))
@@ -393,6 +407,7 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"\n=== benchmark ({processor}; median of {REPEATS} alternating repeats; memory = peak PSS of the "
           "process and its workers) ===")
     ceiling_shares: dict[str, float] = {}
+    data_path_shares: dict[str, float] = {}
     for model_name in MODELS:
         section = results[f"training {model_name}"]
         print(f"training {model_name}, {cfg.image_size} px, batch {cfg.batch_size}, {cfg.optimizer}, data included")
@@ -401,7 +416,10 @@ def main(cfg: Config) -> dict[str, Any]:
         share = _median(section["ours"], "images_per_second") / _median(section["ceiling"], "images_per_second")
         ceiling_shares[model_name] = share
         print(_row("model only (the ceiling)", section["ceiling"], _median(section["seed"], "images_per_second")))
-        print(f"  ours is {share:.1%} of the ceiling")
+        ours_step = cfg.batch_size / _median(section["ours"], "images_per_second")  # seconds per step
+        data_path_shares[model_name] = cfg.batch_size / _median(section["data only"], "images_per_second") / ours_step
+        print(f"  ours is {share:.1%} of the ceiling; drawing a batch alone takes "
+              f"{data_path_shares[model_name]:.1%} of ours' step time")
     print(f"data loading alone, {LOADING_SIZE} px, batch {cfg.batch_size}, augmentation included")
     baseline = _median(results["loading"]["seed JPEG"], "images_per_second")
     for name, runs in results["loading"].items():
@@ -418,7 +436,8 @@ def main(cfg: Config) -> dict[str, Any]:
     with atomic_write_path(output) as path:
         path.write_text(json.dumps({"config": {"image_size": cfg.image_size, "batch_size": cfg.batch_size,
                                                "data_dir": cfg.data_dir, "device": str(device)},
-                                    "seconds": seconds, "ceiling_share": ceiling_shares, "results": results},
+                                    "seconds": seconds, "ceiling_share": ceiling_shares,
+                                    "data_path_share": data_path_shares, "results": results},
                                    indent=2) + "\n")
     print(f"every repeat: {output}")
     return results

@@ -20,12 +20,13 @@ def test_benchmark_measures_every_contender_and_writes_its_json(split_config, mo
     monkeypatch.setattr(benchmark, "REPEATS", 1)
     monkeypatch.setattr(benchmark, "LOADING_SIZE", 32)
     monkeypatch.setattr(benchmark, "LOADING_BATCHES", 1)
+    monkeypatch.setattr(benchmark, "DATA_ONLY_BATCHES", 2)
     monkeypatch.setattr(benchmark, "LATENCY_RUNS", 2)
     cfg = replace(split_config, batch_size=8, num_workers=0, optimizer="sgd")
     results = benchmark.main(cfg)
 
     training = results["training resnet18"]
-    assert set(training) == {"seed", "ours", "ceiling"}
+    assert set(training) == {"seed", "ours", "ceiling", "data only"}
     assert set(results["loading"]) == {"seed JPEG", "cache, per image", "cache, batch", "cache, batch, no augmentation"}
     for model_name in ("resnet18", "efficientnet_lite0"):
         assert {"eager fp32", "TorchScript", "ONNX Runtime"} <= set(results[f"inference {model_name}"])
@@ -37,6 +38,7 @@ def test_benchmark_measures_every_contender_and_writes_its_json(split_config, mo
     stored = json.loads(written[0].read_text())
     assert len(written) == 1 and stored["results"] == results
     assert stored["ceiling_share"]["resnet18"] > 0  # ours / the model-only step
+    assert 0 < stored["data_path_share"]["resnet18"]  # a batch drawn alone / ours' whole step
     table = capsys.readouterr().out
     assert "seed pipeline (PIL, fp32)" in table and "img/s" in table
 
