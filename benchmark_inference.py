@@ -5,8 +5,10 @@ consistency, and per-frame latency on the CPU.
    into larger scenes (random size 60-250 px, random position, varied backgrounds, 1-4 faces per scene), and the
    full pipeline runs on each scene. Reported: detection recall (a pasted face counts as found when a detected box
    overlaps it with IoU >= 0.4), false detections (boxes that overlap no pasted face so), and the mean
-   |age via detect -> align -> crop - age on the original crop| for the same model. Every detector sees the same
-   scenes (the same seed) and aligns with the geometry the model file stores for it (or faces.py's default).
+   |age via detect -> align -> crop - age on the original crop| for the same model, overall and by pasted size (the
+   original crop resized with the model's own interpolation, as its training cache was; --tta=true averages both
+   predictions with the mirrored crops'). Every detector sees the same scenes (the same seed) and aligns with the
+   geometry the model file stores for it (or faces.py's default).
 2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for each detector
    with the eager checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint
    if missing). --detector=<name> limits both parts to one detector.
@@ -23,6 +25,7 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -69,29 +72,38 @@ def paste_scene(paths: list[Path], rng: np.random.Generator) -> tuple[np.ndarray
     return np.asarray(scene), boxes, paths[: len(boxes)]
 
 
+SIZE_BANDS = ((60, 100), (100, 150), (150, 251))  # pasted face sizes (px), for |age difference| by size
+
+
 def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int, seed: int,
-                    detector_name: str = "mtcnn") -> dict[str, float]:
+                    detector_name: str = "mtcnn", tta: bool = False) -> dict[str, Any]:
     from custom_dataset_dataloader import load_image
 
     detector, rng = build_detector(detector_name), np.random.default_rng(seed)
     found = total = false_detections = 0
-    differences = []
+    differences, sizes = [], []
     for _ in range(scenes):
         chosen = [face_paths[index] for index in rng.choice(len(face_paths), int(rng.integers(1, 5)), replace=False)]
         scene, boxes, placed = paste_scene(chosen, rng)
-        faces = estimate_faces(scene, predictor, detector)
-        direct = predictor.predict(np.stack([load_image(path, predictor.image_size) for path in placed]))
+        faces = estimate_faces(scene, predictor, detector, tta)
+        # the original crops resized as the training cache resized them (the model's own interpolation)
+        originals = [load_image(path, predictor.image_size, predictor.cfg.interpolation) for path in placed]
+        direct = predictor.predict(np.stack(originals), tta)
         overlaps = np.array([[box_overlap(box, face.box) for face in faces] for box in boxes]).reshape(
             len(boxes), len(faces))  # (pasted, detected) IoU
         false_detections += int((overlaps.max(0, initial=0.0) < 0.4).sum())
-        for row, direct_age in zip(overlaps, direct, strict=True):
+        for row, direct_age, box in zip(overlaps, direct, boxes, strict=True):
             total += 1
             if row.max(initial=0.0) >= 0.4:
                 found += 1
                 differences.append(abs(faces[int(row.argmax())].age - float(direct_age)))
+                sizes.append(box[2])
+    differences, sizes = np.array(differences), np.array(sizes)
+    by_size = {f"{low}-{high - 1} px": float(differences[(sizes >= low) & (sizes < high)].mean())
+               for low, high in SIZE_BANDS if ((sizes >= low) & (sizes < high)).any()}
     return {"faces": total, "recall": found / max(total, 1), "false_detections": false_detections,
-            "mean_abs_age_difference": float(np.mean(differences)),
-            "median_abs_age_difference": float(np.median(differences))}
+            "mean_abs_age_difference": float(differences.mean()),
+            "median_abs_age_difference": float(np.median(differences)), "mean_by_size": by_size}
 
 
 def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, detector_name: str = "mtcnn",
@@ -133,11 +145,12 @@ def main(cfg: Config) -> dict:
     for name in detectors:
         stored = "stored" if name in predictor.crop_geometries else "faces.py's default"
         proof = results["proof"][name] = detection_proof(predictor, face_paths, scenes=100, seed=cfg.seed,
-                                                         detector_name=name)
-        print(f"  {name:<6} ({stored} crop geometry): {proof['faces']} faces, recall {proof['recall']:.1%}, "
-              f"{proof['false_detections']} false detections; |age via detect->align->crop - age on the original "
-              f"crop|: mean {proof['mean_abs_age_difference']:.2f} y, "
-              f"median {proof['median_abs_age_difference']:.2f} y")
+                                                         detector_name=name, tta=cfg.tta)
+        print(f"  {name:<6} ({stored} crop geometry{', flip TTA' if cfg.tta else ''}): {proof['faces']} faces, "
+              f"recall {proof['recall']:.1%}, {proof['false_detections']} false detections; |age via "
+              f"detect->align->crop - age on the original crop|: mean {proof['mean_abs_age_difference']:.2f} y, "
+              f"median {proof['median_abs_age_difference']:.2f} y; mean by pasted size: " + ", ".join(
+                  f"{band} {value:.2f} y" for band, value in proof["mean_by_size"].items()))
 
     frame = np.asarray(make_background(np.random.default_rng(1), 640, 480)).copy()  # (480, 640, 3)
     face = Image.open(face_paths[len(face_paths) // 2]).convert("RGB").resize((160, 160), Image.Resampling.BICUBIC)

@@ -178,8 +178,8 @@ def _screen_paths(root: Path, labelled: list[tuple]) -> tuple[list[tuple], dict[
     spelling of its path) keeps its first row: the same face must never reach two splits."""
     accepted, refusals = check_image_names(root, [row[0] for row in labelled])
     kept, refused, seen = [], {labelled[position][0]: f"refused: {why}" for position, why in refusals.items()}, {}
-    for position, resolved in accepted.items():
-        name = labelled[position][0]
+    for position, file in accepted.items():
+        name, resolved = labelled[position][0], file.path
         if resolved in seen:
             refused[name] = f"the same file as {seen[resolved]!r}, listed again; its first row is kept"
             continue

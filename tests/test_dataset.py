@@ -1,5 +1,6 @@
 import contextlib
 import io
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +62,28 @@ def test_cache_is_reused_then_rebuilt_when_the_csv_or_size_changes(split_config,
     build_dataset(replace(split_config, image_size=40), "valid")
     assert len(decoded) == first + 2 * len(frame) - 2  # new size: new cache
     assert len(list(Path(split_config.cache_dir).glob("valid_set_*.npy"))) == 3
+
+
+def test_each_image_is_resolved_once_and_the_cache_key_is_unchanged(split_config, monkeypatch):
+    resolved = []
+    original = data._resolve_in
+    monkeypatch.setattr(data, "_resolve_in", lambda root, name: resolved.append(name) or original(root, name))
+    dataset = build_dataset(split_config, "valid")  # a cache miss: screening, key and decoding
+    assert sorted(resolved) == sorted(dataset.frame["image_name"])  # once each, not once per step
+    frame = data.read_dataset_csv(data.split_csv_path(split_config, "valid"))
+    screened, files = data.screen_rows(frame, split_config.data_dir, "valid")
+    assert [file.path for file in files] == [data.resolve_image_path(split_config.data_dir, name)
+                                            for name in screened["image_name"]]
+    key = data._cache_key(screened, split_config.data_dir, 32, "bicubic")
+    assert data._cache_key(screened, split_config.data_dir, 32, "bicubic", files) == key  # old caches stay valid
+    touched = Path(split_config.data_dir) / screened["image_name"].iloc[0]
+    before = touched.stat()
+    try:
+        os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns + 1))  # an edited file must give a new key
+        _, files = data.screen_rows(frame, split_config.data_dir, "valid")
+        assert data._cache_key(screened, split_config.data_dir, 32, "bicubic", files) != key
+    finally:
+        os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns))  # the folder is shared by the session
 
 
 def test_unreadable_image_is_named_and_left_out(split_config, tmp_path):
