@@ -26,6 +26,7 @@ Run:  python eda.py --data_dir=data/UTKFace
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import warnings
@@ -91,13 +92,23 @@ DATASET_NAMES = {"utkface": "UTKFace", "fgnet": "FG-NET", "agedb": "AgeDB", "app
 NAME_PARSERS = {"utkface": parse_utkface_name, "fgnet": parse_fgnet_name, "agedb": parse_agedb_name}
 
 
-def list_images(root: Path) -> list[Path]:
-    """Every image file under root, recursively, sorted, hidden files and folders left out."""
-    return sorted(
-        path for path in root.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(root).parts)
-    )
+def list_images(root: Path) -> list[str]:
+    """Every image file under root, recursively, as '/'-separated paths relative to root, sorted part by part like
+    pathlib's paths, hidden files and folders left out, symlinked folders not followed (as Path.rglob). os.scandir
+    rather than rglob: its directory entries already know which are files, where rglob built and stat-ed a Path
+    per file (RESULTS.md, "Scale")."""
+    names, folders = [], [("", str(root))]
+    while folders:
+        prefix, folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append((f"{prefix}{entry.name}/", entry.path))
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                    names.append(prefix + entry.name)
+    return sorted(names, key=lambda name: name.split("/"))
 
 
 def _gender(value: object) -> str:
@@ -204,12 +215,12 @@ def scan_folder(
     columns = list(CSV_COLUMNS)
     if dataset_format in NAME_PARSERS:
         parser, labelled, malformed = NAME_PARSERS[dataset_format], [], []
-        for path in list_images(root):
-            labels = parser(path.name)
+        for name in list_images(root):
+            labels = parser(name.rsplit("/", 1)[-1])
             if labels is None:
-                malformed.append(path.relative_to(root).as_posix())
+                malformed.append(name)
             else:
-                labelled.append((path.relative_to(root).as_posix(), *labels))
+                labelled.append((name, *labels))
         if dataset_format != "utkface":
             columns.append("subject")
     elif dataset_format == "appa_real":
