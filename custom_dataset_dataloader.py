@@ -280,17 +280,27 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
 
 class _DecodeDataset(Dataset):
     """Decodes images once, DECODE_CHUNK consecutive paths per item (used to fill the cache and to check images in
-    parallel DataLoader workers): one round trip between a worker and the main process per chunk, not per image."""
+    parallel DataLoader workers): one round trip between a worker and the main process per chunk, not per image.
 
-    def __init__(self, paths: list[Path], image_size: int, interpolation: str):
+    With a destination (a (N, 3, S, S) uint8 .npy), each process writes its chunks' pixels into that file's memory
+    map itself and returns only why images failed: the pixels never cross a pipe to the main process, which would
+    otherwise unpickle and copy every byte of the cache alone (RESULTS.md, "Scale"). With keep_pixels=False (the
+    image check) they are dropped."""
+
+    def __init__(self, paths: list[Path], image_size: int, interpolation: str, destination: Path | None = None,
+                 keep_pixels: bool = True):
         self.paths, self.image_size, self.interpolation = paths, image_size, interpolation
+        self.destination, self.keep_pixels = destination, keep_pixels and destination is None
+        self._array: np.ndarray | None = None  # the destination's memory map, opened in each process
 
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / DECODE_CHUNK)
 
-    def __getitem__(self, chunk: int) -> tuple[int, np.ndarray, list[str]]:
-        """(first index, uint8 (n, 3, S, S) with zeros where decoding failed, why each failed ('' = it did not))."""
-        paths = self.paths[chunk * DECODE_CHUNK:(chunk + 1) * DECODE_CHUNK]
+    def __getitem__(self, chunk: int) -> tuple[int, np.ndarray | None, list[str]]:
+        """(first index, uint8 (n, 3, S, S) with zeros where decoding failed or None when not kept, why each failed
+        ('' = it did not))."""
+        first = chunk * DECODE_CHUNK
+        paths = self.paths[first:first + DECODE_CHUNK]
         pixels = np.zeros((len(paths), 3, self.image_size, self.image_size), np.uint8)
         reasons = [""] * len(paths)
         for position, path in enumerate(paths):
@@ -298,7 +308,11 @@ class _DecodeDataset(Dataset):
                 pixels[position] = load_image(path, self.image_size, self.interpolation)
             except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
                 reasons[position] = describe_read_error(error, path)
-        return chunk * DECODE_CHUNK, pixels, reasons
+        if self.destination is not None:
+            if self._array is None:
+                self._array = np.load(self.destination, mmap_mode="r+")
+            self._array[first:first + len(paths)] = pixels  # failed rows stay zero
+        return first, pixels if self.keep_pixels else None, reasons
 
 
 def _keep_as_is(item: tuple) -> tuple:
@@ -306,15 +320,17 @@ def _keep_as_is(item: tuple) -> tuple:
 
 
 def decode_images(
-    paths: list[Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear", description: str = ""
+    paths: list[Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear", description: str = "",
+    destination: Path | None = None, keep_pixels: bool = True,
 ) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """Decode every path at image_size in `num_workers` DataLoader worker processes (0 = here), in order:
-    (index, uint8 (3, S, S) or None, why not). The image check (eda.py) and the cache build share it; decoding is
-    the work that grows with the data set, and worker processes put it on every core (RESULTS.md, "Scale")."""
+    (index, uint8 (3, S, S), or None where it failed or pixels are not kept, why it failed ('' = it did not)). The
+    image check (eda.py, keep_pixels=False) and the cache build (destination: the .npy each worker writes into)
+    share it; decoding is the work that grows with the data set, and worker processes put it on every core."""
     from tqdm import tqdm
 
     loader = DataLoader(
-        _DecodeDataset(paths, image_size, interpolation),
+        _DecodeDataset(paths, image_size, interpolation, destination, keep_pixels),
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_keep_as_is,
@@ -323,7 +339,7 @@ def decode_images(
     with tqdm(total=len(paths), desc=description, leave=False, disable=None if description else True) as progress:
         for start, pixels, reasons in loader:
             for position, reason in enumerate(reasons):
-                yield start + position, None if reason else pixels[position], reason
+                yield start + position, None if reason or pixels is None else pixels[position], reason
             progress.update(len(reasons))
 
 
@@ -370,15 +386,13 @@ def build_image_cache(
             array = np.lib.format.open_memmap(
                 temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
             )
-            decoded = decode_images(paths, image_size, num_workers, interpolation, f"caching {name} at {image_size}px")
-            for index, pixels, reason in decoded:
-                if pixels is None:
+            del array  # only the header is written here: the decoding processes fill the rows
+            decoded = decode_images(paths, image_size, num_workers, interpolation, f"caching {name} at {image_size}px",
+                                    destination=temporary)
+            for index, _, reason in decoded:
+                if reason:
                     ok[index] = False
                     failures[str(paths[index])] = reason
-                else:
-                    array[index] = pixels
-            array.flush()
-            del array
         with atomic_write_path(index_path) as temporary:
             temporary.write_text(json.dumps({"ok": ok.tolist(), "failures": failures}))
         if failures:

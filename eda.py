@@ -235,9 +235,9 @@ def scan_folder(
     rows = labelled
     if check_images:  # decode each image (small: the decoder's draft mode) in worker processes; keep the good ones
         rows = []
-        for index, pixels, reason in decode_images([root / row[0] for row in labelled], 32, num_workers,
-                                                   description="checking images"):
-            if pixels is None:
+        for index, _, reason in decode_images([root / row[0] for row in labelled], 32, num_workers,
+                                              description="checking images", keep_pixels=False):
+            if reason:
                 unreadable[labelled[index][0]] = reason
             else:
                 rows.append(labelled[index])

@@ -36,8 +36,9 @@ def test_loader_with_worker_processes(split_config):
     assert sum(len(ages) for _, ages, _, _ in loader) == len(loader.dataset)
 
 
-def test_cache_matches_direct_decoding(split_config):
-    cached = build_dataset(split_config, "test")
+@pytest.mark.parametrize("num_workers", [0, 2])  # 2: worker processes write the cache file themselves
+def test_cache_matches_direct_decoding(split_config, num_workers):
+    cached = build_dataset(replace(split_config, num_workers=num_workers), "test")
     direct = build_dataset(replace(split_config, use_cache=False), "test")
     assert cached.cache_path is not None and direct.cache_path is None
     for index in range(len(cached)):
@@ -86,17 +87,20 @@ def test_each_image_is_resolved_once_and_the_cache_key_is_unchanged(split_config
         os.utime(touched, ns=(before.st_atime_ns, before.st_mtime_ns))  # the folder is shared by the session
 
 
-def test_unreadable_image_is_named_and_left_out(split_config, tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_unreadable_image_is_named_and_left_out(split_config, tmp_path, num_workers):
     frame = pd.read_csv(data.split_csv_path(split_config, "valid"))
     broken = Path(split_config.data_dir) / frame.at[0, "image_name"]
     original_bytes = broken.read_bytes()
     try:
         broken.write_bytes(original_bytes[:200])  # truncated JPEG
-        cfg = replace(split_config, cache_dir=str(tmp_path / "fresh_cache"))
+        cfg = replace(split_config, cache_dir=str(tmp_path / "fresh_cache"), num_workers=num_workers)
         with pytest.warns(UserWarning, match=frame.at[0, "image_name"]):
             dataset = build_dataset(cfg, "valid")
         assert len(dataset) == len(frame) - 1
         assert dataset[0][0].shape == (3, 32, 32)
+        direct = build_dataset(replace(cfg, use_cache=False), "valid")
+        assert all(torch.equal(dataset[index][0], direct[index + 1][0]) for index in range(len(dataset)))
     finally:
         broken.write_bytes(original_bytes)
 
