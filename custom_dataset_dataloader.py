@@ -142,9 +142,10 @@ def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
 
 
 class ImageFile(NamedTuple):
-    """One accepted image: its resolved path and the size and modification time that key the decoded cache."""
+    """One accepted image: its resolved path (a str: a Path object per row costs about 0.5 KB more at 80k rows) and
+    the size and modification time that key the decoded cache."""
 
-    path: Path
+    path: str
     size: int
     mtime_ns: int
 
@@ -160,7 +161,7 @@ def _resolve_in(root: str, image_name: str) -> ImageFile:
         except OSError:
             status = None  # missing or unreadable: the full check below names why
         if status is not None and stat.S_ISREG(status.st_mode):
-            return ImageFile(Path(path), status.st_size, status.st_mtime_ns)
+            return ImageFile(path, status.st_size, status.st_mtime_ns)
     try:
         path = os.path.realpath(os.path.join(root, image_name), strict=True)
         status = os.stat(path)
@@ -173,14 +174,14 @@ def _resolve_in(root: str, image_name: str) -> ImageFile:
         raise DataError(f"image path {image_name!r} points outside the data folder {root}; refused, never read")
     if not stat.S_ISREG(status.st_mode):
         raise DataError(f"image path {image_name!r} is not a regular file (a FIFO, device or folder); refused")
-    return ImageFile(Path(path), status.st_size, status.st_mtime_ns)
+    return ImageFile(path, status.st_size, status.st_mtime_ns)
 
 
 def resolve_image_path(data_dir: str | os.PathLike, image_name: str) -> Path:
     """The path of one CSV row's image, checked before anything opens it: a row that points outside data_dir
     (by .., an absolute path or a symlink), into a symlink loop, or at something that is not a regular file (a
     FIFO would block the reader forever) raises DataError naming the row."""
-    return _resolve_in(os.path.realpath(data_dir), image_name).path
+    return Path(_resolve_in(os.path.realpath(data_dir), image_name).path)
 
 
 def check_image_names(data_dir: str | os.PathLike, names: list[str]) -> tuple[dict[int, ImageFile], dict[int, str]]:
@@ -287,7 +288,7 @@ class _DecodeDataset(Dataset):
     otherwise unpickle and copy every byte of the cache alone (RESULTS.md, "Scale"). With keep_pixels=False (the
     image check) they are dropped."""
 
-    def __init__(self, paths: list[Path], image_size: int, interpolation: str, destination: Path | None = None,
+    def __init__(self, paths: list[str | Path], image_size: int, interpolation: str, destination: Path | None = None,
                  keep_pixels: bool = True):
         self.paths, self.image_size, self.interpolation = paths, image_size, interpolation
         self.destination, self.keep_pixels = destination, keep_pixels and destination is None
@@ -320,8 +321,8 @@ def _keep_as_is(item: tuple) -> tuple:
 
 
 def decode_images(
-    paths: list[Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear", description: str = "",
-    destination: Path | None = None, keep_pixels: bool = True,
+    paths: list[str | Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear",
+    description: str = "", destination: Path | None = None, keep_pixels: bool = True,
 ) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """Decode every path at image_size in `num_workers` DataLoader worker processes (0 = here), in order:
     (index, uint8 (3, S, S), or None where it failed or pixels are not kept, why it failed ('' = it did not)). The

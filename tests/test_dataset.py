@@ -73,7 +73,7 @@ def test_each_image_is_resolved_once_and_the_cache_key_is_unchanged(split_config
     assert sorted(resolved) == sorted(dataset.frame["image_name"])  # once each, not once per step
     frame = data.read_dataset_csv(data.split_csv_path(split_config, "valid"))
     screened, files = data.screen_rows(frame, split_config.data_dir, "valid")
-    assert [file.path for file in files] == [data.resolve_image_path(split_config.data_dir, name)
+    assert [Path(file.path) for file in files] == [data.resolve_image_path(split_config.data_dir, name)
                                             for name in screened["image_name"]]
     key = data._cache_key(screened, split_config.data_dir, 32, "bicubic")
     assert data._cache_key(screened, split_config.data_dir, 32, "bicubic", files) == key  # old caches stay valid
