@@ -61,8 +61,8 @@ BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
 )
 GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
 MODELS = ("resnet18", "resnet", "efficientnet_lite0")  # the small backbone, the seed's ResNet-50, the offline one
-# per model: (warm-up, timed steps); 16 timed ResNet-18 steps (3 s) put ours at 90-116 % of the ceiling from repeat
-# to repeat on a busy machine, 40 steps keep the median within a few points (RESULTS.md)
+# per model: (warm-up, timed steps); 16 timed ResNet-18 steps (3 s) left the ceiling share noisy (90.4 % in one run,
+# 95-116 % between repeats of a throwaway timing); 40 steps and back-to-back pairs steady it (RESULTS.md)
 STEPS = {"resnet18": (3, 40), "resnet": (2, 8), "efficientnet_lite0": (2, 16)}
 DATA_ONLY_BATCHES = 40
 INFERENCE_MODELS = ("resnet18", "efficientnet_lite0")
@@ -212,7 +212,7 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
     model_cfg = replace(cfg, model_name=model_name)
     warmup, timed = STEPS[model_name]
     if contender == "data only":  # the loader of ours at the training size, without a model
-        return measure_batches(our_loader(model_cfg, csv_path, device), DATA_ONLY_BATCHES, cfg.batch_size)
+        return measure_batches(our_loader(model_cfg, csv_path, device), DATA_ONLY_BATCHES)
     with PeakMemory() as memory:
         seed_everything(cfg.seed)
         model = build_model(model_cfg)
@@ -234,7 +234,7 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
     return {"images_per_second": timed * cfg.batch_size / seconds, "peak_mib": memory.peak_mib}
 
 
-def measure_batches(loader: Any, count: int, batch_size: int) -> dict:
+def measure_batches(loader: Any, count: int) -> dict:
     """images/s of drawing `count` batches from `loader` after a first, uncounted one (worker start-up)."""
     with PeakMemory() as memory:
         batches = _forever(loader)
@@ -258,7 +258,7 @@ def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
         loader = our_loader(loading_cfg, csv_path, torch.device("cpu"))
     if contender == "cache, batch, no augmentation":
         loader.augmentation = BatchAugmentation(loading_cfg, train=False)  # read + normalise only
-    return measure_batches(loader, LOADING_BATCHES, cfg.batch_size)
+    return measure_batches(loader, LOADING_BATCHES)
 
 
 def inference_runners(cfg: Config, folder: Path, model_name: str) -> dict[str, Callable[[torch.Tensor], Any]]:
