@@ -95,6 +95,8 @@ class Config:
     ema_decay: float = 0.998  # evaluate and keep an exponential moving average of the weights (per step; 0 = off)
     accumulation_steps: int = 1  # split each batch into this many micro-batches (less memory, same optimizer steps)
     sync_batchnorm: bool = True  # torchrun on GPUs: batch-norm statistics over the global batch (SyncBatchNorm)
+    crop_geometry_images: int = 100  # training images each detector measures the crop geometry on (faces.py;
+    # 0 = skip: inference then aligns with faces.DEFAULT_CROP_GEOMETRIES)
     # --- run ---
     preset: str = ""  # '' (the defaults above) | seed (the seed repo's) | scratch | long (ResNet-18s; PRESETS below)
     run_name: str = ""  # folder name under runs/ and checkpoints/ ('' = <model_name>_<date>_<time>)
@@ -263,7 +265,7 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
     "tune_epochs": (1, 10**5), "tune_overfit_images": (1, 10**7), "tune_overfit_epochs": (1, 10**5),
     "min_face_size": (12, 10**5), "smoothing": (0, (OPEN, 1)), "port": (0, 65535), "max_upload_megabytes": (1, 10**5),
     "max_image_pixels": (1, 10**10), "max_video_seconds": ((OPEN, 0), 10**5), "bootstrap_samples": (1, 10**7),
-    "heatmap_images": (1, 10**7), "demo_num_images": (30, 10**7),
+    "heatmap_images": (1, 10**7), "demo_num_images": (30, 10**7), "crop_geometry_images": (0, 10**6),
 }
 
 

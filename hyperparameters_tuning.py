@@ -53,9 +53,10 @@ def parse_values(text: str) -> list[float]:
 
 
 def trial_config(cfg: Config, name: str, **changes) -> Config:
-    """A trial's config: its own run folders under tuning/, never resuming, never overwriting."""
+    """A trial's config: its own run folders under tuning/, never resuming, never overwriting, and no crop
+    geometry (a trial only ranks a recipe; the printed command trains the model that inference will use)."""
     return replace(cfg, run_name=name, resume=False, runs_dir=str(Path(cfg.runs_dir) / "tuning"),
-                   checkpoint_dir=str(Path(cfg.checkpoint_dir) / "tuning"), **changes)
+                   checkpoint_dir=str(Path(cfg.checkpoint_dir) / "tuning"), crop_geometry_images=0, **changes)
 
 
 def initial_loss(cfg: Config) -> dict[str, float]:

@@ -433,16 +433,19 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame, count: int = 100) -> dict | None:
-    """Where each detector's five landmarks sit in the training crops (see faces.py), from up to `count` training
-    images: {detector name: geometry}, stored in every checkpoint so that inference aligns faces the same way with
-    whichever detector it runs. A detector whose package is missing, or that finds too few faces, is left out
-    (inference then uses faces.DEFAULT_CROP_GEOMETRIES); None when no detector gives one."""
+def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame) -> dict | None:
+    """Where each detector's five landmarks sit in the training crops (see faces.py), from up to
+    cfg.crop_geometry_images training images: {detector name: geometry}, stored in every checkpoint so that
+    inference aligns faces the same way with whichever detector it runs. A detector whose package is missing, or
+    that finds too few faces, is left out (inference then uses faces.DEFAULT_CROP_GEOMETRIES); None when no
+    detector gives one or crop_geometry_images is 0."""
+    if cfg.crop_geometry_images == 0:
+        return None
     paths = [Path(cfg.data_dir) / name for name in frame["image_name"]]
     geometries = {}
     for name in DETECTORS:
         try:
-            geometry = measure_crop_geometry(paths, limit=count, detector_name=name)
+            geometry = measure_crop_geometry(paths, limit=cfg.crop_geometry_images, detector_name=name)
         except ImportError:  # OpenCV, or the package shipping this detector's weights, is missing
             continue
         print(f"crop geometry of the training faces ({name}, for inference): {geometry}")
@@ -635,7 +638,10 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if is_main:
         _barrier(world_size)
     train_ages = torch.tensor(loaders["train"].dataset.ages)
-    crop_geometry = measure_training_crop_geometry(cfg, loaders["train"].dataset.frame) if is_main else None
+    crop_geometry = None
+    if is_main:  # a resumed run keeps the geometry measured when it started (same training images)
+        crop_geometry = (resume_state.get("crop_geometry") if resume_state is not None
+                         else measure_training_crop_geometry(cfg, loaders["train"].dataset.frame))
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     if world_size > 1 and device.type == "cuda" and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

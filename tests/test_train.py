@@ -57,13 +57,15 @@ def test_scheduler_warms_up_then_decays_to_zero(split_config):
 
 @pytest.mark.slow
 def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
-    cfg = replace(split_config, epochs=2, run_name="unit")
+    cfg = replace(split_config, epochs=2, run_name="unit", crop_geometry_images=100)
     results = train.main(cfg)
     checkpoint_dir, run_dir = Path(cfg.checkpoint_dir) / "unit", Path(cfg.runs_dir) / "unit"
     best = load_checkpoint(checkpoint_dir / "best.pt")
     last = load_checkpoint(checkpoint_dir / "last.pt")
     assert best["config"]["model_name"] == "resnet18" and last["epoch"] == 2
     assert {"optimizer", "scheduler", "history", "crop_geometry"} <= last.keys()
+    assert set(last["crop_geometry"]) == {"yunet", "mtcnn"} and best["crop_geometry"] == last["crop_geometry"]
+    assert all(entry["measured_on"] >= 10 for entry in last["crop_geometry"].values())  # of the 98 training faces
     assert json.loads((run_dir / "config.json").read_text())["run_name"] == "unit"
     stored = json.loads((run_dir / "results.json").read_text())
     assert stored["test_mae"] == pytest.approx(results["test_mae"])
@@ -84,13 +86,18 @@ def test_a_new_run_never_overwrites_an_old_one(split_config):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_last_checkpoint(split_config):
+def test_resume_continues_from_last_checkpoint(split_config, monkeypatch):
     cfg = replace(split_config, epochs=1, run_name="resumable")
+    measured = {"yunet": {"landmarks": [[0.3, 0.3], [0.7, 0.3], [0.5, 0.5], [0.35, 0.7], [0.65, 0.7]],
+                          "measured_on": 50}}
+    monkeypatch.setattr(train, "measure_training_crop_geometry", lambda *_: measured)
     train.main(cfg)
+    monkeypatch.setattr(train, "measure_training_crop_geometry", lambda *_: pytest.fail("measured again on resume"))
     resumed = train.main(replace(split_config, epochs=3, resume=True))  # newest run, extended to 3 epochs
     assert resumed["run_name"] == "resumable"
     assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
-    assert load_checkpoint(Path(cfg.checkpoint_dir) / "resumable" / "last.pt")["epoch"] == 3
+    last = load_checkpoint(Path(cfg.checkpoint_dir) / "resumable" / "last.pt")
+    assert last["epoch"] == 3 and last["crop_geometry"] == measured  # the geometry the run started with
     assert not (Path(cfg.checkpoint_dir) / "resumable_2").exists()
 
 
