@@ -7,7 +7,9 @@ in a fresh Python process, as a user runs it, on that folder:
   cache         custom_dataset_dataloader.main: the decoded 64 px caches of the three splits (memory-mapped)
   train epoch   one epoch of ResNet-18 at 64 px from scratch (train.main --epochs=1; the epoch's own time from its
                 log line: training plus the validation pass)
-Each stage's time is measured around its main(cfg) inside the child, so the imports (a constant) are left out.
+Each stage's time is measured around its main(cfg) inside the child, so the imports (a constant) are left out,
+torchvision's among them: the cache and training stages import it lazily, to read the backbone's normalisation
+(2-3 s, which had counted as serial work of the cache build).
 Meanwhile this process samples the child's process tree (workers included) every 0.5 s for two peaks, each the
 proportional set size (a page shared by a parent and its forked workers counts once, split between them):
   anonymous (Pss_Anon)  what the stage allocates itself: the figure that runs a machine out of memory;
@@ -78,6 +80,8 @@ def run_stage(arguments: list[str]) -> None:
         import train as module
     else:
         raise SystemExit(f"error: unknown stage {stage!r}")
+    if stage in ("cache", "train epoch"):
+        import torchvision  # noqa: F401 - imported inside main (model.resolve_preprocessing): timed apart, as above
     started = time.perf_counter()
     module.main(cfg)
     print(f"STAGE_SECONDS {time.perf_counter() - started}")
