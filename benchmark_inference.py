@@ -12,6 +12,11 @@ consistency, and per-frame latency on the CPU.
 2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for each detector
    with the eager checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint
    if missing). --detector=<name> limits both parts to one detector.
+3. Folder throughput: FOLDER_PHOTOS pasted scenes (960x720 JPEGs, 1-4 real faces each) annotated by
+   inference.run_on_images (worker threads decoding and detecting ahead, several photos per model call, writing
+   in a thread) against the plain per-photo loop (decode, detect, predict, draw, write, one photo after another),
+   with the --detector (default: yunet); the two alternate, FOLDER_REPEATS times each, on the same photos;
+   photos/s is the median.
 
 Reads:  --checkpoint (default: newest checkpoints/*/best.pt), --data_dir (default ../shared/data/utkface200).
 Writes: nothing but the exports; prints the tables.
@@ -36,6 +41,8 @@ from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_face
 from model import newest_checkpoint
 
 DEFAULT_FACES = Path(__file__).resolve().parent.parent / "shared" / "data" / "utkface200"
+FOLDER_PHOTOS = 200
+FOLDER_REPEATS = 3  # alternating runs of each contender; the median counts (this machine's noise: +-20 %)
 
 
 def make_background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -130,6 +137,52 @@ def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, dete
     return {name: float(np.median(values[3:])) for name, values in timings.items()}
 
 
+def folder_throughput(predictor: AgePredictor, face_paths: list[Path], min_face_size: int, seed: int,
+                      detector_name: str = "yunet", photos: int = FOLDER_PHOTOS) -> dict[str, float]:
+    """Photos/s of inference.run_on_images against one-photo-at-a-time on `photos` generated scenes."""
+    import statistics
+    import tempfile
+
+    import inference
+    from custom_dataset_dataloader import open_rgb_image
+
+    rng = np.random.default_rng(seed)
+    detector = build_detector(predictor.detector_name(detector_name), min_face_size)
+    cfg = Config(min_face_size=min_face_size)
+    with tempfile.TemporaryDirectory(prefix="folder_benchmark_") as temporary:
+        folder = Path(temporary)
+        paths = []
+        for index in range(photos):
+            picks = [face_paths[i] for i in rng.choice(len(face_paths), int(rng.integers(1, 5)), replace=False)]
+            path = folder / "photos" / f"scene_{index:03d}.jpg"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(paste_scene(picks, rng)[0]).save(path, quality=90)
+            paths.append(path)
+
+        def one_at_a_time(output: Path) -> None:
+            rows = []
+            for path in paths:
+                image = np.asarray(open_rgb_image(path))
+                faces = estimate_faces(image, predictor, detector)
+                inference._write_image(output / f"{path.stem}_age.jpg", draw_faces(image, faces))
+                rows += inference.face_rows(str(path), None, faces)
+            inference.write_rows(output / "predictions.jsonl", rows)
+
+        def pipelined(output: Path) -> None:
+            targets = inference.folder_targets(paths, output)
+            inference.run_on_images(cfg, paths, targets, output / "predictions.jsonl", predictor, detector)
+
+        rates: dict[str, list[float]] = {"one photo at a time": [], "run_on_images": []}
+        for repeat in range(FOLDER_REPEATS):
+            for name, runner in (("one photo at a time", one_at_a_time), ("run_on_images", pipelined)):
+                output = folder / f"{name.replace(' ', '_')}_{repeat}"
+                output.mkdir()
+                started = time.perf_counter()
+                runner(output)
+                rates[name].append(photos / (time.perf_counter() - started))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def main(cfg: Config) -> dict:
     import export_jit
 
@@ -170,6 +223,17 @@ def main(cfg: Config) -> dict:
             timing = results["latency"][f"{export_format}/{name}"] = latency(exported, frame, cfg.min_face_size, name)
             print(f"  {export_format:<12} {name:<8} {timing['detect']:7.1f} {timing['crop']:6.1f} "
                   f"{timing['model']:7.1f} {timing['draw']:6.1f} {timing['total']:7.1f} {1000 / timing['total']:6.1f}")
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # run_on_images prints a line per photo
+        folder = folder_throughput(predictor, face_paths, cfg.min_face_size, cfg.seed, cfg.detector)
+    results["folder"] = folder
+    baseline = folder["one photo at a time"]
+    print(f"\nfolder of {FOLDER_PHOTOS} photos (960x720, 1-4 faces each; {cfg.detector}), photos/s "
+          f"(median of {FOLDER_REPEATS}):")
+    for name, rate in folder.items():
+        print(f"  {name:<20} {rate:6.1f}  ({rate / baseline:.2f}x)")
     return results
 
 

@@ -36,6 +36,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -329,12 +330,22 @@ class YuNetDetector(_Detector):
 
     def __init__(self, min_face_size: int = 40, max_side: int = 1280, score_threshold: float = YUNET_THRESHOLD,
                  smallest: float | None = None):
+        self.min_face_size, self.max_side, self.smallest = min_face_size, max_side, smallest or YUNET_SMALLEST
+        self.score_threshold, self.path = score_threshold, str(yunet_model_path())
+        # the network keeps the input size it was last given, so each thread (the app's, folder inference's
+        # workers) gets a network of its own instead of waiting for one shared one
+        self._networks = threading.local()
+        self._thread_network()  # this thread's, built now: a missing or damaged file fails here, not mid-run
+
+    def _thread_network(self) -> Any:
         import cv2
 
-        self.min_face_size, self.max_side, self.smallest = min_face_size, max_side, smallest or YUNET_SMALLEST
-        # top_k 5000 and NMS 0.3 are OpenCV Zoo's settings; the input size is set per image below
-        self.network = cv2.FaceDetectorYN.create(str(yunet_model_path()), "", (320, 320), score_threshold, 0.3, 5000)
-        self._lock = threading.Lock()  # the network keeps its input size: one image at a time (the app has threads)
+        network = getattr(self._networks, "network", None)
+        if network is None:
+            # top_k 5000 and NMS 0.3 are OpenCV Zoo's settings; the input size is set per image in _pass
+            network = cv2.FaceDetectorYN.create(self.path, "", (320, 320), self.score_threshold, 0.3, 5000)
+            self._networks.network = network
+        return network
 
     def detect_faces(self, image: np.ndarray, min_face_size: int | None = None) -> list[DetectedFace]:
         """Every face in an RGB (or grayscale) uint8 image, largest first. min_face_size overrides the detector's
@@ -358,9 +369,9 @@ class YuNetDetector(_Detector):
 
         if factor < 1.0:
             bgr = cv2.resize(bgr, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
-        with self._lock:
-            self.network.setInputSize((bgr.shape[1], bgr.shape[0]))
-            _, rows = self.network.detect(bgr)
+        network = self._thread_network()
+        network.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, rows = network.detect(bgr)
         if rows is None:
             return np.zeros((0, 15), np.float32)
         rows = rows.copy()

@@ -13,7 +13,10 @@ five landmarks) and aligned on its landmarks with the crop geometry the model fi
 train.py measured on the training images: the model sees the same kind of crop it was trained on. A model file
 written before YuNet existed stores MTCNN's geometry alone and runs with MTCNN, exactly as before. All faces of a
 frame are predicted in one batch; --tta averages with the mirrored face. --no_detect treats every input image as
-an already-cropped face. In a video a face is tracked by box overlap and its age smoothed across frames.
+an already-cropped face. A folder is pipelined (run_on_images): worker threads decode photos and find their faces
+ahead, the faces of several photos share one model call, and a thread writes the annotated files; the rows are
+those of one photo at a time, in the same order. In a video a face is tracked by box overlap and its age smoothed
+across frames.
 Unreadable files are named in a warning and skipped; a photo without a face is reported, not an error.
 
 Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best.pt] [--output=annotated.jpg]
@@ -28,6 +31,7 @@ import sys
 import time
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -181,6 +185,9 @@ class AgePredictor:
             geometry = _stored_json(path, extra_files["crop_geometry.json"] or "null", "crop_geometry.json")
         else:
             self.model, _, checkpoint = load_model(path, self.device)
+            # channels_last: on the CPU the convolutions' fastest kernels (oneDNN) want it, and the gain grows with
+            # the batch that folder inference gathers (RESULTS.md, "Folder throughput"); the outputs are identical
+            self.model = self.model.to(memory_format=torch.channels_last)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
         self.cfg = config_from_model_file(config, path)
         self.path, self._announced = path, set()
@@ -227,10 +234,12 @@ class AgePredictor:
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
         elif self.kind == "checkpoint" and self.model.head.has_spread:
             head = self.model.head
-            outputs = self.model.head_outputs(images.to(self.device))  # (N, K)
+            outputs = self.model.head_outputs(images.to(self.device, memory_format=torch.channels_last))  # (N, K)
             ages, spreads = head.ages(outputs).cpu(), head.spread(outputs).cpu()
             if head.has_probabilities:
                 probabilities = head.probability_at_least(outputs, ADULT_AGE).float().cpu()
+        elif self.kind == "checkpoint":
+            ages = self.model(images.to(self.device, memory_format=torch.channels_last)).float().cpu()  # (N,) | (2N,)
         else:
             ages = self.model(images.to(self.device)).float().cpu()  # (N,) or (2N,)
 
@@ -256,10 +265,17 @@ class Face:
     adult_probability: float | None = None  # calibrated P(age >= ADULT_AGE); distribution heads of .pt files only
 
 
-def estimate_faces(
-    image: np.ndarray, predictor: AgePredictor, detector: Detector | None, tta: bool = False
-) -> list[Face]:
-    """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
+@dataclass
+class FoundFaces:
+    """The faces of one frame before the model sees them: boxes, landmarks and aligned uint8 crops (N, 3, S, S)."""
+
+    boxes: list[tuple[float, float, float, float]]
+    landmarks: list[np.ndarray | None]
+    crops: np.ndarray
+
+
+def find_faces(image: np.ndarray, predictor: AgePredictor, detector: Detector | None) -> FoundFaces:
+    """Detect and align every face of an RGB frame (H, W, 3); without a detector the frame is the face."""
     from PIL import Image
 
     size = predictor.image_size
@@ -271,17 +287,29 @@ def estimate_faces(
         boxes, landmarks = [face.box for face in detected], [face.landmarks for face in detected]
         geometry = predictor.geometry_for(detector.name)
         crops = [geometry.crop(image, face.landmarks, size, predictor.cfg.interpolation) for face in detected]
-    predictions = predictor.predict_details(
-        np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8), tta
-    )
+    return FoundFaces(boxes, landmarks, np.stack(crops) if crops else np.zeros((0, 3, size, size), np.uint8))
+
+
+def faces_with_ages(found: FoundFaces, predictions: Predictions, start: int = 0) -> list[Face]:
+    """Face records of `found`, whose predictions are rows start.. of `predictions` (several frames may share one
+    model call)."""
+    stop = start + len(found.boxes)
 
     def floats(values: np.ndarray | None) -> list[float | None]:
-        return [None] * len(predictions.ages) if values is None else [float(value) for value in values]
+        return [None] * (stop - start) if values is None else [float(value) for value in values[start:stop]]
 
-    return [Face(box, float(age), spread, landmarks=points, adult_probability=probability)
+    return [Face(box, age, spread, landmarks=points, adult_probability=probability)
             for box, age, spread, probability, points in zip(
-                boxes, predictions.ages, floats(predictions.spreads), floats(predictions.adult_probabilities),
-                landmarks, strict=True)]
+                found.boxes, floats(predictions.ages), floats(predictions.spreads),
+                floats(predictions.adult_probabilities), found.landmarks, strict=True)]
+
+
+def estimate_faces(
+    image: np.ndarray, predictor: AgePredictor, detector: Detector | None, tta: bool = False
+) -> list[Face]:
+    """Every face in an RGB frame (H, W, 3), predicted in one batch; without a detector the frame is the face."""
+    found = find_faces(image, predictor, detector)
+    return faces_with_ages(found, predictor.predict_details(found.crops, tta))
 
 
 def _age_text(value: float | None, digits: int = 0) -> str:
@@ -400,32 +428,105 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+PHOTOS_PER_MODEL_CALL = 8  # folder inference: the faces of this many photos go through the model together
+# folder inference: threads that decode photos and find their faces ahead of the model, which meanwhile runs on the
+# cores left (at least one). On 2 cores, 2 workers and a one-thread model measured 1.7x the per-photo loop, where
+# PyTorch's two threads per small batch had fought the workers for the cores (RESULTS.md, "Folder throughput")
+PHOTO_WORKERS = min(4, os.cpu_count() or 1)
+PHOTOS_AHEAD = 8  # folder inference: photos decoded and analysed before the model asks for them
+
+
+def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detector | None,
+                    workers: int = PHOTO_WORKERS, ahead: int = PHOTOS_AHEAD,
+                    ) -> Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | None]]:
+    """(path, RGB array, its faces) in order, or (path, the exception that stopped its decoding, None). Worker
+    threads decode each photo and detect and align its faces up to `ahead` photos before it is needed: PIL's
+    decoder, OpenCV's YuNet and PyTorch's kernels release the GIL, so the photos of a folder keep both cores busy
+    while the model predicts the faces found before them."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    def analyse(path: Path) -> tuple[np.ndarray | Exception, FoundFaces | None]:
+        try:
+            image = np.asarray(open_rgb_image(path))
+        except Exception as error:  # noqa: BLE001 - handed to the caller, who names the file
+            return error, None
+        return image, find_faces(image, predictor, detector)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="analyse") as pool:
+        pending: deque = deque()
+        for path in paths:
+            pending.append((path, pool.submit(analyse, path)))
+            if len(pending) > ahead:
+                done_path, future = pending.popleft()
+                yield done_path, *future.result()
+        while pending:
+            done_path, future = pending.popleft()
+            yield done_path, *future.result()
+
+
 def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], rows_path: Path,
                   predictor: AgePredictor, detector: Detector | None) -> list[dict[str, Any]]:
-    """Annotate each photo into targets[photo]; one photo that fails is a warning, never the end of the others,
-    and the face rows of every photo done are written to rows_path whatever happens."""
-    rows = []
-    try:
-        for path in paths:
-            try:
-                image = np.asarray(open_rgb_image(path))
-            except Exception as error:  # noqa: BLE001 - any unreadable file: name it and go on
-                warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(error, path)})",
-                              stacklevel=2)
-                continue
-            try:
-                faces = estimate_faces(image, predictor, detector, cfg.tta)
-                _write_image(targets[path], draw_faces(image, faces))
-            except (OSError, ValueError) as error:  # a name too long for the file system, a full disk, ...
+    """Annotate each photo into targets[photo]. Worker threads decode the photos and find their faces ahead
+    (analysed_photos), the faces of PHOTOS_PER_MODEL_CALL photos share one model call, and a writer thread draws
+    and encodes the annotated files; the rows come in the order of `paths`, as from one photo at a time. One photo
+    that fails is a warning, never the end of the others, and the face rows of every photo done are written to
+    rows_path whatever happens."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    rows: list[dict[str, Any]] = []
+    group: list[tuple[Path, np.ndarray, FoundFaces]] = []
+    Done = list[tuple[Path, list[Face], Future]]
+
+    def predict_group(writer: ThreadPoolExecutor) -> Done:
+        """One model call for the group's faces; each annotated photo handed to the writer thread."""
+        crops = np.concatenate([found.crops for _, _, found in group])  # (N faces of the group, 3, S, S)
+        predictions = predictor.predict_details(crops, cfg.tta)
+        results, start = [], 0
+        for path, image, found in group:
+            faces = faces_with_ages(found, predictions, start)
+            start += len(faces)
+            results.append((path, faces, writer.submit(
+                lambda target, image, faces: _write_image(target, draw_faces(image, faces)), targets[path], image,
+                faces)))
+        group.clear()
+        return results
+
+    def report(results: Done) -> None:
+        """Once a group's files are written (called a group later, so writing overlaps the next group's work)."""
+        for path, faces, write in results:
+            error = write.exception()
+            if error is not None:  # a name too long for the file system, a full disk, ...
                 warnings.warn(f"skipping {path}: its result could not be written to {targets[path]} "
-                              f"({type(error).__name__}: {error})", stacklevel=2)
+                              f"({type(error).__name__}: {error})", stacklevel=3)
                 continue
             if not faces:
                 print(f"{path}: no face found")
             else:
                 print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
-            rows += face_rows(str(path), None, faces)
+            rows.extend(face_rows(str(path), None, faces))
+
+    previous: Done = []
+    threads = torch.get_num_threads()
+    if len(paths) > 1:  # the model's share of the cores while the workers detect (PHOTO_WORKERS)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
+            for path, image, found in analysed_photos(paths, predictor, detector):
+                if isinstance(image, Exception):
+                    warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(image, path)})",
+                                  stacklevel=2)
+                    continue
+                group.append((path, image, found))
+                if len(group) == PHOTOS_PER_MODEL_CALL:
+                    report(previous)
+                    previous = predict_group(writer)
+            report(previous)
+            previous = predict_group(writer) if group else []
+            report(previous)
+            previous = []
     finally:
+        torch.set_num_threads(threads)
         write_rows(rows_path, rows)
     return rows
 

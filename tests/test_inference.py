@@ -20,7 +20,7 @@ from faces import (
     geometries_from_dict,
     measure_crop_geometry,
 )
-from model import AgeEstimationModel, save_checkpoint
+from model import AgeEstimationModel, load_checkpoint, save_checkpoint
 from tests.helpers import REAL_DATA
 
 HOPPER = REAL_DATA.parent / "images" / "grace_hopper_512x512.jpg"
@@ -364,3 +364,59 @@ def test_int8_export_is_checked_in_years_on_the_test_split(split_config, monkeyp
     with pytest.raises(export_jit.ExportError, match="nothing was written"):
         export_jit.main(export)
     assert not int8_path.exists() and not list(checkpoint.parent.glob(".*"))
+
+
+def test_folder_inference_batches_photos_and_matches_one_photo_at_a_time(checkpoint, tmp_path):
+    """11 photos (one model call of 8, one of 3, decoded ahead, written by a thread): the same rows, in the same
+    order, as predicting each photo alone."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(11):
+        Image.fromarray(_smooth_image(48, seed=index)).save(photos / f"photo_{index:02d}.png")
+    (photos / "photo_05.png").write_bytes(b"broken")  # one unreadable photo among them
+    cfg = Config(checkpoint=str(checkpoint), input=str(photos), output=str(tmp_path / "out"), no_detect=True,
+                 device="cpu")
+    with pytest.warns(UserWarning, match="photo_05.png: not a readable image"):
+        rows = inference.main(cfg)
+    predictor = inference.AgePredictor(checkpoint)
+    expected = []
+    for path in sorted(photos.iterdir()):
+        if path.name != "photo_05.png":
+            image = np.asarray(Image.open(path).convert("RGB"))
+            expected += inference.face_rows(str(path), None, inference.estimate_faces(image, predictor, None))
+    assert [row["source"] for row in rows] == [row["source"] for row in expected]
+    assert np.allclose([row["age"] for row in rows], [row["age"] for row in expected], atol=0.02)
+    assert len(list((tmp_path / "out").glob("*_age.jpg"))) == 10
+
+
+@pytest.mark.parametrize("detector_name", ["yunet", "mtcnn"])
+def test_folder_inference_with_a_detector_matches_one_photo_at_a_time(checkpoint, tmp_path, detector_name):
+    """A real portrait three times (as is, mirrored, shrunk): the worker threads find the same faces and the batched
+    model call gives the same ages as each photo alone, and PyTorch's thread count is restored afterwards."""
+    if not HOPPER.is_file():
+        pytest.skip("../shared/images absent: the real-photo check needs grace_hopper_512x512.jpg")
+    stored = load_checkpoint(checkpoint)
+    geometry = DEFAULT_CROP_GEOMETRY.to_dict()
+    stored["crop_geometry"] = {"mtcnn": geometry, "yunet": geometry}  # both measured: main runs the one asked for
+    checkpoint = tmp_path / "best.pt"
+    torch.save(stored, checkpoint)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    portrait = Image.open(HOPPER).convert("RGB")
+    portrait.save(photos / "a.jpg")
+    portrait.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b.jpg")
+    portrait.resize((320, 320)).save(photos / "c.jpg")
+    threads = torch.get_num_threads()
+    rows = inference.main(Config(checkpoint=str(checkpoint), input=str(photos), output=str(tmp_path / "out"),
+                                 detector=detector_name, device="cpu"))
+    assert torch.get_num_threads() == threads
+    predictor, detector = inference.AgePredictor(checkpoint), build_detector(detector_name)
+    assert predictor.detector_name(detector_name) == detector_name
+    expected = []
+    for path in sorted(photos.iterdir()):
+        image = np.asarray(Image.open(path).convert("RGB"))
+        expected += inference.face_rows(str(path), None, inference.estimate_faces(image, predictor, detector))
+    assert len(rows) == len(expected) >= 3  # the portrait's face in every photo
+    assert [row["source"] for row in rows] == [row["source"] for row in expected]
+    assert [row["box"] for row in rows] == [row["box"] for row in expected]
+    assert np.allclose([row["age"] for row in rows], [row["age"] for row in expected], atol=0.02)
