@@ -438,20 +438,24 @@ PHOTOS_AHEAD = 8  # folder inference: photos decoded and analysed before the mod
 
 def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detector | None,
                     workers: int = PHOTO_WORKERS, ahead: int = PHOTOS_AHEAD,
-                    ) -> Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | None]]:
-    """(path, RGB array, its faces) in order, or (path, the exception that stopped its decoding, None). Worker
+                    ) -> Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | Exception | None]]:
+    """(path, RGB array, its faces) in order; (path, the exception that stopped its decoding, None); or (path, RGB
+    array, the OSError / ValueError that stopped finding its faces), as the per-photo loop skipped them. Worker
     threads decode each photo and detect and align its faces up to `ahead` photos before it is needed: PIL's
     decoder, OpenCV's YuNet and PyTorch's kernels release the GIL, so the photos of a folder keep both cores busy
     while the model predicts the faces found before them."""
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
-    def analyse(path: Path) -> tuple[np.ndarray | Exception, FoundFaces | None]:
+    def analyse(path: Path) -> tuple[np.ndarray | Exception, FoundFaces | Exception | None]:
         try:
             image = np.asarray(open_rgb_image(path))
         except Exception as error:  # noqa: BLE001 - handed to the caller, who names the file
             return error, None
-        return image, find_faces(image, predictor, detector)
+        try:
+            return image, find_faces(image, predictor, detector)
+        except (OSError, ValueError) as error:  # handed on: one photo never ends the others
+            return image, error
 
     with ThreadPoolExecutor(workers, thread_name_prefix="analyse") as pool:
         pending: deque = deque()
@@ -515,6 +519,10 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             for path, image, found in analysed_photos(paths, predictor, detector):
                 if isinstance(image, Exception):
                     warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(image, path)})",
+                                  stacklevel=2)
+                    continue
+                if isinstance(found, Exception):
+                    warnings.warn(f"skipping {path}: its faces could not be found ({type(found).__name__}: {found})",
                                   stacklevel=2)
                     continue
                 group.append((path, image, found))

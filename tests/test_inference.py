@@ -420,3 +420,30 @@ def test_folder_inference_with_a_detector_matches_one_photo_at_a_time(checkpoint
     assert [row["source"] for row in rows] == [row["source"] for row in expected]
     assert [row["box"] for row in rows] == [row["box"] for row in expected]
     assert np.allclose([row["age"] for row in rows], [row["age"] for row in expected], atol=0.02)
+
+
+def test_folder_inference_skips_a_photo_whose_face_search_fails(checkpoint, tmp_path):
+    """A detector error on one photo (here a ValueError for the 40 px one) is a warning naming it; the others are
+    still annotated, as in the per-photo loop."""
+
+    class FailingOnSmallPhotos:
+        name = "mtcnn"
+
+        def detect_faces(self, image: np.ndarray) -> list:
+            if image.shape[1] == 40:
+                raise ValueError("no faces in 40 px photos")
+            return []
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    paths = []
+    for index, size in enumerate((48, 40, 56)):
+        paths.append(photos / f"photo_{index}.png")
+        Image.fromarray(_smooth_image(size, seed=index)).save(paths[-1])
+    targets = inference.folder_targets(paths, tmp_path / "out")
+    predictor = inference.AgePredictor(checkpoint)
+    with pytest.warns(UserWarning, match=r"photo_1.png: its faces could not be found \(ValueError"):
+        rows = inference.run_on_images(Config(), paths, targets, tmp_path / "out" / "predictions.jsonl", predictor,
+                                       FailingOnSmallPhotos())
+    assert rows == [] and sorted(path.name for path in (tmp_path / "out").glob("*_age.jpg")) == [
+        "photo_0_age.jpg", "photo_2_age.jpg"]
