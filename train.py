@@ -185,6 +185,26 @@ class Optimisation:
     grad_clip_norm: float = 0.0
     accumulation_steps: int = 1
     mixup_alpha: float = 0.0
+    consistency_weight: float = 0.0
+
+
+# consistency_weight's second view of each face: moved by up to this share of the side, turned by up to this many
+# degrees and zoomed by up to this share, about the landmark jitter of a detector on a 60-250 px face
+CONSISTENCY_SHIFT, CONSISTENCY_DEGREES, CONSISTENCY_ZOOM = 0.03, 3.0, 0.03
+
+
+def moved_views(images: torch.Tensor) -> torch.Tensor:
+    """Each normalised image (B, 3, H, W) moved, turned and zoomed a little at random (a different small similarity
+    transform per image, edges replicated): the second view the consistency term compares ages on."""
+    count = len(images)
+    angle = torch.empty(count, device=images.device).uniform_(-1, 1) * math.radians(CONSISTENCY_DEGREES)
+    scale = 1 + torch.empty(count, device=images.device).uniform_(-1, 1) * CONSISTENCY_ZOOM
+    shift = torch.empty(count, 2, device=images.device).uniform_(-1, 1) * 2 * CONSISTENCY_SHIFT  # grid units: 2 = side
+    rotation = torch.stack([torch.cos(angle), -torch.sin(angle), torch.sin(angle), torch.cos(angle)], 1).view(-1, 2, 2)
+    theta = torch.cat([rotation / scale[:, None, None], shift[:, :, None]], 2)  # (B, 2, 3)
+    grid = nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+    return nn.functional.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border",
+                                     align_corners=False).to(images.dtype)
 
 
 def train_one_epoch(
@@ -204,6 +224,11 @@ def train_one_epoch(
 
     optimisation.accumulation_steps=n splits every batch into n strided micro-batches (images 0, n, 2n, ... first) and
     accumulates their gradients before one optimiser step: the same step as n torchrun ranks sharing the batch.
+
+    optimisation.consistency_weight = w > 0: every face also goes through the model moved a few pixels
+    (moved_views), in the same forward pass, and w times the mean |age difference| between the two views is added to
+    the loss, so the model learns to give a face the same age however a detector frames it (RESULTS.md, "Crop
+    consistency"); the step costs about twice as much.
     """
     from tqdm import tqdm
 
@@ -216,7 +241,8 @@ def train_one_epoch(
                     disable=None if show_progress else True)  # off when not a terminal
     execution = execution or Execution()
     optimizer, scaler, accumulation_steps = optimisation.optimizer, optimisation.scaler, optimisation.accumulation_steps
-    mixup_alpha = optimisation.mixup_alpha
+    mixup_alpha, consistency_weight = optimisation.mixup_alpha, optimisation.consistency_weight
+    batch_format = torch.channels_last if execution.channels_last else torch.contiguous_format
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = execution.to_device(images, ages)
         partner_ages, blended_ages, mix = ages, ages, 1.0
@@ -231,12 +257,19 @@ def train_one_epoch(
             part = slice(micro, None, accumulation_steps)
             last = micro == accumulation_steps - 1
             with contextlib.nullcontext() if last or not distributed else parallel.no_sync():  # reduce once a step
+                batch = images[part]
+                if consistency_weight > 0:
+                    batch = torch.cat([batch, moved_views(batch)]).contiguous(memory_format=batch_format)  # (2b, ...)
                 with execution.autocast():
-                    outputs = model(images[part], raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1)
+                    outputs = model(batch, raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1); twice b
+                if consistency_weight > 0:
+                    outputs, moved_outputs = outputs.chunk(2)
                 loss = head.loss(outputs, ages[part])
                 if mix < 1:
                     partner_loss = head.loss(outputs, partner_ages[part])
                     loss = mix * loss + (1 - mix) * partner_loss
+                if consistency_weight > 0:
+                    loss = loss + consistency_weight * (head.ages(outputs) - head.ages(moved_outputs)).abs().mean()
                 if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
                     raise DivergedError(
                         f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; the "
@@ -655,7 +688,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         optimizer, build_scheduler(cfg, optimizer, len(loaders["train"])),
         torch.amp.GradScaler("cuda") if execution.dtype == torch.float16 else None,
         WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
-        cfg.grad_clip_norm, cfg.accumulation_steps, cfg.mixup_alpha)
+        cfg.grad_clip_norm, cfg.accumulation_steps, cfg.mixup_alpha, cfg.consistency_weight)
     average = optimisation.average
 
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name

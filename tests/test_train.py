@@ -11,8 +11,8 @@ from custom_dataset_dataloader import build_dataloader
 from model import build_model, load_checkpoint
 
 
-@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
-def test_a_few_steps_lower_the_loss(split_config, mixup_alpha):
+@pytest.mark.parametrize(("mixup_alpha", "consistency_weight"), [(0.0, 0.0), (0.4, 0.0), (0.0, 1.0)])
+def test_a_few_steps_lower_the_loss(split_config, mixup_alpha, consistency_weight):
     torch.manual_seed(0)
     # one-hot targets (label_sigma=0), which this test always trained with: a Gaussian target's loss has the
     # target's entropy (about 2.1 nats at 2 years) as its floor, so it cannot fall by a quarter in six epochs
@@ -23,10 +23,24 @@ def test_a_few_steps_lower_the_loss(split_config, mixup_alpha):
     model.set_age_statistics(ages.mean().item(), ages.std().item())
     optimizer = train.build_optimizer(cfg, model)
     device = torch.device("cpu")
-    losses = [train.train_one_epoch(model, loader, train.Optimisation(optimizer, mixup_alpha=mixup_alpha),
+    losses = [train.train_one_epoch(model, loader, train.Optimisation(optimizer, mixup_alpha=mixup_alpha,
+                                                                       consistency_weight=consistency_weight),
                                     train.Execution(device))["loss"]
               for _ in range(6)]
     assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_moved_views_move_each_face_a_little_and_nothing_without_jitter(monkeypatch):
+    ramp = torch.linspace(-1, 1, 64)
+    images = (ramp[None, None, :, None] * ramp[None, None, None, :]).repeat(4, 3, 1, 1)  # (4, 3, 64, 64) smooth
+    moved = train.moved_views(images)
+    assert moved.shape == images.shape and moved.dtype == images.dtype
+    difference = (moved - images).abs().mean(dim=(1, 2, 3))  # (4,)
+    assert (difference > 0).all() and (difference < 0.1).all()  # a few pixels, not another picture
+    assert len(set(difference.tolist())) == 4  # a transform of its own per face
+    for name in ("CONSISTENCY_SHIFT", "CONSISTENCY_DEGREES", "CONSISTENCY_ZOOM"):
+        monkeypatch.setattr(train, name, 0.0)
+    torch.testing.assert_close(train.moved_views(images), images, atol=1e-5, rtol=0)
 
 
 def test_evaluate_metrics_are_consistent(split_config):
