@@ -227,8 +227,8 @@ def train_one_epoch(
 
     optimisation.consistency_weight = w > 0: every face also goes through the model moved a few pixels
     (moved_views), in the same forward pass, and w times the mean |age difference| between the two views is added to
-    the loss, so the model learns to give a face the same age however a detector frames it (RESULTS.md, "Crop
-    consistency"); the step costs about twice as much.
+    the loss, so the model learns to give a face the same age however a detector frames it (RESULTS.md, "A
+    consistency term in training"); the step costs about twice as much.
     """
     from tqdm import tqdm
 
