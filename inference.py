@@ -234,14 +234,12 @@ class AgePredictor:
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
         elif self.kind == "checkpoint" and self.model.head.has_spread:
             head = self.model.head
-            outputs = self.model.head_outputs(images.to(self.device, memory_format=torch.channels_last))  # (N, K)
+            outputs = self.model.head_outputs(self._on_device(images))  # (N, K)
             ages, spreads = head.ages(outputs).cpu(), head.spread(outputs).cpu()
             if head.has_probabilities:
                 probabilities = head.probability_at_least(outputs, ADULT_AGE).float().cpu()
-        elif self.kind == "checkpoint":
-            ages = self.model(images.to(self.device, memory_format=torch.channels_last)).float().cpu()  # (N,) | (2N,)
         else:
-            ages = self.model(images.to(self.device)).float().cpu()  # (N,) or (2N,)
+            ages = self.model(self._on_device(images)).float().cpu()  # (N,) or (2N,)
 
         def merged(values: torch.Tensor | None) -> np.ndarray | None:
             if values is None:
@@ -249,6 +247,12 @@ class AgePredictor:
             return (values.view(2, -1).mean(0) if tta else values).numpy()  # (N,)
 
         return Predictions(merged(ages), merged(spreads), merged(probabilities))
+
+    def _on_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised images (N, 3, S, S) on the model's device, in the layout its weights are in (channels_last for
+        a .pt checkpoint, see __init__; a TorchScript file keeps the layout it was traced in)."""
+        layout = torch.channels_last if self.kind == "checkpoint" else torch.contiguous_format
+        return images.to(self.device, memory_format=layout)
 
     def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
         """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
@@ -430,8 +434,8 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 PHOTOS_PER_MODEL_CALL = 8  # folder inference: the faces of this many photos go through the model together
 # folder inference: threads that decode photos and find their faces ahead of the model, which meanwhile runs on the
-# cores left (at least one). On 2 cores, 2 workers and a one-thread model measured 1.7x the per-photo loop, where
-# PyTorch's two threads per small batch had fought the workers for the cores (RESULTS.md, "Folder throughput")
+# cores left (at least one). On 2 cores, 2 workers and a one-thread model measured 29.0 photos/s against 23.5-24.8
+# with PyTorch's two threads, which fought the workers for the cores (RESULTS.md, "Folder throughput")
 PHOTO_WORKERS = min(4, os.cpu_count() or 1)
 PHOTOS_AHEAD = 8  # folder inference: photos decoded and analysed before the model asks for them
 
