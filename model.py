@@ -541,6 +541,51 @@ def use_matmul_convolutions(model: nn.Module, image_size: int, max_positions: in
     return replaced
 
 
+class _ConvolutionTracer(torch.fx.Tracer):
+    """torch.fx's tracer with every convolution and batch norm as one opaque call (timm's Conv2dSame pads by the
+    input's shape, which symbolic tracing cannot follow; a BatchNormAct2d is a batch norm with its activation)."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, nn.Conv2d | nn.BatchNorm2d) or super().is_leaf_module(module, qualified_name)
+
+
+def fold_batch_norms(model: nn.Module) -> int:
+    """Fold, in place, every eval-mode batch norm that reads a convolution's output alone into that convolution's
+    weights and bias (torch's fuse_conv_bn_eval), for inference; returns how many were folded.
+
+    Why: on the CPU a batch norm is a pass over the whole feature map of its own, and EfficientNet-Lite0 has one after
+    each of its 33 convolutions; folded, the eager model predicts in about a third less time (RESULTS.md, "Folded
+    batch norms") with the same answers up to float rounding. A timm BatchNormAct2d keeps its activation. The graph
+    is read with torch.fx, so a convolution whose output is also used elsewhere (before its norm) is left alone.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    if model.training:
+        raise ValueError("fold_batch_norms is for inference: call model.eval() first (a training batch norm "
+                         "uses each batch's own statistics, which cannot be folded)")
+    modules = dict(model.named_modules())
+    graph = _ConvolutionTracer().trace(model)
+    folded = 0
+    for node in graph.nodes:
+        norm = modules.get(node.target) if node.op == "call_module" else None
+        source = node.args[0] if norm is not None and node.args else None
+        if (not isinstance(norm, nn.BatchNorm2d) or not isinstance(source, torch.fx.Node)
+                or source.op != "call_module" or len(source.users) != 1):
+            continue
+        convolution = modules[source.target]
+        if not isinstance(convolution, nn.Conv2d) or not norm.track_running_stats:
+            continue
+        fused = fuse_conv_bn_eval(convolution, norm)  # a copy of the same class with the folded weight and bias
+        replacement = nn.Identity()
+        if hasattr(norm, "act"):  # timm's BatchNormAct2d: norm, then drop (Identity in eval), then act
+            replacement = nn.Sequential(norm.drop, norm.act)
+        for name, module in ((source.target, fused), (node.target, replacement)):
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child_name, module)
+        folded += 1
+    return folded
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model inside DistributedDataParallel / torch.compile wrappers (one place strips prefixes)."""
     model = getattr(model, "_orig_mod", model)

@@ -129,3 +129,69 @@ def test_a_checkpoint_with_the_older_state_dict_keys_predicts_exactly_as_before(
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(rebuilt(images), model(images))
+
+
+def _with_random_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """Batch norms whose statistics and affine terms are far from the identity, and a head that reads the
+    features (a new head is zero-initialised and would predict the mean age whatever the backbone does)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    for parameter in model.head.parameters():
+        if parameter.dim() > 1:
+            parameter.data.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("model_name", ["efficientnet_lite0", "resnet18", "timm/mobilenetv3_small_100"])
+def test_folded_batch_norms_leave_the_ages_unchanged(model_name):
+    import copy
+
+    from model import fold_batch_norms
+
+    torch.manual_seed(0)
+    model = _with_random_statistics(build_model(Config(model_name=model_name, pretrained=False, image_size=64)))
+    model.set_age_statistics(30.0, 15.0)
+    model.eval()
+    folded = copy.deepcopy(model)
+    count = fold_batch_norms(folded.backbone)
+    norms = sum(isinstance(module, torch.nn.BatchNorm2d) for module in model.backbone.modules())
+    assert count == norms > 0  # every one of these backbones' norms follows a convolution of its own
+    assert not any(isinstance(module, torch.nn.BatchNorm2d) for module in folded.backbone.modules())
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        before, after = model(images), folded(images)  # (3,)
+    assert before.std() > 0.01  # the ages depend on the image, so the comparison says something
+    torch.testing.assert_close(after, before, atol=1e-3, rtol=0)  # years
+
+
+def test_folding_refuses_training_mode_and_skips_a_convolution_used_twice():
+    from model import fold_batch_norms
+
+    class Residual(torch.nn.Module):  # the convolution's output feeds the norm and the sum: it cannot be folded
+        def __init__(self):
+            super().__init__()
+            self.convolution = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.norm = torch.nn.BatchNorm2d(3)
+            self.second = torch.nn.Conv2d(3, 3, 1)
+            self.second_norm = torch.nn.BatchNorm2d(3)
+
+        def forward(self, images):
+            features = self.convolution(images)
+            return self.second_norm(self.second(self.norm(features) + features))
+
+    module = Residual()
+    with pytest.raises(ValueError, match="eval"):
+        fold_batch_norms(module)
+    module.eval()
+    module.norm.running_var.fill_(3.0)
+    module.second_norm.running_mean.fill_(0.5)
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = module(images)
+        assert fold_batch_norms(module) == 1
+        torch.testing.assert_close(module(images), before, atol=1e-5, rtol=0)
+    assert isinstance(module.norm, torch.nn.BatchNorm2d) and isinstance(module.second_norm, torch.nn.Identity)
