@@ -227,7 +227,7 @@ def main(cfg: Config) -> dict:
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")
     model = model.float().eval()
     # the model inference.py runs for a .pt file (batch norms folded into the convolutions), so that the export and
-    # the checkpoint give the same ages and the TorchScript file gets the same third off its time
+    # the checkpoint give the same ages
     fold_batch_norms(model.backbone)
     metadata = {"config.json": json.dumps(config_to_dict(trained_cfg)),  # resolved: normalisation, filter, head
                 "crop_geometry.json": json.dumps(checkpoint.get("crop_geometry"))}

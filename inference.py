@@ -185,7 +185,7 @@ class AgePredictor:
             geometry = _stored_json(path, extra_files["crop_geometry.json"] or "null", "crop_geometry.json")
         else:
             self.model, _, checkpoint = load_model(path, self.device)
-            # batch norms folded into the convolutions: a third less time per face, the same ages up to float
+            # batch norms folded into the convolutions: a fifth to a third less time per call, the same ages up to float
             # rounding (RESULTS.md, "Folded batch norms"); channels_last: on the CPU the convolutions' fastest
             # kernels (oneDNN) want it, and the gain grows with the batch that folder inference gathers
             # (RESULTS.md, "Folder throughput"); its outputs are identical
