@@ -517,10 +517,15 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
             rows.extend(face_rows(str(path), None, faces))
 
+    import cv2
+
     previous: Done = []
-    threads = torch.get_num_threads()
+    threads, detector_threads = torch.get_num_threads(), cv2.getNumThreads()
     if len(paths) > 1:  # the model's share of the cores while the workers detect (PHOTO_WORKERS)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
+        # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
+        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder throughput")
+        cv2.setNumThreads(1)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
             for path, image, found in analysed_photos(paths, predictor, detector):
@@ -542,6 +547,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             previous = []
     finally:
         torch.set_num_threads(threads)
+        cv2.setNumThreads(detector_threads)
         write_rows(rows_path, rows)
     return rows
 

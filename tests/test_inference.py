@@ -392,7 +392,7 @@ def test_folder_inference_batches_photos_and_matches_one_photo_at_a_time(checkpo
 @pytest.mark.parametrize("detector_name", ["yunet", "mtcnn"])
 def test_folder_inference_with_a_detector_matches_one_photo_at_a_time(checkpoint, tmp_path, detector_name):
     """A real portrait three times (as is, mirrored, shrunk): the worker threads find the same faces and the batched
-    model call gives the same ages as each photo alone, and PyTorch's thread count is restored afterwards."""
+    model call gives the same ages as each photo alone, and PyTorch's and OpenCV's thread counts are restored."""
     if not HOPPER.is_file():
         pytest.skip("../shared/images absent: the real-photo check needs grace_hopper_512x512.jpg")
     stored = load_checkpoint(checkpoint)
@@ -406,10 +406,12 @@ def test_folder_inference_with_a_detector_matches_one_photo_at_a_time(checkpoint
     portrait.save(photos / "a.jpg")
     portrait.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b.jpg")
     portrait.resize((320, 320)).save(photos / "c.jpg")
-    threads = torch.get_num_threads()
+    import cv2
+
+    threads, detector_threads = torch.get_num_threads(), cv2.getNumThreads()
     rows = inference.main(Config(checkpoint=str(checkpoint), input=str(photos), output=str(tmp_path / "out"),
                                  detector=detector_name, device="cpu"))
-    assert torch.get_num_threads() == threads
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == (threads, detector_threads)
     predictor, detector = inference.AgePredictor(checkpoint), build_detector(detector_name)
     assert predictor.detector_name(detector_name) == detector_name
     expected = []
