@@ -524,7 +524,8 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
     if len(paths) > 1:  # the model's share of the cores while the workers detect (PHOTO_WORKERS)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
         # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
-        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder throughput")
+        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
+        # throughput again")
         cv2.setNumThreads(1)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
