@@ -1,7 +1,14 @@
-"""Shared fixtures: a tiny generated UTKFace-style folder and a Config whose paths all point into tmp."""
+"""Shared fixtures: a tiny generated UTKFace-style folder and a Config whose paths all point into tmp.
+
+The suite runs in one process per core (pytest-xdist, pyproject.toml's addopts); each worker then gets its share of
+the cores as PyTorch/OpenMP threads, set before the tests import torch and inherited by their subprocesses.
+Measured on 2 cores (RESULTS.md, "Demo"): two workers at 2 threads each were slower than one process, because
+OpenMP threads spin while the other worker holds the core; two workers at 1 thread each halve the suite's time.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +19,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config import Config
 from demo import generate_dataset
 from tests.helpers import make_config, write_splits
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist worker: cores / workers threads (a user's OMP_NUM_THREADS wins), before a test imports torch."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
