@@ -60,11 +60,16 @@ def test_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path, monkeypat
 
     monkeypatch.setattr(benchmark_scale, "DISTINCT_FACES", 20)  # 20 drawn faces, the rest copies under new names
     monkeypatch.setattr(benchmark_scale, "FACE_SIZE", 64)
+    monkeypatch.setattr(benchmark_scale, "WORKER_ROUNDS", 1)
     cfg = replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="40", image_size=32, **folders_under(tmp_path))
     result = benchmark_scale.main(cfg)
     (size,) = result["sizes"]
-    assert size["faces"] == 40 and set(size["stages"]) == {*benchmark_scale.STAGES, "image check, 1 worker(s)",
-                                                           "image check, 2 worker(s)", "cache, 1 worker(s)"}
+    comparison = {f"{stage}, {workers} worker(s)" for stage in ("image check", "cache") for workers in (1, 2)}
+    assert size["faces"] == 40 and set(size["stages"]) == {*benchmark_scale.STAGES, *comparison}
+    (pair,) = size["worker_rounds"]
+    assert set(pair) == comparison and set(result["worker_speedup"]) == {"image check", "cache"}
+    assert result["worker_speedup"]["cache"] == pytest.approx(
+        pair["cache, 1 worker(s)"]["seconds"] / pair["cache, 2 worker(s)"]["seconds"])
     for figures in size["stages"].values():
         assert figures["seconds"] > 0 and figures["resident_mib"] >= figures["anonymous_mib"] > 50  # torch's own
     assert size["cache_bytes"] >= 40 * 3 * 32 * 32  # every face decoded into the cache
