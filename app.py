@@ -77,10 +77,12 @@ def find_model_files(cfg: Config) -> dict[str, Path]:
 class ModelShelf:
     """The model files on offer, each loaded on first use and then kept, and one face detector per detector and
     smallest-face size. A label that was not found at start is refused: requests choose among these files, never a
-    path. detector: the detector asked for (cfg.detector); a model file from before YuNet gets MTCNN."""
+    path. detector: the detector asked for (cfg.detector); a model file from before YuNet gets MTCNN. views: the
+    crops averaged per face (cfg.tta_views, see inference.jittered_views)."""
 
-    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu", detector: str = "yunet"):
-        self.files, self.device, self.detector_name = files, device, detector
+    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu", detector: str = "yunet",
+                 views: int = 1):
+        self.files, self.device, self.detector_name, self.views = files, device, detector, views
         self.predictors: dict[str, AgePredictor] = {}
         self.detectors: dict[tuple[str, int], Detector] = {}
 
@@ -92,7 +94,7 @@ class ModelShelf:
         if label not in self.files:
             raise InputError(f"unknown model {label!r}; choose one of: {', '.join(self.files)}")
         if label not in self.predictors:
-            self.predictors[label] = AgePredictor(self.files[label], self.device)
+            self.predictors[label] = AgePredictor(self.files[label], self.device, self.views)
         return self.predictors[label]
 
     def detector(self, label: str, min_face_size: int) -> Detector:
@@ -313,7 +315,7 @@ def main(cfg: Config) -> Any:
     """Serve the page until interrupted; returns the gr.Blocks (closed)."""
     print_config(cfg, "app.py")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
-    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector)
+    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector, cfg.tta_views)
     print(f"models on offer: {', '.join(shelf.labels)}")
     shelf.predictor(shelf.labels[0])  # load the default model now: a broken file stops here, not on a request
     with tempfile.TemporaryDirectory(prefix="age_app_") as folder:

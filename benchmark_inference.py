@@ -192,7 +192,7 @@ def main(cfg: Config) -> dict:
     if not face_paths:
         raise SystemExit(f"error: no face images in {data_dir}; pass --data_dir=<folder of UTKFace crops>")
     detectors = [cfg.detector] if "detector" in cfg.given_keys else list(DETECTORS)
-    predictor = AgePredictor(checkpoint)
+    predictor = AgePredictor(checkpoint, views=cfg.tta_views)
     results: dict = {"proof": {}, "latency": {}}
     print(f"\ncrop proof on real faces pasted into 100 scenes ({data_dir}):")
     for name in detectors:

@@ -122,6 +122,7 @@ class Config:
     output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
     no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
     tta: bool = False  # also average each prediction with the mirrored face's (train.py reports the test set both ways)
+    tta_views: int = 1  # inference: average each face over its crop and up to 8 copies moved 2 px / 2° / 2 % (1 = off)
     detector: Literal["yunet", "mtcnn"] = "yunet"  # face detector (faces.py; RESULTS.md "Face detectors" compares them)
     min_face_size: int = 40  # smallest face the detector looks for, in pixels
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)

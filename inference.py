@@ -8,15 +8,16 @@ Writes: annotated images / video (a box and the age per face) at --output (defau
         {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread", "adult_probability"}
         (spread and the calibrated P(age >= 18) for distribution heads of a .pt checkpoint, else null).
 
-Each face is found by the detector --detector names (faces.py: YuNet by default, or MTCNN; both give a box and
-five landmarks) and aligned on its landmarks with the crop geometry the model file stores for that detector, which
+Each face is found by the detector --detector names (faces.py: YuNet by default, or MTCNN; both give a box and five
+landmarks) and aligned on its landmarks with the crop geometry the model file stores for that detector, which
 train.py measured on the training images: the model sees the same kind of crop it was trained on. A model file
 written before YuNet existed stores MTCNN's geometry alone and runs with MTCNN, exactly as before. All faces of a
-frame are predicted in one batch; --tta averages with the mirrored face. --no_detect treats every input image as
-an already-cropped face. A folder is pipelined (run_on_images): worker threads decode photos and find their faces
-ahead, the faces of several photos share one model call, and a thread writes the annotated files; the rows are
-those of one photo at a time, in the same order. In a video a face is tracked by box overlap and its age smoothed
-across frames.
+frame are predicted in one batch; --tta averages with the mirrored face, --tta_views=V over the crop and V - 1
+copies moved by 2 px (at 128 px), 2° or 2 % (steadier against how the face was framed, V times the model's time).
+--no_detect treats every input image as an already-cropped face. A folder is pipelined (run_on_images): worker
+threads decode photos and find their faces ahead, the faces of several photos share one model call, and a thread
+writes the annotated files; the rows are those of one photo at a time, in the same order. In a video a face is
+tracked by box overlap and its age smoothed across frames.
 Unreadable files are named in a warning and skipped; a photo without a face is reported, not an error.
 
 Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best.pt] [--output=annotated.jpg]
@@ -26,6 +27,7 @@ Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -153,11 +155,43 @@ def _stored_json(path: Path, text: str | None, entry: str) -> Any:
                          "python export_jit.py") from None
 
 
+# The moves of jittered_views, in the order they are added: (shift x, shift y as fractions of the side, degrees,
+# zoom). About the landmark jitter of a detector on a 60-250 px face: the model alone, fed the same face shifted by
+# 2 px (1.6 % of 128) or turned by 2 degrees, disagrees with itself by 0.8-1.0 years (RESULTS.md, "Face detectors").
+VIEW_SHIFT, VIEW_DEGREES, VIEW_ZOOM = 0.016, 2.0, 0.02
+VIEW_MOVES = ((0.0, 0.0, 0.0, 0.0), (VIEW_SHIFT, 0.0, 0.0, 0.0), (-VIEW_SHIFT, 0.0, 0.0, 0.0),
+              (0.0, VIEW_SHIFT, 0.0, 0.0), (0.0, -VIEW_SHIFT, 0.0, 0.0), (0.0, 0.0, VIEW_DEGREES, 0.0),
+              (0.0, 0.0, -VIEW_DEGREES, 0.0), (0.0, 0.0, 0.0, VIEW_ZOOM), (0.0, 0.0, 0.0, -VIEW_ZOOM))
+
+
+def jittered_views(images: torch.Tensor, views: int) -> torch.Tensor:
+    """Normalised crops (N, 3, S, S) -> (views N, 3, S, S): the crops, then views - 1 copies of them moved by the
+    first of VIEW_MOVES (fixed, so a face always gets the same answer), edges replicated. Averaging the model over
+    them makes its answer steadier against a crop framed a pixel or a degree differently."""
+    if views == 1:
+        return images
+    count = len(images)
+    theta = []
+    for shift_x, shift_y, degrees, zoom in VIEW_MOVES[1:views]:
+        angle, scale = math.radians(degrees), 1 + zoom
+        # affine_grid maps output to input coordinates (units: half the side): the inverse of the move
+        theta.append([[math.cos(angle) / scale, math.sin(angle) / scale, -2 * shift_x],
+                      [-math.sin(angle) / scale, math.cos(angle) / scale, -2 * shift_y]])
+    theta = torch.tensor(theta, dtype=images.dtype).repeat_interleave(count, 0)  # ((views - 1) N, 2, 3)
+    repeated = images.repeat(views - 1, 1, 1, 1)  # view-major: copy v of face i at v N + i
+    grid = torch.nn.functional.affine_grid(theta, list(repeated.shape), align_corners=False)
+    moved = torch.nn.functional.grid_sample(repeated, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return torch.cat([images, moved])  # (views N, 3, S, S)
+
+
 class AgePredictor:
     """Loads any model file this project writes and predicts ages (years) for uint8 face crops (N, 3, S, S)."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu"):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", views: int = 1):
         path = Path(path)
+        if not 1 <= views <= len(VIEW_MOVES):
+            raise SystemExit(f"error: --tta_views={views}: give 1 (the crop alone) to {len(VIEW_MOVES)}")
+        self.views = views  # each crop and views - 1 slightly moved copies, averaged (see jittered_views)
         if not path.is_file():
             raise SystemExit(f"error: model file {path} does not exist")
         self.device = torch.device(device)
@@ -226,12 +260,15 @@ class AgePredictor:
         """uint8 crops (N, 3, S, S) -> ages, spreads and P(age >= ADULT_AGE), each (N,). The spread (the standard
         deviation of the predicted age distribution) and the probability (calibrated by the head's temperature)
         exist for the heads that predict a distribution, in a .pt checkpoint; exported files return ages only.
-        With tta, all three are averaged with the mirrored crops'."""
+        With tta, all three are averaged with the mirrored crops'; with views > 1, over the moved copies too."""
         if len(crops) == 0:
             return Predictions(np.zeros(0, dtype=np.float32))
+        count = len(crops)
         images = self.transform(torch.from_numpy(np.ascontiguousarray(crops)))  # (N, 3, S, S) float
+        if self.views > 1:
+            images = jittered_views(images, self.views)  # (V N, 3, S, S)
         if tta:
-            images = torch.cat([images, images.flip(-1)])  # (2N, 3, S, S)
+            images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
         spreads = probabilities = None
         if self.kind == "onnx":
             ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
@@ -247,7 +284,7 @@ class AgePredictor:
         def merged(values: torch.Tensor | None) -> np.ndarray | None:
             if values is None:
                 return None
-            return (values.view(2, -1).mean(0) if tta else values).numpy()  # (N,)
+            return values.view(-1, count).mean(0).numpy()  # (copies, N) -> (N,)
 
         return Predictions(merged(ages), merged(spreads), merged(probabilities))
 
@@ -624,7 +661,7 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     print_config(cfg, "inference.py")
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
-    predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device))
+    predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device), cfg.tta_views)
     detector = None if cfg.no_detect else build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
     print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px"
           + (f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""))

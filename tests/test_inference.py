@@ -449,3 +449,38 @@ def test_folder_inference_skips_a_photo_whose_face_search_fails(checkpoint, tmp_
                                        FailingOnSmallPhotos())
     assert rows == [] and sorted(path.name for path in (tmp_path / "out").glob("*_age.jpg")) == [
         "photo_0_age.jpg", "photo_2_age.jpg"]
+
+
+def test_jittered_views_keep_the_crop_and_move_copies_as_named():
+    images = torch.zeros(2, 3, 64, 64)
+    images[:, :, 30:34, 30:34] = 1.0  # a bright square in the middle
+    views = inference.jittered_views(images, len(inference.VIEW_MOVES))
+    assert views.shape == (2 * len(inference.VIEW_MOVES), 3, 64, 64)
+    assert torch.equal(views[:2], images)  # the crop itself comes first, untouched
+    columns = torch.arange(64, dtype=torch.float32)
+
+    def centre_x(image: torch.Tensor) -> float:
+        weights = image[0].sum(0)  # (W,)
+        return float((weights * columns).sum() / weights.sum())
+
+    shift = inference.VIEW_SHIFT * 64  # about 1 px at 64
+    assert centre_x(views[2]) - centre_x(images[0]) == pytest.approx(shift, abs=0.05)  # moved right
+    assert centre_x(views[4]) - centre_x(images[0]) == pytest.approx(-shift, abs=0.05)  # moved left
+    assert torch.equal(views[2], views[3]) and not torch.equal(views[2], views[4])  # one move per face, in order
+    assert inference.jittered_views(images, 1) is images
+
+
+def test_views_average_the_model_over_the_moved_copies(checkpoint):
+    crops = np.stack([_smooth_image(32, seed).transpose(2, 0, 1) for seed in range(3)])  # (3, 3, 32, 32)
+    plain = inference.AgePredictor(checkpoint)
+    steady = inference.AgePredictor(checkpoint, views=5)
+    images = plain.transform(torch.from_numpy(crops))
+    moved = inference.jittered_views(images, 5)  # (15, 3, 32, 32)
+    with torch.inference_mode():
+        each = plain.model(moved.contiguous(memory_format=torch.channels_last)).view(5, 3)  # (views, N)
+    np.testing.assert_allclose(steady.predict(crops), each.mean(0).numpy(), atol=1e-4)
+    np.testing.assert_allclose(plain.predict(crops), each[0].numpy(), atol=1e-4)
+    with_mirror = steady.predict(crops, tta=True)
+    assert with_mirror.shape == (3,) and not np.allclose(with_mirror, steady.predict(crops))
+    with pytest.raises(SystemExit, match="tta_views"):
+        inference.AgePredictor(checkpoint, views=len(inference.VIEW_MOVES) + 1)
