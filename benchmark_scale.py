@@ -182,10 +182,9 @@ def worker_round(cfg: Config, root: Path, index: int) -> dict[str, dict[str, flo
             figures[name] = measure_stage(stage, replace(cfg, num_workers=workers, cache_dir=str(cache_dir)),
                                           root / f"{stage.replace(' ', '_')}_round{index}_{workers}.log")
             shutil.rmtree(cache_dir, ignore_errors=True)
-        pair = figures[f"{stage}, 1 worker(s)"]["seconds"] / figures[f"{stage}, 2 worker(s)"]["seconds"]
-        print(f"  worker round {index + 1}/{WORKER_ROUNDS}: {stage}, 1 worker "
-              f"{figures[f'{stage}, 1 worker(s)']['seconds']:.1f}s, 2 workers "
-              f"{figures[f'{stage}, 2 worker(s)']['seconds']:.1f}s: x{pair:.2f}", flush=True)
+        one, two = (figures[f"{stage}, {workers} worker(s)"]["seconds"] for workers in (1, 2))
+        print(f"  worker round {index + 1}/{WORKER_ROUNDS}: {stage}, 1 worker {one:.1f}s, 2 workers {two:.1f}s: "
+              f"x{one / two:.2f}", flush=True)
     return figures
 
 

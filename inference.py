@@ -165,8 +165,8 @@ VIEW_MOVES = ((0.0, 0.0, 0.0, 0.0), (VIEW_SHIFT, 0.0, 0.0, 0.0), (-VIEW_SHIFT, 0
 
 
 def jittered_views(images: torch.Tensor, views: int) -> torch.Tensor:
-    """Normalised crops (N, 3, S, S) -> (views N, 3, S, S): the crops, then views - 1 copies of them moved by the
-    first of VIEW_MOVES (fixed, so a face always gets the same answer), edges replicated. Averaging the model over
+    """Normalised crops (N, 3, S, S) -> (views N, 3, S, S): the crops, then one copy of them per move in
+    VIEW_MOVES[1:views] (fixed, so a face always gets the same answer), edges replicated. Averaging the model over
     them makes its answer steadier against a crop framed a pixel or a degree differently."""
     if views == 1:
         return images
@@ -265,8 +265,7 @@ class AgePredictor:
             return Predictions(np.zeros(0, dtype=np.float32))
         count = len(crops)
         images = self.transform(torch.from_numpy(np.ascontiguousarray(crops)))  # (N, 3, S, S) float
-        if self.views > 1:
-            images = jittered_views(images, self.views)  # (V N, 3, S, S)
+        images = jittered_views(images, self.views)  # (V N, 3, S, S)
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
         spreads = probabilities = None
