@@ -283,16 +283,16 @@ class _DecodeDataset(Dataset):
     """Decodes images once, DECODE_CHUNK consecutive paths per item (used to fill the cache and to check images in
     parallel DataLoader workers): one round trip between a worker and the main process per chunk, not per image.
 
-    With a destination (a (N, 3, S, S) uint8 .npy), each process writes its chunks' pixels into that file's memory
-    map itself and returns only why images failed: the pixels never cross a pipe to the main process, which would
-    otherwise unpickle and copy every byte of the cache alone (RESULTS.md, "Scale"). With keep_pixels=False (the
-    image check) they are dropped."""
+    With a destination (a (N, 3, S, S) uint8 .npy whose rows start at byte `data_offset`), each process writes its
+    chunks' pixels into that file itself, one pwrite per chunk, and returns only why images failed: the pixels
+    never cross a pipe to the main process, which would otherwise unpickle and copy every byte of the cache alone
+    (RESULTS.md, "Scale"). With keep_pixels=False (the image check) they are dropped."""
 
     def __init__(self, paths: list[str | Path], image_size: int, interpolation: str, destination: Path | None = None,
-                 keep_pixels: bool = True):
+                 keep_pixels: bool = True, data_offset: int = 0):
         self.paths, self.image_size, self.interpolation = paths, image_size, interpolation
         self.destination, self.keep_pixels = destination, keep_pixels and destination is None
-        self._array: np.ndarray | None = None  # the destination's memory map, opened in each process
+        self.data_offset = data_offset
 
     def __len__(self) -> int:
         return math.ceil(len(self.paths) / DECODE_CHUNK)
@@ -309,11 +309,21 @@ class _DecodeDataset(Dataset):
                 pixels[position] = load_image(path, self.image_size, self.interpolation)
             except Exception as error:  # noqa: BLE001 - any decoder failure: skip the file, say why
                 reasons[position] = describe_read_error(error, path)
-        if self.destination is not None:
-            if self._array is None:
-                self._array = np.load(self.destination, mmap_mode="r+")
-            self._array[first:first + len(paths)] = pixels  # failed rows stay zero
+        if self.destination is not None:  # failed rows are written as zeros
+            _write_at(self.destination, self.data_offset + first * pixels[0].nbytes, memoryview(pixels).cast("B"))
         return first, pixels if self.keep_pixels else None, reasons
+
+
+def _write_at(path: Path, offset: int, data: memoryview) -> None:
+    """Write `data` into the existing file at byte `offset`. One system call per chunk of rows rather than a page
+    fault per 4 KiB of a memory map: the two workers' faults on one shared file cost (RESULTS.md, "Scale")."""
+    descriptor = os.open(path, os.O_WRONLY)
+    try:
+        while data:
+            written = os.pwrite(descriptor, data, offset)
+            data, offset = data[written:], offset + written
+    finally:
+        os.close(descriptor)
 
 
 def _keep_as_is(item: tuple) -> tuple:
@@ -322,7 +332,7 @@ def _keep_as_is(item: tuple) -> tuple:
 
 def decode_images(
     paths: list[str | Path], image_size: int, num_workers: int = 0, interpolation: str = "bilinear",
-    description: str = "", destination: Path | None = None, keep_pixels: bool = True,
+    description: str = "", destination: Path | None = None, keep_pixels: bool = True, data_offset: int = 0,
 ) -> Iterator[tuple[int, np.ndarray | None, str]]:
     """Decode every path at image_size in `num_workers` DataLoader worker processes (0 = here), in order:
     (index, uint8 (3, S, S), or None where it failed or pixels are not kept, why it failed ('' = it did not)). The
@@ -331,7 +341,7 @@ def decode_images(
     from tqdm import tqdm
 
     loader = DataLoader(
-        _DecodeDataset(paths, image_size, interpolation, destination, keep_pixels),
+        _DecodeDataset(paths, image_size, interpolation, destination, keep_pixels, data_offset),
         batch_size=None,
         num_workers=num_workers,
         collate_fn=_keep_as_is,
@@ -387,9 +397,10 @@ def build_image_cache(
             array = np.lib.format.open_memmap(
                 temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
             )
+            data_offset = array.offset  # the header's length: the rows follow it
             del array  # only the header is written here: the decoding processes fill the rows
             decoded = decode_images(paths, image_size, num_workers, interpolation, f"caching {name} at {image_size}px",
-                                    destination=temporary)
+                                    destination=temporary, data_offset=data_offset)
             for index, _, reason in decoded:
                 if reason:
                     ok[index] = False
