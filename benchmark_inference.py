@@ -7,11 +7,11 @@ consistency, and per-frame latency on the CPU.
    overlaps it with IoU >= 0.4), false detections (boxes that overlap no pasted face so), and the mean
    |age via detect -> align -> crop - age on the original crop| for the same model, overall and by pasted size (the
    original crop resized with the model's own interpolation, as its training cache was; --tta=true averages both
-   predictions with the mirrored crops'). Every detector sees the same scenes (the same seed) and aligns with the
-   geometry the model file stores for it (or faces.py's default).
+   predictions with the mirrored crops', --tta_views=V over V moved copies). Every detector sees the same scenes
+   (the same seed) and aligns with the geometry the model file stores for it (or faces.py's default).
 2. Latency of one 640x480 frame with one face, split into detection, crop, model and drawing, for each detector
    with the eager checkpoint, its TorchScript export and its ONNX export (exports are made next to the checkpoint
-   if missing). --detector=<name> limits both parts to one detector.
+   if missing), with the same --tta and --tta_views. --detector=<name> limits both parts to one detector.
 3. Folder throughput: FOLDER_PHOTOS pasted scenes (960x720 JPEGs, 1-4 real faces each) annotated by
    inference.run_on_images (worker threads decoding and detecting ahead, several photos per model call, writing
    in a thread) against the plain per-photo loop (decode, detect, predict, draw, write, one photo after another),
@@ -114,8 +114,8 @@ def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int
 
 
 def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, detector_name: str = "mtcnn",
-            repeats: int = 30) -> dict[str, float]:
-    """Median milliseconds of each stage on one frame."""
+            repeats: int = 30, tta: bool = False) -> dict[str, float]:
+    """Median milliseconds of each stage on one frame (with the predictor's views and, with tta, the flip)."""
     detector = build_detector(detector_name, min_face_size)
     geometry = predictor.geometry_for(detector_name)
     timings: dict[str, list[float]] = {"detect": [], "crop": [], "model": [], "draw": [], "total": []}
@@ -126,7 +126,7 @@ def latency(predictor: AgePredictor, frame: np.ndarray, min_face_size: int, dete
         crops = np.stack([geometry.crop(frame, face.landmarks, predictor.image_size, predictor.cfg.interpolation)
                           for face in faces])
         cropped = time.perf_counter()
-        ages = predictor.predict(crops)
+        ages = predictor.predict(crops, tta)
         predicted = time.perf_counter()
         draw_faces(frame, [Face(face.box, float(age), landmarks=face.landmarks)
                            for face, age in zip(faces, ages, strict=True)])
@@ -209,7 +209,7 @@ def main(cfg: Config) -> dict:
     face = Image.open(face_paths[len(face_paths) // 2]).convert("RGB").resize((160, 160), Image.Resampling.BICUBIC)
     frame[160:320, 240:400] = np.asarray(face)  # one 160 px face in the middle
     print(f"\nlatency of one 640x480 frame with one face ({predictor.cfg.model_name} at {predictor.image_size}px, "
-          f"min_face_size={cfg.min_face_size}, median ms):")
+          f"min_face_size={cfg.min_face_size}, tta_views={cfg.tta_views}, tta={cfg.tta}, median ms):")
     print(f"  {'model file':<12} {'detector':<8} {'detect':>7} {'crop':>6} {'model':>7} {'draw':>6} {'total':>7} "
           f"{'FPS':>6}")
     for export_format in ("checkpoint", "torchscript", "onnx"):
@@ -218,9 +218,10 @@ def main(cfg: Config) -> dict:
             path = checkpoint.with_name(f"model.{export_format}")
             if not path.is_file():
                 export_jit.main(replace(cfg, checkpoint=str(checkpoint), format=export_format, output=str(path)))
-        exported = AgePredictor(path)
+        exported = AgePredictor(path, views=cfg.tta_views)  # the proof's settings: its views and flip
         for name in detectors:
-            timing = results["latency"][f"{export_format}/{name}"] = latency(exported, frame, cfg.min_face_size, name)
+            timing = results["latency"][f"{export_format}/{name}"] = latency(exported, frame, cfg.min_face_size, name,
+                                                                             tta=cfg.tta)
             print(f"  {export_format:<12} {name:<8} {timing['detect']:7.1f} {timing['crop']:6.1f} "
                   f"{timing['model']:7.1f} {timing['draw']:6.1f} {timing['total']:7.1f} {1000 / timing['total']:6.1f}")
     import contextlib
