@@ -110,6 +110,9 @@ def detection_proof(predictor: AgePredictor, face_paths: list[Path], scenes: int
                for low, high in SIZE_BANDS if ((sizes >= low) & (sizes < high)).any()}
     return {"faces": total, "recall": found / max(total, 1), "false_detections": false_detections,
             "mean_abs_age_difference": float(differences.mean()),
+            # the mean's standard error over these faces: how far another draw of scenes could move it
+            "standard_error": float(differences.std(ddof=1) / np.sqrt(len(differences))) if len(differences) > 1
+            else float("nan"),
             "median_abs_age_difference": float(np.median(differences)), "mean_by_size": by_size}
 
 
@@ -199,9 +202,11 @@ def main(cfg: Config) -> dict:
         stored = "stored" if name in predictor.crop_geometries else "faces.py's default"
         proof = results["proof"][name] = detection_proof(predictor, face_paths, scenes=100, seed=cfg.seed,
                                                          detector_name=name, tta=cfg.tta)
-        print(f"  {name:<6} ({stored} crop geometry{', flip TTA' if cfg.tta else ''}): {proof['faces']} faces, "
+        print(f"  {name:<6} ({stored} crop geometry{', flip TTA' if cfg.tta else ''}"
+              f"{f', {cfg.tta_views} views' if cfg.tta_views > 1 else ''}): {proof['faces']} faces, "
               f"recall {proof['recall']:.1%}, {proof['false_detections']} false detections; |age via "
-              f"detect->align->crop - age on the original crop|: mean {proof['mean_abs_age_difference']:.2f} y, "
+              f"detect->align->crop - age on the original crop|: mean {proof['mean_abs_age_difference']:.2f} y "
+              f"(standard error {proof['standard_error']:.2f}), "
               f"median {proof['median_abs_age_difference']:.2f} y; mean by pasted size: " + ", ".join(
                   f"{band} {value:.2f} y" for band, value in proof["mean_by_size"].items()))
 
