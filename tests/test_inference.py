@@ -1,4 +1,5 @@
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -387,6 +388,32 @@ def test_folder_inference_batches_photos_and_matches_one_photo_at_a_time(checkpo
     assert [row["source"] for row in rows] == [row["source"] for row in expected]
     assert np.allclose([row["age"] for row in rows], [row["age"] for row in expected], atol=0.02)
     assert len(list((tmp_path / "out").glob("*_age.jpg"))) == 10
+
+
+@pytest.mark.parametrize(("tta", "views", "model_keeps_its_threads"), [(False, 1, False), (True, 1, True),
+                                                                     (False, 3, True)])
+def test_folder_inference_leaves_the_model_every_thread_when_it_predicts_several_copies(
+        checkpoint, tmp_path, monkeypatch, tta, views, model_keeps_its_threads):
+    """One crop per face: the model runs on the cores the detecting workers leave; with the flip or moved views it
+    is the slower half and keeps every thread. Either way the count is restored afterwards."""
+    paths = []
+    for index in range(3):
+        paths.append(tmp_path / f"photo_{index}.png")
+        Image.fromarray(_smooth_image(48, seed=index)).save(paths[-1])
+    predictor = inference.AgePredictor(checkpoint, views=views)
+    seen, predict_details = [], predictor.predict_details
+    monkeypatch.setattr(predictor, "predict_details", lambda crops, tta: seen.append(torch.get_num_threads())
+                        or predict_details(crops, tta))
+    shared = max(1, (os.cpu_count() or 1) - inference.PHOTO_WORKERS)  # the model's threads beside the workers
+    previous = torch.get_num_threads()
+    torch.set_num_threads(shared + 1)  # more than that, whatever this test process was given
+    try:
+        inference.run_on_images(Config(tta=tta, no_detect=True), paths, inference.folder_targets(paths, tmp_path / "o"),
+                                tmp_path / "rows.jsonl", predictor, None)
+        assert seen == [shared + 1 if model_keeps_its_threads else shared]
+        assert torch.get_num_threads() == shared + 1
+    finally:
+        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("detector_name", ["yunet", "mtcnn"])
