@@ -557,12 +557,12 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
 
     previous: Done = []
     threads, detector_threads = torch.get_num_threads(), cv2.getNumThreads()
-    copies_per_face = predictor.views * (2 if cfg.tta else 1)
-    if len(paths) > 1 and copies_per_face == 1:  # the model's share of the cores while the workers detect
-        # with --tta / --tta_views the model does several times the work per face and is the slower half: on one
-        # thread it halved the folder rate (RESULTS.md, "Folder throughput with views"), so it keeps every thread
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
     if len(paths) > 1:
+        copies_per_face = predictor.views * (2 if cfg.tta else 1)
+        if copies_per_face == 1:  # the model's share of the cores while the workers detect
+            # with --tta / --tta_views the model does several times the work per face and is the slower half: on
+            # one thread it halved the folder rate (RESULTS.md, "Folder throughput with views"), so it keeps them all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
         # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
         # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
         # throughput again")

@@ -402,8 +402,12 @@ def test_folder_inference_leaves_the_model_every_thread_when_it_predicts_several
         Image.fromarray(_smooth_image(48, seed=index)).save(paths[-1])
     predictor = inference.AgePredictor(checkpoint, views=views)
     seen, predict_details = [], predictor.predict_details
-    monkeypatch.setattr(predictor, "predict_details", lambda crops, tta: seen.append(torch.get_num_threads())
-                        or predict_details(crops, tta))
+
+    def predict_counting_threads(crops: np.ndarray, tta: bool) -> inference.Predictions:
+        seen.append(torch.get_num_threads())  # the threads the model call runs on
+        return predict_details(crops, tta)
+
+    monkeypatch.setattr(predictor, "predict_details", predict_counting_threads)
     shared = max(1, (os.cpu_count() or 1) - inference.PHOTO_WORKERS)  # the model's threads beside the workers
     previous = torch.get_num_threads()
     torch.set_num_threads(shared + 1)  # more than that, whatever this test process was given
