@@ -184,6 +184,13 @@ def jittered_views(images: torch.Tensor, views: int) -> torch.Tensor:
     return torch.cat([images, moved])  # (views N, 3, S, S)
 
 
+# Crops per model call at most. Past a few dozen a call's time per crop grows as its activations outgrow the CPU's
+# caches (the default Lite0 at 128 px, channels_last, 2 threads: 3.1-3.3 ms per crop at 4-22, 4.1 at 88), and a
+# folder with --tta_views=5 gathered about 90 per call: chunks of 16 took it from 0.83x to 1.01-1.13x the per-photo
+# loop, against 1.03x for 32 and 0.94x for 8 (RESULTS.md, "Folder throughput with views")
+MODEL_BATCH_SIZE = 16
+
+
 class AgePredictor:
     """Loads any model file this project writes and predicts ages (years) for uint8 face crops (N, 3, S, S)."""
 
@@ -269,16 +276,18 @@ class AgePredictor:
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
         spreads = probabilities = None
+        chunks = images.split(MODEL_BATCH_SIZE)  # the copies of a folder's faces can number hundreds
         if self.kind == "onnx":
-            ages = torch.from_numpy(self.session.run(None, {"images": images.numpy()})[0])
+            ages = torch.cat([torch.from_numpy(self.session.run(None, {"images": chunk.numpy()})[0])
+                              for chunk in chunks])
         elif self.kind == "checkpoint" and self.model.head.has_spread:
             head = self.model.head
-            outputs = self.model.head_outputs(self._on_device(images))  # (N, K)
+            outputs = torch.cat([self.model.head_outputs(self._on_device(chunk)) for chunk in chunks])  # (N, K)
             ages, spreads = head.ages(outputs).cpu(), head.spread(outputs).cpu()
             if head.has_probabilities:
                 probabilities = head.probability_at_least(outputs, ADULT_AGE).float().cpu()
         else:
-            ages = self.model(self._on_device(images)).float().cpu()  # (N,) or (2N,)
+            ages = torch.cat([self.model(self._on_device(chunk)).float().cpu() for chunk in chunks])  # (N,)
 
         def merged(values: torch.Tensor | None) -> np.ndarray | None:
             if values is None:

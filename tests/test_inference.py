@@ -21,7 +21,7 @@ from faces import (
     geometries_from_dict,
     measure_crop_geometry,
 )
-from model import AgeEstimationModel, load_checkpoint, save_checkpoint
+from model import AgeEstimationModel, build_model, load_checkpoint, save_checkpoint
 from tests.helpers import REAL_DATA
 
 HOPPER = REAL_DATA.parent / "images" / "grace_hopper_512x512.jpg"
@@ -499,6 +499,33 @@ def test_jittered_views_keep_the_crop_and_move_copies_as_named():
     assert centre_x(views[4]) - centre_x(images[0]) == pytest.approx(-shift, abs=0.05)  # moved left
     assert torch.equal(views[2], views[3]) and not torch.equal(views[2], views[4])  # one move per face, in order
     assert inference.jittered_views(images, 1) is images
+
+
+@pytest.mark.parametrize("head", ["l1", "dex"])
+def test_many_copies_go_through_the_model_in_chunks_with_the_same_answers(tmp_path, monkeypatch, head):
+    """A folder's faces times their views and mirrors can number hundreds: they go through the model at most
+    MODEL_BATCH_SIZE at a time, and every chunk's ages, spreads and probabilities land on their own faces."""
+    cfg = Config(model_name="resnet18", pretrained=False, image_size=32, head=head)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.set_age_statistics(35.0, 15.0)
+    for weight in model.head.parameters():  # the head starts at zero (every face the mean age): make faces differ
+        if weight.dim() == 2:
+            torch.nn.init.normal_(weight, std=0.05)
+    save_checkpoint(tmp_path / "best.pt", model, cfg)
+    predictor = inference.AgePredictor(tmp_path / "best.pt", views=3)
+    crops = np.stack([_smooth_image(32, seed).transpose(2, 0, 1) for seed in range(5)])  # (5, 3, 32, 32)
+    whole = predictor.predict_details(crops, tta=True)  # 3 views x 2 mirrors x 5 faces = 30 crops in one call
+    batch_sizes = []
+    predictor.model.backbone.register_forward_pre_hook(lambda module, inputs: batch_sizes.append(len(inputs[0])))
+    monkeypatch.setattr(inference, "MODEL_BATCH_SIZE", 4)
+    chunked = predictor.predict_details(crops, tta=True)
+    assert batch_sizes == [4] * 7 + [2]
+    np.testing.assert_allclose(chunked.ages, whole.ages, atol=1e-4)
+    assert np.ptp(whole.ages) > 0.01  # the faces differ, so a chunk put on the wrong faces would show
+    if head == "dex":
+        np.testing.assert_allclose(chunked.spreads, whole.spreads, atol=1e-4)
+        np.testing.assert_allclose(chunked.adult_probabilities, whole.adult_probabilities, atol=1e-5)
 
 
 def test_views_average_the_model_over_the_moved_copies(checkpoint):
