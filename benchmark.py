@@ -204,13 +204,65 @@ def _forever(loader: Any) -> Iterator:
         epoch += 1
 
 
-def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Path, device: torch.device) -> dict:
-    """images/s of whole training steps (data included) and peak memory, for one contender and backbone."""
+class GpuUtilisation:
+    """The mean share of time a CUDA device ran kernels while the `with` block runs, sampled every half second from
+    NVML (torch.cuda.utilization, which needs the nvidia-ml-py package; else `nvidia-smi`): None off CUDA, or where
+    neither answers."""
+
+    def __init__(self, device: torch.device, interval: float = 0.5):
+        self.device, self.interval, self.samples = device, interval, []
+        self._stop = threading.Event()
+        self._read: Callable[[], float] | None = None
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.fmean(self.samples) / 100 if self.samples else None
+
+    def _reader(self) -> Callable[[], float] | None:
+        import subprocess
+
+        def from_nvidia_smi() -> float:
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            answer = subprocess.run(["nvidia-smi", f"--id={index}", "--query-gpu=utilization.gpu",
+                                     "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=5)
+            return float(answer.stdout.strip())
+
+        for read in (lambda: float(torch.cuda.utilization(self.device)), from_nvidia_smi):
+            try:
+                read()
+                return read
+            except Exception:  # noqa: BLE001 - no NVML binding, no nvidia-smi, or no answer: try the next
+                continue
+        return None
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.device.type == "cuda":
+            self._read = self._reader()
+            if self._read is not None:
+                self._thread = threading.Thread(target=self._sample, daemon=True)
+                self._thread.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self._read is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.samples.append(self._read())
+
+
+def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Path, device: torch.device,
+                     steps: tuple[int, int] | None = None) -> dict:
+    """images/s of whole training steps (data included), peak memory and (on CUDA) GPU utilisation, for one contender
+    and backbone. steps: (warm-up, timed) steps, STEPS[model_name] by default; timed 0 = one epoch of the loader.
+    With cfg.compile, ours and the ceiling run under torch.compile (its compilation falls in the warm-up)."""
     import train
     from model import build_model
 
     model_cfg = replace(cfg, model_name=model_name)
-    warmup, timed = STEPS[model_name]
+    warmup, timed = steps or STEPS[model_name]
     if contender == "data only":  # the loader of ours at the training size, without a model
         return measure_batches(our_loader(model_cfg, csv_path, device), DATA_ONLY_BATCHES)
     with PeakMemory() as memory:
@@ -221,17 +273,32 @@ def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Pat
         execution = train.Execution.for_config(model_cfg, device) if fast else train.Execution(device)
         model = train.place_model(model_cfg, model, device) if fast else model.to(device)
         optimizer = train.build_optimizer(model_cfg, model)
+        if fast and model_cfg.compile:
+            model = torch.compile(model)
         loader = our_loader(model_cfg, csv_path, device) if fast else seed_loader(model_cfg, csv_path, cfg.image_size)
+        timed = timed or len(loader)
         batches = _forever(loader)
         if contender == "ceiling":  # the model-only step: one augmented batch already on the device, over and over
             batches = itertools.repeat(next(batches))
         optimisation = train.Optimisation(optimizer)
-        train.train_one_epoch(model, _Steps(batches, warmup), optimisation, execution, show_progress=False)
         started = time.perf_counter()
-        train.train_one_epoch(model, _Steps(batches, timed), optimisation, execution, show_progress=False)
-        seconds = time.perf_counter() - started
+        train.train_one_epoch(model, _Steps(batches, warmup), optimisation, execution, show_progress=False)
+        _synchronize(device)
+        warmup_seconds = time.perf_counter() - started
+        with GpuUtilisation(device) as utilisation:
+            started = time.perf_counter()
+            train.train_one_epoch(model, _Steps(batches, timed), optimisation, execution, show_progress=False)
+            _synchronize(device)
+            seconds = time.perf_counter() - started
         del batches  # stops the seed's worker processes
-    return {"images_per_second": timed * cfg.batch_size / seconds, "peak_mib": memory.peak_mib}
+    return {"images_per_second": timed * cfg.batch_size / seconds, "seconds": seconds, "steps": timed,
+            "warmup_seconds": warmup_seconds, "peak_mib": memory.peak_mib, "gpu_utilisation": utilisation.mean}
+
+
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels, so that a clock read after it counts them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def measure_batches(loader: Any, count: int) -> dict:

@@ -102,3 +102,42 @@ def test_scale_benchmark_refuses_nonsense_sizes(tmp_path):
 
     with pytest.raises(SystemExit, match="20 faces or more"):
         benchmark_scale.main(replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="5", runs_dir=str(tmp_path)))
+
+
+def test_gpu_benchmark_times_one_epoch_of_every_contender(split_config, monkeypatch, capsys):
+    """benchmark_gpu.py runs the same code on the CPU (no GPU is lent here): whole epochs, figures and JSON."""
+    import benchmark_gpu
+    from custom_dataset_dataloader import read_dataset_csv
+
+    monkeypatch.setattr(benchmark, "MODELS", ("resnet18",))  # the caches prepare_data builds
+    monkeypatch.setattr(benchmark_gpu, "WARMUP_STEPS", 1)
+    cfg = replace(split_config, model_name="resnet18", image_size=32, batch_size=8, num_workers=0, compile=False,
+                  device="cpu")
+    summary = benchmark_gpu.main(cfg)
+
+    results = summary["results"]
+    assert list(results) == ["seed", "ours", "ceiling"]  # no compiled contender with --compile=False
+    data_set_size = len(read_dataset_csv(Path(cfg.csv_dir) / "utkface_dataset.csv"))
+    for figures in results.values():
+        assert figures["steps"] == data_set_size // cfg.batch_size  # one whole epoch (drop_last), not a few steps
+        assert figures["images_per_second"] > 0 and figures["seconds"] > 0 and figures["warmup_seconds"] > 0
+        assert figures["gpu_utilisation"] is None  # the CPU has none to report
+    assert summary["ceiling_share"] > 0
+    written = sorted((Path(cfg.runs_dir) / "benchmark").glob("gpu_*.json"))
+    assert len(written) == 1 and json.loads(written[0].read_text())["results"] == results
+    assert "ours is" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not a folder"):
+        benchmark_gpu.main(replace(cfg, data_dir=str(Path(cfg.data_dir) / "missing")))
+
+
+def test_gpu_utilisation_is_the_mean_of_its_samples_and_none_off_cuda(monkeypatch):
+    import time
+
+    with benchmark.GpuUtilisation(torch.device("cpu")) as off:
+        pass
+    assert off.mean is None
+    readings = iter([40.0, 60.0] * 100)
+    monkeypatch.setattr(benchmark.GpuUtilisation, "_reader", lambda self: lambda: next(readings))
+    with benchmark.GpuUtilisation(torch.device("cuda"), interval=0.01) as busy:
+        time.sleep(0.2)
+    assert len(busy.samples) >= 2 and 0.4 <= busy.mean <= 0.6  # percent -> share
