@@ -71,7 +71,39 @@ LOADING_SIZE, LOADING_BATCHES = 128, 12
 LATENCY_RUNS = 20
 
 
-class PeakMemory:
+class _BackgroundSampler:
+    """Calls `_take` at once and then every `interval` seconds in a daemon thread while the `with` block runs, when
+    `_ready` (asked on entering) says there is something to read."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _take(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> _BackgroundSampler:
+        if self._ready():
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take()
+            self._stop.wait(self.interval)
+
+
+class PeakMemory(_BackgroundSampler):
     """Peak memory in MiB of a process and its child processes while the `with` block runs (None off Linux): for
     each of `fields` of /proc/<pid>/smaps_rollup (Pss, the proportional set size, by default; Pss_Anon and others
     exist), summed over the process tree of `pid` ("self" = this process). peak_mib is the first field's.
@@ -80,32 +112,24 @@ class PeakMemory:
     sampling every 50 ms slowed a ResNet-18 training step by 8-13 % (measured), which would bias the timings."""
 
     def __init__(self, interval: float = 0.5, pid: str = "self", fields: tuple[str, ...] = ("Pss",)):
-        self.interval, self.pid, self.fields = interval, pid, fields
+        super().__init__(interval)
+        self.pid, self.fields = pid, fields
         self.peaks: dict[str, float] | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @property
     def peak_mib(self) -> float | None:
         return None if self.peaks is None else self.peaks[self.fields[0]]
 
-    def __enter__(self) -> PeakMemory:
-        if _rollup_kib(_process_tree(self.pid), self.fields) is not None:
-            self.peaks = dict.fromkeys(self.fields, 0.0)
-            self._thread.start()
-        return self
+    def _ready(self) -> bool:
+        if _rollup_kib(_process_tree(self.pid), self.fields) is None:
+            return False
+        self.peaks = dict.fromkeys(self.fields, 0.0)
+        return True
 
-    def __exit__(self, *exception: object) -> None:
-        if self.peaks is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            totals = _rollup_kib(_process_tree(self.pid), self.fields)
-            if totals is not None:
-                self.peaks = {field: max(self.peaks[field], totals[field] / 1024) for field in self.fields}
-            self._stop.wait(self.interval)
+    def _take(self) -> None:
+        totals = _rollup_kib(_process_tree(self.pid), self.fields)
+        if totals is not None:
+            self.peaks = {field: max(self.peaks[field], totals[field] / 1024) for field in self.fields}
 
 
 def _process_tree(pid: str = "self") -> list[str]:
@@ -204,14 +228,14 @@ def _forever(loader: Any) -> Iterator:
         epoch += 1
 
 
-class GpuUtilisation:
+class GpuUtilisation(_BackgroundSampler):
     """The mean share of time a CUDA device ran kernels while the `with` block runs, sampled every half second from
     NVML (torch.cuda.utilization, which needs the nvidia-ml-py package; else `nvidia-smi`): None off CUDA, or where
     neither answers."""
 
     def __init__(self, device: torch.device, interval: float = 0.5):
-        self.device, self.interval, self.samples = device, interval, []
-        self._stop = threading.Event()
+        super().__init__(interval)
+        self.device, self.samples = device, []
         self._read: Callable[[], float] | None = None
 
     @property
@@ -235,22 +259,13 @@ class GpuUtilisation:
                 continue
         return None
 
-    def __enter__(self) -> GpuUtilisation:
+    def _ready(self) -> bool:
         if self.device.type == "cuda":
             self._read = self._reader()
-            if self._read is not None:
-                self._thread = threading.Thread(target=self._sample, daemon=True)
-                self._thread.start()
-        return self
+        return self._read is not None
 
-    def __exit__(self, *exception: object) -> None:
-        if self._read is not None:
-            self._stop.set()
-            self._thread.join()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.samples.append(self._read())
+    def _take(self) -> None:
+        self.samples.append(self._read())
 
 
 def measure_training(cfg: Config, model_name: str, contender: str, csv_path: Path, device: torch.device,
