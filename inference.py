@@ -276,18 +276,25 @@ class AgePredictor:
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
         spreads = probabilities = None
-        chunks = images.split(MODEL_BATCH_SIZE)  # the copies of a folder's faces can number hundreds
-        if self.kind == "onnx":
-            ages = torch.cat([torch.from_numpy(self.session.run(None, {"images": chunk.numpy()})[0])
-                              for chunk in chunks])
-        elif self.kind == "checkpoint" and self.model.head.has_spread:
+        distribution = self.kind == "checkpoint" and self.model.head.has_spread
+
+        def run(chunk: torch.Tensor) -> torch.Tensor:
+            """A chunk's ages (n,), or its raw head outputs (n, K) for a distribution head."""
+            if self.kind == "onnx":
+                return torch.from_numpy(self.session.run(None, {"images": chunk.numpy()})[0])
+            if distribution:
+                return self.model.head_outputs(self._on_device(chunk))
+            return self.model(self._on_device(chunk)).float().cpu()
+
+        # the copies of a folder's faces can number hundreds: at most MODEL_BATCH_SIZE go through the model at once
+        outputs = torch.cat([run(chunk) for chunk in images.split(MODEL_BATCH_SIZE)])
+        if distribution:
             head = self.model.head
-            outputs = torch.cat([self.model.head_outputs(self._on_device(chunk)) for chunk in chunks])  # (N, K)
             ages, spreads = head.ages(outputs).cpu(), head.spread(outputs).cpu()
             if head.has_probabilities:
                 probabilities = head.probability_at_least(outputs, ADULT_AGE).float().cpu()
         else:
-            ages = torch.cat([self.model(self._on_device(chunk)).float().cpu() for chunk in chunks])  # (N,)
+            ages = outputs  # (copies N,)
 
         def merged(values: torch.Tensor | None) -> np.ndarray | None:
             if values is None:
