@@ -410,8 +410,8 @@ def measure_inference(runner: Callable[[torch.Tensor], Any], image_size: int, ba
     return {"images_per_second": throughput, "latency_ms": statistics.median(latencies), "peak_mib": memory.peak_mib}
 
 
-def prepare_data(cfg: Config, folder: Path) -> tuple[Config, Path]:
-    """The data set CSV of cfg.data_dir (generated faces when it does not exist) and the caches it needs."""
+def prepare_data(cfg: Config, folder: Path, models: tuple[str, ...] = MODELS) -> tuple[Config, Path]:
+    """The data set CSV of cfg.data_dir (generated faces when it does not exist) and the caches `models` need."""
     import eda
     from custom_dataset_dataloader import build_image_cache, read_dataset_csv, write_dataset_csv
 
@@ -429,7 +429,7 @@ def prepare_data(cfg: Config, folder: Path) -> tuple[Config, Path]:
     cfg = replace(cfg, cache_dir=str(folder / "cache"))
     from model import resolve_preprocessing
 
-    interpolations = {resolve_preprocessing(replace(cfg, model_name=name)).interpolation for name in MODELS}
+    interpolations = {resolve_preprocessing(replace(cfg, model_name=name)).interpolation for name in models}
     for size, interpolation in sorted({(cfg.image_size, name) for name in interpolations}
                                       | {(LOADING_SIZE, resolve_preprocessing(cfg).interpolation)}):
         started = time.perf_counter()

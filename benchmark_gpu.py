@@ -60,7 +60,7 @@ def main(cfg: Config) -> dict[str, Any]:
     contenders["ceiling"] = "ceiling"  # the model-only step of ours as it is uncompiled
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark_gpu_") as temporary:
-        prepared, csv_path = benchmark.prepare_data(cfg, Path(temporary))
+        prepared, csv_path = benchmark.prepare_data(cfg, Path(temporary), models=(cfg.model_name,))
         for name, contender in contenders.items():
             run_cfg = replace(prepared, compile=name == "ours, compiled")
             results[name] = benchmark.measure_training(run_cfg, cfg.model_name, contender, csv_path, device,

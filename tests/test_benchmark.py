@@ -109,7 +109,6 @@ def test_gpu_benchmark_times_one_epoch_of_every_contender(split_config, monkeypa
     import benchmark_gpu
     from custom_dataset_dataloader import read_dataset_csv
 
-    monkeypatch.setattr(benchmark, "MODELS", ("resnet18",))  # the caches prepare_data builds
     monkeypatch.setattr(benchmark_gpu, "WARMUP_STEPS", 1)
     cfg = replace(split_config, model_name="resnet18", image_size=32, batch_size=8, num_workers=0, compile=False,
                   device="cpu")
