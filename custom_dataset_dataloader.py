@@ -8,8 +8,10 @@ Writes: cache/<csv>_<size>px_<key>.npy, every image decoded and resized once int
 
 Preprocessing is the same with and without the cache (`load_image`): EXIF orientation applied, converted to
 RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
-Augmentation (train only, the seed's recipe plus crop jitter): random horizontal flip, small rotation with a small
-shift and zoom (a detector's box at inference is never exactly the training crop), colour jitter; then
+Augmentation (train only, the seed's recipe plus crop jitter): optionally a worse camera (resolution_probability:
+the face shrunk to a random side, blurred and JPEG re-encoded, ResolutionDegradation), random horizontal flip,
+small rotation with a small shift and zoom (a detector's box at inference is never exactly the training crop),
+colour jitter; then
 scaling to [0, 1] and the backbone's normalisation (model.resolve_preprocessing: the mean, std and resize filter
 its pretrained weights were trained with); optionally random erasing (erase_probability). It runs on the
 uint8 tensors, so the cache saves the decode.
@@ -32,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import sys
 import warnings
@@ -52,7 +55,9 @@ from model import resolve_preprocessing
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
-OPTIONAL_COLUMNS = ("subject", "apparent_age")  # kept when a data set has them (subject-exclusive split, APPA-REAL)
+# kept when a data set has them: subject (subject-exclusive split), apparent_age (APPA-REAL), age_bin (FairFace:
+# the label is a range such as "30-39"; its rows have no exact age, and they are scored by age_bin_bounds)
+OPTIONAL_COLUMNS = ("subject", "apparent_age", "age_bin")
 SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # what eda.py and inference.py read
 ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image one rectangle covers (torchvision's defaults)
@@ -99,6 +104,30 @@ def read_csv_file(path: str | os.PathLike, **options: Any) -> pd.DataFrame:
         raise DataError(f"{path} is not a well-formed CSV ({str(error).strip()})") from None
 
 
+def age_bin_bounds(label: str) -> tuple[float, float]:
+    """An age bin's ages as [low, high): '30-39' -> (30, 40) (a 39.6-year-old is inside), '0-2' -> (0, 3),
+    FairFace's open last bin 'more than 70' (or '70+') -> (70, inf). ValueError for anything else."""
+    text = str(label).strip().lower()
+    closed = re.fullmatch(r"(\d+)\s*-\s*(\d+)", text)
+    if closed and int(closed[1]) <= int(closed[2]):
+        return float(closed[1]), float(closed[2]) + 1
+    open_ended = re.fullmatch(r"(?:more than\s*(\d+))|(?:(\d+)\s*\+)", text)
+    if open_ended:
+        return float(open_ended[1] or open_ended[2]), math.inf
+    raise ValueError(f"{label!r} is not an age bin (expected e.g. '30-39' or 'more than 70')")
+
+
+def distance_to_bins(predicted: np.ndarray, bins: pd.Series) -> np.ndarray:
+    """Years from each predicted age (N,) to its bin (N labels): 0 inside, else to the nearer edge."""
+    bounds = np.array([age_bin_bounds(label) for label in bins], dtype=np.float64).reshape(-1, 2)  # (N, 2)
+    return np.maximum(np.maximum(bounds[:, 0] - predicted, predicted - bounds[:, 1]), 0.0)
+
+
+def is_binned(frame: pd.DataFrame) -> bool:
+    """Whether a project CSV's labels are age bins (FairFace) rather than exact ages."""
+    return "age_bin" in frame.columns and frame["age"].isna().all()
+
+
 def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.DataFrame:
     """Read a project CSV, checking that it exists, has the four columns and at least one valid row. Rows with a
     missing age or name are skipped with a warning; an age outside 0..max_age (or not finite) stops with the file
@@ -118,13 +147,21 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
         if column not in frame.columns:
             frame[column] = "unknown"
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
-    bad_rows = frame["age"].isna() | frame["image_name"].isna()
+    if "age_bin" in frame.columns:  # binned labels (FairFace): the bin must be readable; the exact age stays empty
+        readable = frame["age_bin"].map(_readable_bin)
+        if not readable.any():
+            raise DataError(f"{path}: no readable age_bin (expected e.g. '30-39' or 'more than 70')")
+        frame.loc[~readable, "image_name"] = None  # skipped below, counted with the other bad rows
+        frame["age"] = np.nan  # a bin is never turned into an exact age
+        bad_rows = frame["image_name"].isna()
+    else:
+        bad_rows = frame["age"].isna() | frame["image_name"].isna()
     if bad_rows.any():
         count = int(bad_rows.sum())
         warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
     highest = np.inf if max_age is None else max_age
-    out_of_range = ~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)
+    out_of_range = (~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)) & ~is_binned(frame)
     if out_of_range.any():
         rows = ", ".join(f"line {index + 2} ({frame.at[index, 'image_name']}: {frame.at[index, 'age']})"
                          for index in frame.index[out_of_range][:5])
@@ -134,6 +171,14 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
     if frame.empty:
         raise DataError(f"{path} has no usable rows. Re-run eda.py on a folder of UTKFace images.")
     return frame[[*CSV_COLUMNS, *(column for column in OPTIONAL_COLUMNS if column in frame.columns)]]
+
+
+def _readable_bin(label: object) -> bool:
+    try:
+        age_bin_bounds(str(label))
+    except ValueError:
+        return False
+    return not pd.isna(label)
 
 
 def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -255,24 +300,126 @@ def load_image(path: str | os.PathLike, image_size: int, interpolation: str = "b
     return resize_square(open_rgb_image(path, draft_size=image_size), image_size, interpolation)
 
 
+def change_resolution(pixels: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 faces (B, 3, S, S) -> uint8 (B, 3, S, S) holding only what `side` x `side` pixels hold: shrunk with an
+    antialiasing filter (as PIL shrinks a photo), then enlarged back with the bilinear filter that turns a 64 px
+    UTKFace copy into a 128 px training input. Training's resolution augmentation and inference's
+    match_training_resolution share it, so both make the same kind of image."""
+    size = pixels.shape[-1]
+    if side >= size:
+        return pixels
+    if pixels.device.type != "cpu":  # uint8 resampling exists on the CPU only
+        return change_resolution(pixels.cpu(), side).to(pixels.device)
+    # on uint8 directly: torch's uint8 kernels are 8-16x faster than the same filters in float (RESULTS.md, "Real
+    # photos"); antialias=True when enlarging is the plain bilinear filter
+    small = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def degrade_face(pixels: torch.Tensor, side: int, sigma: float, quality: int) -> torch.Tensor:
+    """One uint8 face (3, S, S) as a worse camera gives it: `side` pixels across (change_resolution), a Gaussian
+    blur of `sigma` input pixels, then a JPEG round trip at `quality`. Deterministic given its arguments."""
+    import io
+
+    from torchvision.transforms.v2 import functional as TF
+
+    device = pixels.device
+    face = change_resolution(pixels.cpu().unsqueeze(0), side)[0]
+    if sigma > 0:
+        kernel = 2 * math.ceil(3 * sigma) + 1
+        face = TF.gaussian_blur(face, [kernel, kernel], [sigma, sigma])
+    # Pillow's libjpeg, on the CPU whatever the training device (torchvision.io's JPEG codec is deprecated)
+    encoded = io.BytesIO()
+    Image.fromarray(face.permute(1, 2, 0).numpy()).save(encoded, format="JPEG", quality=quality)
+    decoded = np.asarray(Image.open(encoded).convert("RGB"))  # (S, S, 3)
+    return torch.from_numpy(decoded.transpose(2, 0, 1).copy()).to(device)
+
+
+class ResolutionDegradation(torch.nn.Module):
+    """Train augmentation: with probability `probability` a face is degraded (degrade_face) with a side drawn
+    log-uniformly in [min_side, S], a blur sigma uniformly in [0, max_sigma] and a JPEG quality uniformly in
+    [min_quality, 95]. Works on one uint8 face (3, S, S) (the plain path's transform) or a batch (B, 3, S, S) (the
+    fast path's BatchAugmentation), drawing image by image from torch's global generator in the same order, so
+    both paths give the same faces for the same seed (tests/test_fast_path.py). Real photos are sharper and
+    differently compressed than a 64 px copy: the model must not read age from the sharpness."""
+
+    def __init__(self, probability: float, min_side: int, max_sigma: float, min_quality: int):
+        super().__init__()
+        self.probability, self.min_side = probability, min_side
+        self.max_sigma, self.min_quality = max_sigma, min_quality
+
+    def draw(self, size: int) -> tuple[int, float, int] | None:
+        """(side, sigma, quality) for one face of side `size`, or None when it stays as it is."""
+        if float(torch.rand(())) >= self.probability:
+            return None
+        low, high = math.log(min(self.min_side, size)), math.log(size)
+        side = round(math.exp(low + (high - low) * float(torch.rand(()))))
+        sigma = self.max_sigma * float(torch.rand(()))
+        quality = int(torch.randint(self.min_quality, 96, ()))
+        return side, sigma, quality
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if pixels.ndim == 3:
+            drawn = self.draw(pixels.shape[-1])
+            return pixels if drawn is None else degrade_face(pixels, *drawn)
+        faces = list(pixels)
+        for index, face in enumerate(faces):  # each face its own side: one small resize each, not one batch call
+            drawn = self.draw(face.shape[-1])
+            if drawn is not None:
+                faces[index] = degrade_face(face, *drawn)
+        return torch.stack(faces)
+
+
+def resolution_degradation(cfg: Config, train: bool) -> ResolutionDegradation | None:
+    """The configured ResolutionDegradation for a training loader; None when it is off or not training."""
+    if not train or cfg.resolution_probability == 0:
+        return None
+    return ResolutionDegradation(cfg.resolution_probability, cfg.resolution_min_side, cfg.blur_max_sigma,
+                                 cfg.jpeg_min_quality)
+
+
+def face_resolution(frame: pd.DataFrame, data_dir: str, sample: int = 1000) -> int | None:
+    """The median shorter side, in pixels, of (up to `sample` evenly spaced) images of `frame` as stored on disk,
+    read from their headers: the resolution the faces really have (64 for UTKFace's 64 px copy, whatever
+    image_size they are enlarged to). train.py stores it in every checkpoint as `face_resolution`; inference
+    shrinks a sharper aligned crop to it (match_training_resolution). None when no header could be read."""
+    names = frame["image_name"].to_numpy()
+    chosen = names[np.linspace(0, len(names) - 1, min(sample, len(names))).round().astype(int)] if len(names) else []
+    sides = []
+    for name in chosen:
+        try:
+            with Image.open(resolve_image_path(data_dir, str(name))) as image:
+                sides.append(min(image.size))
+        except (OSError, UsageError, ValueError):  # unreadable or refused: the cache leaves it out as well
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
-    """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds flip, rotation and colour jitter."""
+    """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds resolution degradation (when on), flip,
+    rotation and colour jitter."""
     from torchvision.transforms import v2
 
     cfg = resolve_preprocessing(cfg)
 
     steps = []
-    if train:
-        steps += [
-            v2.RandomHorizontalFlip(0.5 if cfg.flip else 0.0),
-            v2.RandomAffine(  # rotation + the shift and zoom a face detector's box jitters by at inference
-                cfg.rotation_degrees,
-                translate=(cfg.translate_fraction, cfg.translate_fraction),
-                scale=(1 - cfg.scale_jitter, 1 + cfg.scale_jitter),
-                interpolation=v2.InterpolationMode.BILINEAR,
-            ),
-            v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter, saturation=cfg.color_jitter),
-        ]
+    degradation = resolution_degradation(cfg, train)
+    if degradation is not None:
+        steps.append(degradation)  # first, on the uint8 face, as in BatchAugmentation
+    # a step set to nothing is left out, not run at strength 0: it would still draw random numbers, and the faces
+    # of both loading paths must come from the same draws
+    if train and cfg.flip:
+        steps.append(v2.RandomHorizontalFlip(0.5))
+    if train and (cfg.rotation_degrees or cfg.translate_fraction or cfg.scale_jitter):
+        steps.append(v2.RandomAffine(  # rotation + the shift and zoom a face detector's box jitters by at inference
+            cfg.rotation_degrees,
+            translate=(cfg.translate_fraction, cfg.translate_fraction),
+            scale=(1 - cfg.scale_jitter, 1 + cfg.scale_jitter),
+            interpolation=v2.InterpolationMode.BILINEAR,
+        ))
+    if train and cfg.color_jitter:
+        steps.append(v2.ColorJitter(brightness=cfg.color_jitter, contrast=cfg.color_jitter,
+                                    saturation=cfg.color_jitter))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg.normalize_mean, cfg.normalize_std)]
     if train and cfg.erase_probability:
         steps.append(v2.RandomErasing(cfg.erase_probability, scale=ERASE_AREA, ratio=ERASE_ASPECT, value=0))
@@ -481,6 +628,9 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
         raise DataError(f"none of the images listed in {path} can be used from data_dir={cfg.data_dir}; pass the "
                         "folder that eda.py scanned with --data_dir=...")
     train = split == "train" if train is None else train
+    if is_binned(frame) and train:
+        raise DataError(f"{path} has age bins (age_bin), not exact ages: a model is not trained on them. Evaluate "
+                        "on it with python -m analysis.errors --test_csv=... --detect=true")
     cache_path = None
     if cfg.use_cache:
         cache_path, ok = build_image_cache(
@@ -515,10 +665,13 @@ class BatchAugmentation:
         self.scale = cfg.scale_jitter if train else 0.0
         self.color = cfg.color_jitter if train else 0.0
         self.erase = cfg.erase_probability if train else 0.0
+        self.degradation = resolution_degradation(cfg, train)
         cfg = resolve_preprocessing(cfg)
         self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.degradation is not None:
+            pixels = self.degradation(pixels)  # (B, 3, S, S) uint8, the same draws as the plain path
         images = pixels.float()  # (B, 3, S, S) in [0, 255]
         if self.rotation or self.translate or self.scale:
             images = self._affine(images)

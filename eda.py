@@ -8,6 +8,9 @@ Reads:  data_dir in one of these layouts (--dataset_format), searched recursivel
         appa_real  APPA-REAL's release folder: gt_avg_{train,valid,test}.csv (real and apparent age) with the
                    images in {train,valid,test}/, the aligned *_face.jpg crop preferred; gender and race from
                    allcategories_*.csv when present
+        fairface   FairFace's release: fairface_label_{train,val}.csv (file, age, gender, race, service_test)
+                   beside the train/ and val/ folders, or one labels.csv of the same columns (race optional);
+                   the age is a bin ("0-2" ... "more than 70"), kept as the age_bin column, never made exact
         csv        any other set (MORPH II, a plain folder): --labels_csv names a CSV with an image path
                    column (image_name, path or file; relative to data_dir) and age, optionally gender,
                    ethnicity and subject
@@ -42,9 +45,11 @@ from custom_dataset_dataloader import (
     GENDERS,
     IMAGE_SUFFIXES,
     DataError,
+    age_bin_bounds,
     check_image_names,
     dataset_csv_path,
     decode_images,
+    is_binned,
     load_image,
     read_csv_file,
     write_dataset_csv,
@@ -88,7 +93,12 @@ def parse_agedb_name(file_name: str) -> tuple[int, str, str, str] | None:
     return age, gender, "unknown", "_".join(parts[1:-2])
 
 
-DATASET_NAMES = {"utkface": "UTKFace", "fgnet": "FG-NET", "agedb": "AgeDB", "appa_real": "APPA-REAL", "csv": "labelled"}
+DATASET_NAMES = {"utkface": "UTKFace", "fgnet": "FG-NET", "agedb": "AgeDB", "appa_real": "APPA-REAL",
+                 "fairface": "FairFace", "csv": "labelled"}
+# FairFace's seven race labels onto UTKFace's five ethnicities (Latino/Hispanic and Middle Eastern are UTKFace's
+# "others"; East and Southeast Asian its "asian")
+FAIRFACE_RACES = {"white": "white", "black": "black", "indian": "indian", "east asian": "asian",
+                  "southeast asian": "asian", "latino_hispanic": "others", "middle eastern": "others"}
 NAME_PARSERS = {"utkface": parse_utkface_name, "fgnet": parse_fgnet_name, "agedb": parse_agedb_name}
 
 
@@ -156,6 +166,37 @@ def read_appa_real(root: Path) -> tuple[list[tuple], list[str]]:
             rows.append((path.relative_to(root).as_posix(), round(float(ages[0])), gender, ethnicity,
                          float(ages[1])))
     return rows, missing
+
+
+def read_fairface(root: Path, labels_csv: str = "") -> tuple[list[tuple], list[str]]:
+    """Rows (image_name, age NaN, gender, ethnicity, age bin) of FairFace's label files (--labels_csv, else
+    root/fairface_label_*.csv, else root/labels.csv), and the label rows without an image or a readable bin."""
+    label_files = ([Path(labels_csv)] if labels_csv else sorted(root.glob("fairface_label_*.csv"))
+                   or [root / "labels.csv"])
+    rows, bad = [], []
+    for label_file in label_files:
+        if not label_file.is_file():
+            raise DataError(f"no FairFace labels in {root}: expected fairface_label_train.csv / "
+                            "fairface_label_val.csv or labels.csv (file,age,gender[,race]); pass --labels_csv=...")
+        labels = read_csv_file(label_file, dtype=str)
+        labels.columns = [column.strip().lower() for column in labels.columns]
+        needed = [column for column in ("file", "age") if column not in labels]
+        if needed:
+            raise DataError(f"{label_file} lacks the column(s) {needed} of FairFace's labels "
+                            f"(file,age,gender,race,service_test); it has {list(labels.columns)}")
+        for line, row in enumerate(labels.to_dict("records"), start=2):
+            name, label = str(row["file"]).strip(), str(row["age"]).strip()
+            try:
+                age_bin_bounds(label)
+            except ValueError:
+                bad.append(f"{label_file.name} line {line} ({name}: age {label!r} is not a bin)")
+                continue
+            if not (root / name).exists():  # where it leads is checked by scan_folder
+                bad.append(f"{label_file.name} line {line} ({name}: no such image)")
+                continue
+            race = FAIRFACE_RACES.get(str(row.get("race", "")).strip().lower(), "unknown")
+            rows.append((name, np.nan, _gender(row.get("gender", "")), race, label))
+    return rows, bad
 
 
 def read_labels_csv(root: Path, labels_csv: str) -> tuple[list[tuple], list[str]]:
@@ -226,6 +267,9 @@ def scan_folder(
     elif dataset_format == "appa_real":
         labelled, malformed = read_appa_real(root)
         columns.append("apparent_age")
+    elif dataset_format == "fairface":
+        labelled, malformed = read_fairface(root, labels_csv)
+        columns.append("age_bin")
     elif dataset_format == "csv":
         labelled, malformed = read_labels_csv(root, labels_csv)
         columns.append("subject")
@@ -273,7 +317,8 @@ def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, coun
         axis.axis("off")
     for axis, (_, row) in zip(axes.flat, picks.iterrows(), strict=False):
         axis.imshow(load_image(Path(data_dir) / row.image_name, 128).transpose(1, 2, 0))
-        axis.set_title(f"{row.age} y, {row.gender}\n{row.ethnicity}", fontsize=9)
+        age = f"{row.age_bin} y" if pd.isna(row.age) else f"{row.age} y"
+        axis.set_title(f"{age}, {row.gender}\n{row.ethnicity}", fontsize=9)
     figure.suptitle("Random samples with their labels")
     save_figure(figure, path)
 
@@ -282,9 +327,15 @@ def plot_histograms(frame: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4), gridspec_kw={"width_ratios": [3, 1, 2]})
-    axes[0].hist(frame["age"], bins=np.arange(0, frame["age"].max() + 2), color="tab:blue")
-    axes[0].set(title=f"Age (n={len(frame)}, mean {frame['age'].mean():.1f}, max {frame['age'].max()})",
-                xlabel="age (years)", ylabel="images")
+    if is_binned(frame):  # one bar per bin, in age order
+        counts = frame["age_bin"].value_counts()
+        counts = counts.reindex(sorted(counts.index, key=age_bin_bounds))
+        axes[0].bar(counts.index, counts.values, color="tab:blue")
+        axes[0].set(title=f"Age bin (n={len(frame)})", xlabel="age bin (years)", ylabel="images")
+    else:
+        axes[0].hist(frame["age"], bins=np.arange(0, frame["age"].max() + 2), color="tab:blue")
+        axes[0].set(title=f"Age (n={len(frame)}, mean {frame['age'].mean():.1f}, max {frame['age'].max()})",
+                    xlabel="age (years)", ylabel="images")
     for axis, column, names in ((axes[1], "gender", GENDERS), (axes[2], "ethnicity", ETHNICITIES)):
         counts = frame[column].value_counts().reindex(names, fill_value=0)
         axis.bar(counts.index, counts.values, color="tab:orange")
@@ -342,12 +393,18 @@ def main(cfg: Config) -> pd.DataFrame:
     plot_histograms(frame, pics / "eda_histograms.png")
     if frame["gender"].isin(GENDERS).any() and frame["ethnicity"].isin(ETHNICITIES).any():
         plot_crosstab(table, pics / "eda_gender_ethnicity.png")
-    if frame["gender"].isin(GENDERS).any() or frame["ethnicity"].isin(ETHNICITIES).any():
+    binned = is_binned(frame)
+    if not binned and (frame["gender"].isin(GENDERS).any() or frame["ethnicity"].isin(ETHNICITIES).any()):
         plot_age_by_group(frame, pics / "eda_age_by_group.png")
     ages = frame["age"]
     print(f"\n{len(frame)} images kept, {len(malformed)} malformed names, {len(unreadable)} unreadable images")
-    print(f"age: min {ages.min()}, max {ages.max()}, mean {ages.mean():.1f}, median {ages.median():.0f}, "
-          f"85+: {(ages >= 85).sum()} images")
+    if binned:
+        counts = frame["age_bin"].value_counts()
+        order = sorted(counts.index, key=age_bin_bounds)
+        print("age bins: " + ", ".join(f"{label} {counts[label]}" for label in order))
+    else:
+        print(f"age: min {ages.min()}, max {ages.max()}, mean {ages.mean():.1f}, median {ages.median():.0f}, "
+              f"85+: {(ages >= 85).sum()} images")
     print(f"\nGender x ethnicity:\n{table.to_string()}\n")
     print(f"wrote {csv_path}\nwrote figures eda_*.png in {pics}/")
     return frame

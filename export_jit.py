@@ -2,8 +2,11 @@
 
 Reads:  --checkpoint (a train.py best.pt; '' = the newest checkpoints/*/best.pt).
 Writes: model.torchscript (or model.onnx with --format=onnx) beside the checkpoint. Both carry the training
-        config and the crop geometry (TorchScript: `_extra_files` config.json and crop_geometry.json; ONNX: metadata
-        properties "config" and "crop_geometry"), so inference.py runs them with no model code and no guessing.
+        config, the crop geometry and the training faces' resolution (TorchScript: `_extra_files` config.json,
+        crop_geometry.json and face_resolution.json; ONNX: metadata properties "config", "crop_geometry" and
+        "face_resolution"), so inference.py runs them with no model code and no guessing.
+        --format=half writes <checkpoint>.half.pt (or --output): the checkpoint with fp16 weights, the format of the
+        shipped model (models/), checked against the fp32 model and printed with its SHA-256.
 
 The model is traced (torch.jit.trace works for every backbone, ViT included) in eval mode, fp32, on the CPU.
 Input: "images" (B, 3, S, S) float, normalised as the config says; output: "ages" (B,) in years; the batch axis
@@ -19,6 +22,7 @@ by at most INT8_TOLERANCE_YEARS, or it is not written. It needs the training ima
 checkpoint's own by default).
 
 Run:  python export_jit.py [--checkpoint=checkpoints/<run>/best.pt] [--format=onnx [--quantize=int8]]
+      python export_jit.py --checkpoint=checkpoints/<run>/best.pt --format=half --output=models/age_lite0_utkface.pt
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ import numpy as np
 import torch
 
 from config import Config, UsageError, atomic_write_path, config_to_dict, parse_config, print_config
-from model import fold_batch_norms, load_model, newest_checkpoint
+from model import fold_batch_norms, load_model, newest_checkpoint, write_half_precision_checkpoint
 
-TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3}  # years
+# years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
+TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3, "half": 0.25}
 INT8_TOLERANCE_YEARS = 0.1  # the most the test MAE may change through int8 quantisation
 CALIBRATION_IMAGES = 300  # training crops whose activations set the int8 ranges
 
@@ -213,6 +218,50 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
         candidate.unlink(missing_ok=True)
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size: int) -> dict:
+    """--format=half: the checkpoint as fp16 weights (model.write_half_precision_checkpoint), checked against the
+    fp32 model on a random batch before it is renamed into place; prints its SHA-256 (the model card's)."""
+    final_path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"{checkpoint_path.stem}.half.pt")
+    if final_path.resolve() == checkpoint_path.resolve():
+        raise SystemExit(f"error: --output={final_path} is the checkpoint being exported; choose another name")
+    if final_path.is_dir() or (final_path.exists() and not _is_half_checkpoint(final_path)):
+        raise SystemExit(f"error: --output={final_path} exists and is not an fp16 checkpoint written by "
+                         "export_jit.py; choose another name, it is never replaced")
+    final_path.parent.mkdir(parents=True, exist_ok=True)
+    path = final_path.with_name(f".{final_path.stem}.{os.getpid()}.checking{final_path.suffix}")
+    try:
+        write_half_precision_checkpoint(checkpoint_path, path)
+        half_model, _, _ = load_model(path, "cpu")
+        fold_batch_norms(half_model.backbone)
+        check = torch.randn(5, 3, size, size)
+        with torch.no_grad():
+            difference = (half_model(check) - model(check)).abs().max().item()
+        print(f"parity on a random batch of 5: max |fp16 weights - fp32| = {difference:.2e} years "
+              f"(tolerance {TOLERANCE['half']})")
+        if not difference <= TOLERANCE["half"]:
+            raise ExportError(f"fp16 weights of {checkpoint_path} move an age by {difference:.2e} years; nothing "
+                              "was written")
+        os.replace(path, final_path)
+    finally:
+        path.unlink(missing_ok=True)
+    digest = file_sha256(final_path)
+    print(f"wrote {final_path} ({final_path.stat().st_size / 1e6:.1f} MB, sha256 {digest})")
+    return {"path": str(final_path), "format": "half", "max_abs_difference": difference, "sha256": digest}
+
+
+def _is_half_checkpoint(path: Path) -> bool:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("weights_dtype") == "float16"
+    except Exception:  # noqa: BLE001 - anything unreadable is not ours
+        return False
+
+
 def main(cfg: Config) -> dict:
     """Export, reload and compare; returns {path, format, max_abs_difference}."""
     print_config(cfg, "export_jit.py")
@@ -230,10 +279,13 @@ def main(cfg: Config) -> dict:
     # the checkpoint give the same ages
     fold_batch_norms(model.backbone)
     metadata = {"config.json": json.dumps(config_to_dict(trained_cfg)),  # resolved: normalisation, filter, head
-                "crop_geometry.json": json.dumps(checkpoint.get("crop_geometry"))}
+                "crop_geometry.json": json.dumps(checkpoint.get("crop_geometry")),
+                "face_resolution.json": json.dumps(checkpoint.get("face_resolution"))}
     size = trained_cfg.image_size
     torch.manual_seed(0)
     example = torch.randn(2, 3, size, size)  # (B, 3, S, S)
+    if cfg.format == "half":
+        return export_half(cfg, checkpoint_path, model, size)
     suffix = "onnx" if cfg.format == "onnx" else "torchscript"
     final_path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"model.{suffix}")
     claim_output(final_path, checkpoint_path)

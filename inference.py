@@ -2,7 +2,9 @@
 
 Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit.py (model.torchscript runs with
         torch alone, model.onnx with onnxruntime alone: no model code needed); '' = the newest
-        checkpoints/*/best.pt. --input: an image, a folder of images, a video file, or a camera index (0).
+        checkpoints/*/best.pt, or with none the shipped model models/age_lite0_utkface.pt (its card:
+        models/README.md), so a fresh clone estimates ages with no training. --input: an image, a folder of images,
+        a video file, or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a
         JSON line per face beside it (<output>.jsonl, or predictions.jsonl in an output folder):
         {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread", "adult_probability"}
@@ -10,7 +12,10 @@ Writes: annotated images / video (a box and the age per face) at --output (defau
 
 Each face is found by the detector --detector names (faces.py: YuNet by default, or MTCNN; both give a box and five
 landmarks) and aligned on its landmarks with the crop geometry the model file stores for that detector, which
-train.py measured on the training images: the model sees the same kind of crop it was trained on. A model file
+train.py measured on the training images: the model sees the same kind of crop it was trained on. With
+--match_training_resolution (the default) the aligned crop is also shrunk to the side the training faces really had
+(the model file's face_resolution, e.g. 64 for UTKFace's 64 px copy) and enlarged back to the input size: a sharp
+photo's face then holds no more detail than the training faces did (RESULTS.md, "Real photos"). A model file
 written before YuNet existed stores MTCNN's geometry alone and runs with MTCNN, exactly as before. All faces of a
 frame are predicted in one batch; --tta averages with the mirrored face, --tta_views=V over the crop and V - 1
 copies moved by 2 px (at 128 px), 2° or 2 % (steadier against how the face was framed, V times the model's time).
@@ -45,6 +50,7 @@ from config import Config, atomic_write_path, parse_config, print_config, resolv
 from custom_dataset_dataloader import (
     IMAGE_SUFFIXES,
     build_transforms,
+    change_resolution,
     describe_read_error,
     open_rgb_image,
     resize_square,
@@ -194,7 +200,8 @@ MODEL_BATCH_SIZE = 16
 class AgePredictor:
     """Loads any model file this project writes and predicts ages (years) for uint8 face crops (N, 3, S, S)."""
 
-    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", views: int = 1):
+    def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", views: int = 1,
+                 match_resolution: bool = True):
         path = Path(path)
         if not 1 <= views <= len(VIEW_MOVES):
             raise SystemExit(f"error: --tta_views={views}: give 1 (the crop alone) to {len(VIEW_MOVES)}")
@@ -217,13 +224,15 @@ class AgePredictor:
             metadata = self.session.get_modelmeta().custom_metadata_map
             config, geometry = _stored_json(path, metadata.get("config"), "config"), _stored_json(
                 path, metadata.get("crop_geometry", "null"), "crop_geometry")
+            resolution = _stored_json(path, metadata.get("face_resolution", "null"), "face_resolution")
         elif is_torchscript(path):
             self.kind = "torchscript"
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # deprecated, works
-            extra_files = {"config.json": "", "crop_geometry.json": ""}
+            extra_files = {"config.json": "", "crop_geometry.json": "", "face_resolution.json": ""}
             self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
             config = _stored_json(path, extra_files["config.json"], "config.json")
             geometry = _stored_json(path, extra_files["crop_geometry.json"] or "null", "crop_geometry.json")
+            resolution = _stored_json(path, extra_files["face_resolution.json"] or "null", "face_resolution.json")
         else:
             self.model, _, checkpoint = load_model(path, self.device)
             # batch norms folded into the convolutions: a fifth to a third less time per call, the same ages up to float
@@ -233,7 +242,15 @@ class AgePredictor:
             fold_batch_norms(self.model.backbone)
             self.model = self.model.to(memory_format=torch.channels_last)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
+            resolution = checkpoint.get("face_resolution")
         self.cfg = config_from_model_file(config, path)
+        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
+                                       or not 4 <= resolution <= 10_000):
+            raise SystemExit(f"error: {path}: its stored face_resolution {resolution!r} is not a side in pixels; "
+                             "the file is damaged or was edited")
+        # the side the training faces really had (None: a file from before it was recorded, used as it is)
+        self.face_resolution: int | None = resolution
+        self.match_resolution = match_resolution and resolution is not None and resolution < self.cfg.image_size
         self.path, self._announced = path, set()
         try:
             self.crop_geometries = geometries_from_dict(geometry)  # by detector name
@@ -245,6 +262,13 @@ class AgePredictor:
                           stacklevel=2)
         self.transform = build_transforms(self.cfg, train=False)
         self.image_size = self.cfg.image_size
+
+    def describe_resolution(self) -> str:
+        """One phrase: the training faces' resolution and whether crops are brought down to it."""
+        if self.face_resolution is None:
+            return "training face resolution not recorded (crops used as they are)"
+        action = "crops shrunk to it first" if self.match_resolution else "crops used as they are"
+        return f"training faces {self.face_resolution}px ({action})"
 
     def geometry_for(self, detector_name: str) -> CropGeometry:
         """Where this model's training crops put the landmarks `detector_name` finds (its default if unmeasured)."""
@@ -271,7 +295,10 @@ class AgePredictor:
         if len(crops) == 0:
             return Predictions(np.zeros(0, dtype=np.float32))
         count = len(crops)
-        images = self.transform(torch.from_numpy(np.ascontiguousarray(crops)))  # (N, 3, S, S) float
+        pixels = torch.from_numpy(np.ascontiguousarray(crops))  # (N, 3, S, S) uint8
+        if self.match_resolution:  # a sharp photo's crop holds detail the training faces never had
+            pixels = change_resolution(pixels, self.face_resolution)
+        images = self.transform(pixels)  # (N, 3, S, S) float
         images = jittered_views(images, self.views)  # (V N, 3, S, S)
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
@@ -680,10 +707,12 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     print_config(cfg, "inference.py")
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
-    predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device), cfg.tta_views)
+    predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device), cfg.tta_views,
+                             cfg.match_training_resolution)
     detector = None if cfg.no_detect else build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
-    print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px"
-          + (f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""))
+    faces = f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""
+    print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px, "
+          f"{predictor.describe_resolution()}{faces}")
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
     if cfg.input.isdigit():

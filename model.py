@@ -616,13 +616,41 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return checkpoint
 
 
-def newest_checkpoint(cfg: Config) -> Path:
-    """The most recently written checkpoint_dir/*/best.pt (used when no --checkpoint is given)."""
+# The model that ships with the repository (models/README.md is its card): what inference.py, app.py, export_jit.py
+# and analysis/ use when no --checkpoint is given and no checkpoint_dir/*/best.pt exists.
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "age_lite0_utkface.pt"
+
+
+def newest_checkpoint(cfg: Config, announce: bool = True) -> Path:
+    """The model file to use when no --checkpoint is given: the most recently written checkpoint_dir/*/best.pt,
+    else the shipped model (SHIPPED_MODEL). Says which one it chose."""
     candidates = sorted(Path(cfg.checkpoint_dir).glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
-    if not candidates:
-        raise SystemExit(f"error: no checkpoint given and none in {cfg.checkpoint_dir}/*/best.pt; train one first "
-                         "(python train.py, or python demo.py) or pass --checkpoint=...")
-    return candidates[-1]
+    if candidates:
+        chosen, why = candidates[-1], f"the newest {cfg.checkpoint_dir}/*/best.pt"
+    elif SHIPPED_MODEL.is_file():
+        chosen, why = SHIPPED_MODEL, f"none in {cfg.checkpoint_dir}/*/best.pt, so the shipped model (models/README.md)"
+    else:
+        raise SystemExit(f"error: no checkpoint given, none in {cfg.checkpoint_dir}/*/best.pt and no shipped model "
+                         f"at {SHIPPED_MODEL} (restore it with git checkout -- models/); train one (python train.py, "
+                         "or python demo.py) or pass --checkpoint=...")
+    if announce:
+        print(f"model: {chosen} ({why}; --checkpoint=... chooses another)")
+    return chosen
+
+
+def write_half_precision_checkpoint(source: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
+    """Write `source` (a train.py checkpoint) as a weights-only checkpoint with its floating-point tensors in fp16:
+    half the bytes, the same config, crop geometry, face resolution and calibration (load_model casts the weights
+    back to fp32 when it loads them). Drops the optimiser and history of a last.pt. Returns the written dict."""
+    checkpoint = load_checkpoint(source)
+    kept = {key: value for key, value in checkpoint.items()
+            if key in ("config", "epoch", "valid_mae", "crop_geometry", "face_resolution")}
+    state = {name: tensor.half() if tensor.is_floating_point() else tensor
+             for name, tensor in checkpoint["model"].items()}
+    shipped = {"model": state, **kept, "weights_dtype": "float16"}
+    with atomic_write_path(output) as temporary:
+        torch.save(shipped, temporary)
+    return shipped
 
 
 def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "") -> Config:

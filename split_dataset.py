@@ -8,7 +8,9 @@ Stratification: neighbouring ages are merged into bins until each bin holds at l
 images (so ages with one or two images never break the split), then every bin is shuffled with the seed and
 cut 80/10/10 (valid_fraction / test_fraction). The same CSV and seed give byte-identical split files.
 With --subject_split (data sets with identities: FG-NET, AgeDB, MORPH), scikit-learn's StratifiedGroupKFold
-keeps each person in one split and stratifies on the same age bins at once.
+keeps each person in one split and stratifies on the same age bins at once. With --match_split_of=<csv_dir>, an
+image whose file name appears in that folder's split files goes to the same split (a second copy of the same
+faces, e.g. UTKFace at 200 px beside the 64 px copy; see matched_split); the others are split as above.
 
 Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fraction=0.1]
 """
@@ -125,6 +127,24 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
     save_figure(figure, path)
 
 
+def matched_split(frame: pd.DataFrame, reference: dict[str, pd.DataFrame], cfg: Config) -> dict[str, pd.DataFrame]:
+    """Each row of `frame` in the split where `reference` (split name -> its rows) holds an image of the same file
+    name, in any folder: another copy of the same face (UTKFace at 64 and at 200 px) stays in its copy's split, so
+    no face is trained on and tested at two resolutions. Rows without a copy there are split as usual."""
+    split_of = {}
+    for name, rows in reference.items():
+        for image_name in rows["image_name"]:
+            split_of.setdefault(Path(str(image_name)).name, name)
+    assigned = frame["image_name"].map(lambda image_name: split_of.get(Path(str(image_name)).name))
+    splits = {name: frame[assigned == name] for name in SPLITS}
+    rest = frame[assigned.isna()]
+    if len(rest):
+        fresh = stratified_split(rest, cfg.valid_fraction, cfg.test_fraction, cfg.seed, cfg.min_images_per_age_bin)
+        splits = {name: pd.concat([splits[name], fresh[name]]).sort_values("image_name", kind="stable")
+                  for name in SPLITS}
+    return {name: split.reset_index(drop=True) for name, split in splits.items()}
+
+
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py")
@@ -134,7 +154,10 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
         warnings.warn(f"{dataset_csv_path(cfg)}: {int(repeated.sum())} image(s) listed more than once (e.g. "
                       f"{frame.loc[repeated, 'image_name'].iloc[0]}); each keeps its first row", stacklevel=2)
         frame = frame[~repeated].reset_index(drop=True)
-    if cfg.subject_split:
+    if cfg.match_split_of:
+        reference = {name: read_dataset_csv(Path(cfg.match_split_of) / f"{name}_set.csv") for name in SPLITS}
+        splits = matched_split(frame, reference, cfg)
+    elif cfg.subject_split:
         if "subject" not in frame:
             raise DataError(f"--subject_split needs a subject column, which {dataset_csv_path(cfg)} lacks "
                             "(FG-NET, AgeDB and --labels_csv with a subject column have one)")

@@ -56,7 +56,7 @@ from config import (
     save_figure,
     seed_everything,
 )
-from custom_dataset_dataloader import build_dataloader, decade_start
+from custom_dataset_dataloader import build_dataloader, decade_start, face_resolution
 from faces import DETECTORS, measure_crop_geometry
 from model import (
     ADULT_AGE,
@@ -679,10 +679,13 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if is_main:
         _barrier(world_size)
     train_ages = torch.tensor(loaders["train"].dataset.ages)
-    crop_geometry = None
-    if is_main:  # a resumed run keeps the geometry measured when it started (same training images)
-        crop_geometry = (resume_state.get("crop_geometry") if resume_state is not None
-                         else measure_training_crop_geometry(cfg, loaders["train"].dataset.frame))
+    face_facts = {"crop_geometry": None, "face_resolution": None}  # stored in every checkpoint beside the weights
+    if is_main:  # a resumed run keeps what was measured when it started (same training images)
+        if resume_state is not None:
+            face_facts = {key: resume_state.get(key) for key in face_facts}
+        else:
+            face_facts = {"crop_geometry": measure_training_crop_geometry(cfg, loaders["train"].dataset.frame),
+                          "face_resolution": face_resolution(loaders["train"].dataset.frame, cfg.data_dir)}
     model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     if world_size > 1 and device.type == "cuda" and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -760,10 +763,10 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
                     writer.add_scalar(tag, row[key], epoch)
             if improved:
                 save_checkpoint(best_path, evaluated, cfg, epoch=epoch, valid_mae=best_valid_mae,
-                                crop_geometry=crop_geometry)
+                                **face_facts)
             save_checkpoint(
                 last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
-                crop_geometry=crop_geometry, optimizer=optimizer.state_dict(),
+                **face_facts, optimizer=optimizer.state_dict(),
                 scheduler=optimisation.scheduler.state_dict(),
                 **({"scaler": optimisation.scaler.state_dict()} if optimisation.scaler is not None else {}),
                 **({"average": average.state_dict()} if average is not None else {}),
@@ -780,7 +783,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     _barrier(world_size)  # best.pt is complete before any rank reads it
 
     if not best_path.is_file() and is_main:  # epochs=0: evaluate the model as built
-        save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, crop_geometry=crop_geometry)
+        save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, **face_facts)
     _barrier(world_size)
     tested = test_best_checkpoint(cfg, model, loaders, best_path, execution, is_main)
     test_metrics, calibration, tta_metrics = tested["test"], tested["calibration"], tested["tta"]

@@ -32,6 +32,7 @@ class Evaluation:
     csv_path: Path  # the CSV of the faces analysed (after --exclude_csv)
     device: torch.device
     tag: str  # <run>__<csv stem>: names every output file
+    checkpoint: Path  # the model file analysed
 
 
 def analysis_dir(cfg: Config) -> Path:
@@ -59,7 +60,8 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
                         num_workers=cfg.num_workers, device=cfg.device, mixed_precision=cfg.mixed_precision,
                         seed=cfg.seed)
     csv_path = Path(cfg.test_csv) if cfg.test_csv else split_csv_path(model_cfg, "test")
-    tag = f"{checkpoint.parent.name}__{csv_path.stem}"
+    run = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem  # the shipped model: its name
+    tag = f"{run}__{csv_path.stem}"
     if cfg.exclude_csv:
         frame = read_dataset_csv(csv_path, model_cfg.max_age)
         kept = exclude_rows(frame, cfg.exclude_csv)
@@ -71,4 +73,4 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
         write_dataset_csv(kept, csv_path)
     print(f"checkpoint {checkpoint}: {trained_cfg.model_name}, head {trained_cfg.head}, {trained_cfg.image_size} px; "
           f"analysing {csv_path} with images from {data_dir}")
-    return Evaluation(model, model_cfg, csv_path, device, tag)
+    return Evaluation(model, model_cfg, csv_path, device, tag, checkpoint)

@@ -11,9 +11,21 @@ Writes: runs/analysis/<run>__<csv>_errors.csv: one row per group (grouping, grou
 Groupings: age decade, gender, ethnicity, gender x ethnicity. Unknown labels form no group. The largest gap is
 between the best and the worst group of a grouping among groups of at least MIN_GROUP_SIZE faces.
 
+Real photos, as a user's arrive (--detect=true): every photo goes through inference.py's own path (YuNet or
+MTCNN, alignment to the model's crop geometry, its match_training_resolution setting, --tta), the largest face of
+each photo is kept, and the photos without a usable face are counted and listed in
+runs/analysis/<tag>__detected_no_face.csv. Exact ages are scored as above (MAE, CS@5, groups, age gate); age bins
+(a FairFace CSV from eda.py --dataset_format=fairface) as the share of faces inside their bin and the mean distance
+to the bin in years (0 inside), overall, per bin, per gender and per ethnicity, with bootstrap intervals
+(<tag>_bins.csv) and a figure of the predicted age per bin over the bin's range (pics/errors_<tag>_bins.png). A
+bin is never turned into an exact age.
+
 Run:  python -m analysis.errors --checkpoint=checkpoints/<run>/best.pt
       python -m analysis.errors --checkpoint=... --data_dir=../shared/data/utkface200 \\
           --test_csv=csv_dataset/utk200/utkface_dataset.csv --exclude_csv=csv_dataset/train_set.csv
+      python eda.py --dataset_format=fairface --data_dir=../shared/data/fairface540 --csv_dir=csv_dataset/fairface540
+      python -m analysis.errors --detect=true --data_dir=../shared/data/fairface540 \\
+          --test_csv=csv_dataset/fairface540/fairface_dataset.csv
 """
 
 from __future__ import annotations
@@ -25,10 +37,23 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
-from analysis import analysis_dir, prepare_evaluation
+from analysis import Evaluation, analysis_dir, prepare_evaluation
 from config import Config, parse_config, print_config, save_figure, write_csv
-from custom_dataset_dataloader import ETHNICITIES, GENDERS, build_dataloader, decade_start
+from custom_dataset_dataloader import (
+    ETHNICITIES,
+    GENDERS,
+    age_bin_bounds,
+    build_dataloader,
+    decade_start,
+    describe_read_error,
+    distance_to_bins,
+    is_binned,
+    read_dataset_csv,
+    screen_rows,
+)
+from faces import build_detector
 from train import (
     ADULT_AGE,
     Execution,
@@ -167,6 +192,118 @@ def plot_reliability(probability: torch.Tensor, targets: torch.Tensor, path: Pat
     save_figure(figure, path)
 
 
+PHOTOS_PER_CALL = 256  # --detect: photos whose largest faces go through the model together (memory stays bounded)
+
+
+def predict_photos(cfg: Config, setup: Evaluation) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """--detect: every photo of the CSV through inference.py's own path (decoding, the detector, alignment to the
+    model's crop geometry, its resolution setting, TTA), keeping the largest face of each photo. Returns (the rows
+    with a face, with `predicted` and the face's box; the rows without one, with the reason)."""
+    from inference import AgePredictor, analysed_photos
+
+    frame = read_dataset_csv(setup.csv_path, setup.model_cfg.max_age)
+    frame, files = screen_rows(frame, setup.model_cfg.data_dir, setup.csv_path)
+    frame = frame.reset_index(drop=True)
+    predictor = AgePredictor(setup.checkpoint, setup.device, cfg.tta_views, cfg.match_training_resolution)
+    detector = build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
+    print(f"detecting faces with {detector.name}, {predictor.describe_resolution()}"
+          f"{', flip TTA' if cfg.tta else ''}{f', {cfg.tta_views} views' if cfg.tta_views > 1 else ''}")
+    paths = [Path(file.path) for file in files]
+    predicted, boxes, missing, pending = np.full(len(frame), np.nan), [None] * len(frame), {}, []
+
+    def predict_pending() -> None:
+        if pending:
+            ages = predictor.predict(np.stack([crop for _, crop in pending]), cfg.tta)
+            predicted[[index for index, _ in pending]] = ages
+            pending.clear()
+
+    photos = analysed_photos(paths, predictor, detector)
+    for index, (path, image, found) in enumerate(tqdm(photos, total=len(paths), desc="photos", leave=False)):
+        if isinstance(image, Exception):
+            missing[index] = f"not a readable image ({describe_read_error(image, path)})"
+        elif isinstance(found, Exception):
+            missing[index] = f"its faces could not be found ({type(found).__name__}: {found})"
+        elif not found.boxes:
+            missing[index] = "no face found"
+        else:
+            largest = int(np.argmax([width * height for _, _, width, height in found.boxes]))
+            boxes[index] = [round(float(value), 1) for value in found.boxes[largest]]
+            pending.append((index, found.crops[largest]))
+            if len(pending) == PHOTOS_PER_CALL:
+                predict_pending()
+    predict_pending()
+    frame["predicted"], frame["box"] = predicted, boxes
+    no_face = frame.loc[list(missing)].drop(columns=["predicted", "box"]).assign(reason=list(missing.values()))
+    return frame.drop(index=list(missing)).reset_index(drop=True), no_face.reset_index(drop=True)
+
+
+def bin_table(frame: pd.DataFrame, samples: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Binned labels (FairFace): per group (all, each bin, gender, ethnicity) the faces, the share whose predicted
+    age falls inside its bin and the mean distance to the bin in years (0 inside), each with a bootstrap 95 %
+    interval, and the median prediction. `frame` has age_bin, predicted, gender, ethnicity."""
+    generator = np.random.default_rng(seed)
+    distance = distance_to_bins(frame["predicted"].to_numpy(float), frame["age_bin"])
+    inside = (distance == 0).astype(float)
+    groupings = {"all": pd.Series("all", index=frame.index), "bin": frame["age_bin"],
+                 "gender": frame["gender"].where(frame["gender"].isin(GENDERS)),
+                 "ethnicity": frame["ethnicity"].where(frame["ethnicity"].isin(ETHNICITIES))}
+    rows = []
+    for grouping, labels in groupings.items():
+        order = sorted(labels.dropna().unique(), key=age_bin_bounds if grouping == "bin" else str)
+        for group in order:
+            chosen = (labels == group).to_numpy()
+            in_low, in_high = bootstrap_interval(inside[chosen], samples, generator)
+            distance_low, distance_high = bootstrap_interval(distance[chosen], samples, generator)
+            rows.append({"grouping": grouping, "group": group, "images": int(chosen.sum()),
+                         "inside_bin": inside[chosen].mean(), "inside_low": in_low, "inside_high": in_high,
+                         "distance": distance[chosen].mean(), "distance_low": distance_low,
+                         "distance_high": distance_high,
+                         "median_predicted": float(np.median(frame["predicted"].to_numpy(float)[chosen]))})
+    return pd.DataFrame(rows)
+
+
+def plot_bins(frame: pd.DataFrame, path: Path, title: str) -> None:
+    """Predicted age per labelled bin: each bin's range as a shaded box, the predictions as a box plot over it."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    from matplotlib.patches import Rectangle
+
+    order = sorted(frame["age_bin"].unique(), key=age_bin_bounds)
+    top = max(100.0, float(frame["predicted"].max()) + 5)
+    figure, axis = plt.subplots(figsize=(1.1 * len(order) + 3, 5.5))
+    for position, label in enumerate(order):
+        low, high = age_bin_bounds(label)
+        axis.add_patch(Rectangle((position - 0.45, low), 0.9, min(high, top) - low, color="tab:green", alpha=0.18,
+                                 linewidth=0, label="the labelled bin" if position == 0 else None))
+    sns.boxplot(data=frame, x="age_bin", y="predicted", order=order, color="tab:blue", fliersize=0, width=0.5,
+                ax=axis)
+    sns.stripplot(data=frame, x="age_bin", y="predicted", order=order, color="black", size=2, alpha=0.35, ax=axis)
+    axis.set(xlabel="labelled age bin", ylabel="predicted age (years)", ylim=(0, top), title=title)
+    axis.legend(loc="upper left")
+    save_figure(figure, path)
+
+
+def binned_report(cfg: Config, frame: pd.DataFrame, tag: str) -> dict[str, Any]:
+    """Score binned labels (bin_table), write the table, the per-face rows and the figure; returns the figures."""
+    table = bin_table(frame, cfg.bootstrap_samples, cfg.seed)
+    output = analysis_dir(cfg)
+    table_path, predictions_path = output / f"{tag}_bins.csv", output / f"{tag}_predictions.csv"
+    write_csv(table, table_path, "%.4f")
+    write_csv(frame, predictions_path, "%.4f")
+    overall = table[table["grouping"] == "all"].iloc[0]
+    plot_bins(frame, Path(cfg.pics_dir) / f"errors_{tag}_bins.png",
+              f"{tag}: {len(frame)} faces, {overall['inside_bin']:.1%} inside their bin, "
+              f"{overall['distance']:.2f} y from it on average")
+    print(f"\n{len(frame)} faces: {overall['inside_bin']:.1%} inside their bin "
+          f"({overall['inside_low']:.1%}-{overall['inside_high']:.1%}), mean distance to the bin "
+          f"{overall['distance']:.2f} y ({overall['distance_low']:.2f}-{overall['distance_high']:.2f})")
+    print(table[["grouping", "group", "images", "inside_bin", "distance", "median_predicted"]].to_string(
+        index=False, float_format="%.3f"))
+    print(f"wrote {table_path}, {predictions_path} and {Path(cfg.pics_dir)}/errors_{tag}_bins.png")
+    return {"table": table, "inside_bin": float(overall["inside_bin"]), "distance": float(overall["distance"]),
+            "images": len(frame), "table_path": str(table_path), "predictions_path": str(predictions_path)}
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Predict every face of the CSV, tabulate the errors per group, draw the figures; returns the table,
     the overall metrics and the output paths."""
@@ -175,6 +312,8 @@ def main(cfg: Config) -> dict[str, Any]:
     matplotlib.use("Agg")
     print_config(cfg, "analysis.errors")
     setup = prepare_evaluation(cfg)
+    if cfg.detect or is_binned(read_dataset_csv(setup.csv_path)):
+        return main_on_photos(cfg, setup)
     loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
     probabilistic = setup.model.head.has_probabilities
     metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device),
@@ -206,6 +345,54 @@ def main(cfg: Config) -> dict[str, Any]:
     print(f"age gate at {ADULT_AGE}: {shares}")
     print(f"wrote {table_path}, {predictions_path} and pics/errors_{setup.tag}_*.png")
     return {"table": table, "mae": metrics["mae"], "cs5": metrics["cs5"], "images": len(frame), "age_gate": gate,
+            "table_path": str(table_path), "predictions_path": str(predictions_path)}
+
+
+def main_on_photos(cfg: Config, setup: Evaluation) -> dict[str, Any]:
+    """--detect (or a CSV of age bins): photos through the detector, scored by bin or by exact age."""
+    if cfg.detect:
+        frame, no_face = predict_photos(cfg, setup)
+        tag = f"{setup.tag}__detected"
+        no_face_path = analysis_dir(cfg) / f"{tag}_no_face.csv"
+        write_csv(no_face, no_face_path)
+        print(f"\n{len(no_face)} of {len(frame) + len(no_face)} photos without a usable face (listed in "
+              f"{no_face_path})")
+        for row in no_face.head(10).itertuples():
+            print(f"  {row.image_name}: {row.reason}")
+    else:  # binned labels without --detect: the photos as they are, each resized whole
+        loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
+        metrics = evaluate(setup.model, loader, Execution.for_config(setup.model_cfg, setup.device))
+        frame = loader.dataset.frame.copy()
+        frame["predicted"], no_face, tag = metrics["predictions"], frame.iloc[:0], setup.tag
+    if frame.empty:
+        raise SystemExit(f"error: no face was found in any photo of {setup.csv_path}")
+    if is_binned(frame):
+        result = binned_report(cfg, frame, tag)
+    else:
+        result = exact_report(cfg, frame, tag)
+    return {**result, "no_face": len(no_face), "tag": tag}
+
+
+def exact_report(cfg: Config, frame: pd.DataFrame, tag: str) -> dict[str, Any]:
+    """Exact ages through the detector: MAE, CS@5 and the age gate overall, the group table and the figures."""
+    frame = frame.assign(error=frame["predicted"] - frame["age"])
+    errors = frame["error"].abs().to_numpy()
+    table = group_table(frame, cfg.bootstrap_samples, cfg.seed)
+    gate = age_gate_errors(torch.tensor(frame["age"].to_numpy()), torch.tensor(frame["predicted"].to_numpy()))
+    output = analysis_dir(cfg)
+    table_path, predictions_path = output / f"{tag}_errors.csv", output / f"{tag}_predictions.csv"
+    write_csv(table, table_path, "%.4f")
+    write_csv(frame, predictions_path, "%.4f")
+    title = f"{tag} ({len(frame)} faces, MAE {errors.mean():.2f})"
+    plot_groups(table, Path(cfg.pics_dir) / f"errors_{tag}_groups.png", title)
+    plot_scatter(frame, Path(cfg.pics_dir) / f"errors_{tag}_scatter.png", title)
+    mae, cs5 = float(errors.mean()), float((errors <= 5).mean())
+    print(f"\n{len(frame)} faces: MAE {mae:.2f}, bias {frame['error'].mean():+.2f}, CS@5 {cs5:.3f}")
+    print(table[["grouping", "group", "images", "mae", "bias"]].to_string(index=False, float_format="%.2f"))
+    shares = ", ".join(f"{key.replace('_', ' ')} {value:.1%}" for key, value in gate.items())
+    print(f"age gate at {ADULT_AGE}: {shares}")
+    print(f"wrote {table_path}, {predictions_path} and {Path(cfg.pics_dir)}/errors_{tag}_*.png")
+    return {"table": table, "mae": mae, "cs5": cs5, "images": len(frame), "age_gate": gate,
             "table_path": str(table_path), "predictions_path": str(predictions_path)}
 
 

@@ -188,14 +188,20 @@ def test_model_files_are_found_and_only_those_are_loaded(tmp_path, monkeypatch):
     import app
 
     monkeypatch.chdir(tmp_path)  # no demo_output/ here
+    shipped = app.SHIPPED_MODEL
+    monkeypatch.setattr(app, "SHIPPED_MODEL", tmp_path / "models" / "absent.pt")
     with pytest.raises(SystemExit, match=r"run python demo\.py"):
         app.find_model_files(Config(checkpoint_dir=str(tmp_path / "checkpoints")))
+    monkeypatch.setattr(app, "SHIPPED_MODEL", shipped)
+    if shipped.is_file():  # a fresh clone: the shipped model alone
+        assert list(app.find_model_files(Config(checkpoint_dir="checkpoints")).values()) == [shipped.resolve()]
     for run, name in (("old", "best.pt"), ("old", "model.onnx"), ("new", "best.pt"), ("new", "last.pt")):
         (tmp_path / "checkpoints" / run).mkdir(parents=True, exist_ok=True)
         (tmp_path / "checkpoints" / run / name).write_bytes(b"x")
         time.sleep(0.01)
     files = app.find_model_files(Config(checkpoint_dir="checkpoints"))
-    assert list(files) == ["checkpoints/new/best.pt", "checkpoints/old/model.onnx", "checkpoints/old/best.pt"]
+    own = ["checkpoints/new/best.pt", "checkpoints/old/model.onnx", "checkpoints/old/best.pt"]
+    assert list(files)[:3] == own and len(files) == 3 + shipped.is_file()  # one's own first, the shipped one last
     shelf = app.ModelShelf(files)
     with pytest.raises(app.InputError, match="unknown model"):
         shelf.predictor("/etc/passwd")
