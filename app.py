@@ -160,8 +160,10 @@ def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face
     size, interpolation = predictor.image_size, predictor.cfg.interpolation
     geometry = predictor.geometry_for(detector_name)
     crops = np.stack([geometry.crop(image, face.landmarks, size, interpolation) for face in faces])  # (N, 3, S, S)
+    pixels = predictor.as_seen(crops)  # what the model is given (shrunk to its training resolution when it asks)
     maps = compute_heatmaps(predictor.model, predictor.cfg.model_name,
-                            predictor.transform(torch.from_numpy(crops)).to(predictor.device))  # (N, S, S)
+                            predictor.transform(pixels).to(predictor.device))  # (N, S, S)
+    crops = pixels.numpy()
     gallery = []
     for index, (crop, heatmap, face) in enumerate(zip(crops, maps, faces, strict=True)):
         rgb = crop.transpose(1, 2, 0)  # (S, S, 3)

@@ -117,7 +117,7 @@ class Config:
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a warm-up of minutes; CPU: no gain)
     # --- hyperparameters_tuning.py ---
     tune_learning_rates: str = "1e-4,3e-4,1e-3,3e-3"  # comma-separated learning rates for steps 3 and 4
-    tune_weight_decays: str = "0,1e-4,1e-3"  # comma-separated weight decays for step 4
+    tune_weight_decays: str = "0,1e-4,1e-3,0.05"  # comma-separated weight decays for step 4 (0.05: the default's)
     tune_epochs: int = 3  # epochs per sweep trial (steps 3 and 4)
     tune_overfit_images: int = 1000  # step 2: size of the fixed training subset to overfit
     tune_overfit_epochs: int = 30  # step 2: epochs on that subset
@@ -381,6 +381,29 @@ def to_argv(cfg: Config, base: Config | None = None, always: tuple[str, ...] = (
 
 def print_config(cfg: Config, script: str) -> None:
     print(f"{script}: resolved config\n{describe(cfg)}", flush=True)
+
+
+# The fields that describe the experiment: data set, split files, model, head, preprocessing, augmentation,
+# optimiser, schedule, epochs, seed. The rest say where and how one run executes (device, workers, output folders,
+# caching, speed settings) or belong to one tool (inference, app, analysis, tuning grid, benchmarks, demo).
+RECIPE_FIELDS = (
+    "data_dir", "dataset_format", "labels_csv", "csv_dir", "image_size", "max_age", "normalize_mean", "normalize_std",
+    "interpolation", "flip", "rotation_degrees", "translate_fraction", "scale_jitter", "color_jitter",
+    "erase_probability", "mixup_alpha", "consistency_weight", "consistency_ramp_epochs", "resolution_probability",
+    "resolution_min_side", "blur_max_sigma", "jpeg_min_quality", "model_name", "pretrained", "dropout", "head",
+    "label_sigma", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale", "weight_decay", "momentum",
+    "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay", "accumulation_steps", "seed",
+)
+
+
+def recipe_hash(cfg: Config) -> str:
+    """12 hex digits naming the recipe (RECIPE_FIELDS) alone: equal for two runs of one experiment wherever and
+    however they run; tuning keys its trials on it, results.json records it."""
+    import hashlib
+
+    values = config_to_dict(cfg)
+    text = json.dumps({name: values[name] for name in RECIPE_FIELDS}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

@@ -6,9 +6,11 @@
    training loss going towards zero: the model and the optimisation can learn.
 3. A learning-rate sweep (tune_learning_rates) for tune_epochs epochs each.
 4. A learning-rate x weight-decay grid (tune_learning_rates x tune_weight_decays), one row per trial in
-   runs/tuning/grid.csv (lr, weight_decay, valid_mae, train_loss, seconds) and a heat-map pics/tuning_grid.png.
-   Trials are ranked by valid MAE, never by training loss. An interrupted sweep resumes: rows already in the CSV
-   are not run again.
+   runs/tuning/grid.csv (recipe, lr, weight_decay, valid_mae, train_loss, seconds) and a heat-map
+   pics/tuning_grid.png. Trials are ranked by valid MAE, never by training loss. Each row is keyed by the trial's
+   recipe (config.recipe_hash: model, head, data, augmentation, optimiser, lr, weight decay, epochs...): an
+   interrupted sweep resumes without running a finished trial again, and a sweep of another recipe (another
+   backbone, say) runs its own trials instead of reusing these.
 5. Print the command that trains the best setting for longer.
 
 Every trial is seeded by `seed` and runs in its own folder under runs/tuning/ and checkpoints/tuning/.
@@ -34,6 +36,7 @@ from config import (
     Config,
     parse_config,
     print_config,
+    recipe_hash,
     save_figure,
     seed_everything,
     to_argv,
@@ -42,7 +45,8 @@ from config import (
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import build_model
 
-GRID_COLUMNS = ("lr", "weight_decay", "valid_mae", "valid_cs5", "train_loss", "seconds")
+# recipe: config.recipe_hash of the trial (its lr, weight decay and epochs included), which marks it done
+GRID_COLUMNS = ("recipe", "lr", "weight_decay", "valid_mae", "valid_cs5", "train_loss", "seconds")
 
 
 def parse_values(text: str) -> list[float]:
@@ -98,7 +102,10 @@ def overfit_subset(cfg: Config) -> list[float]:
 def read_grid(path: Path) -> list[dict[str, float]]:
     if not path.is_file():
         return []
-    return pd.read_csv(path, dtype=float).to_dict("records")
+    frame = pd.read_csv(path, dtype={"recipe": str})
+    if "recipe" not in frame:  # a grid written before trials were keyed by their recipe: none of it can be matched
+        return []
+    return frame.to_dict("records")
 
 
 def write_grid(path: Path, rows: list[dict[str, float]]) -> None:
@@ -106,21 +113,28 @@ def write_grid(path: Path, rows: list[dict[str, float]]) -> None:
 
 
 def sweep(cfg: Config, path: Path, settings: list[tuple[float, float]]) -> list[dict[str, float]]:
-    """Run every (lr, weight_decay) not yet in the CSV at `path`; returns all rows, best valid MAE first."""
+    """Run every (lr, weight_decay) of this recipe not yet in the CSV at `path`; returns this recipe's rows, best
+    valid MAE first. Rows of other recipes (another model, head, data set...) stay in the CSV but are neither
+    skipped for nor ranked against."""
     rows = read_grid(path)
-    done = {(row["lr"], row["weight_decay"]) for row in rows}
+    done = {row["recipe"] for row in rows}
+    own = []
     for lr, weight_decay in settings:
-        if (lr, weight_decay) in done:
-            print(f"  lr={lr:g} weight_decay={weight_decay:g}: already in {path}, skipped")
+        trial = trial_config(cfg, f"{path.stem}_lr{lr:g}_wd{weight_decay:g}", lr=lr, weight_decay=weight_decay,
+                             epochs=cfg.tune_epochs)
+        recipe = recipe_hash(trial)
+        if recipe in done:
+            print(f"  lr={lr:g} weight_decay={weight_decay:g}: recipe {recipe} already in {path}, skipped")
+            own += [row for row in rows if row["recipe"] == recipe]
             continue
-        results = train.main(trial_config(cfg, f"{path.stem}_lr{lr:g}_wd{weight_decay:g}", lr=lr,
-                                          weight_decay=weight_decay, epochs=cfg.tune_epochs))
+        results = train.main(trial)
         history = results["history"]
-        rows.append({"lr": lr, "weight_decay": weight_decay, "valid_mae": results["best_valid_mae"],
+        rows.append({"recipe": recipe, "lr": lr, "weight_decay": weight_decay, "valid_mae": results["best_valid_mae"],
                      "valid_cs5": max(row["valid_cs5"] for row in history),
                      "train_loss": history[-1]["train_loss"], "seconds": sum(row["seconds"] for row in history)})
+        own.append(rows[-1])
         write_grid(path, rows)  # after every trial: an interrupted sweep loses at most one trial
-    return sorted(rows, key=lambda row: row["valid_mae"] if math.isfinite(row["valid_mae"]) else math.inf)
+    return sorted(own, key=lambda row: row["valid_mae"] if math.isfinite(row["valid_mae"]) else math.inf)
 
 
 def plot_grid(rows: list[dict[str, float]], path: Path) -> None:

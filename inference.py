@@ -295,10 +295,7 @@ class AgePredictor:
         if len(crops) == 0:
             return Predictions(np.zeros(0, dtype=np.float32))
         count = len(crops)
-        pixels = torch.from_numpy(np.ascontiguousarray(crops))  # (N, 3, S, S) uint8
-        if self.match_resolution:  # a sharp photo's crop holds detail the training faces never had
-            pixels = change_resolution(pixels, self.face_resolution)
-        images = self.transform(pixels)  # (N, 3, S, S) float
+        images = self.transform(self.as_seen(crops))  # (N, 3, S, S) float
         images = jittered_views(images, self.views)  # (V N, 3, S, S)
         if tta:
             images = torch.cat([images, images.flip(-1)])  # (2 V N, 3, S, S)
@@ -329,6 +326,13 @@ class AgePredictor:
             return values.view(-1, count).mean(0).numpy()  # (copies, N) -> (N,)
 
         return Predictions(merged(ages), merged(spreads), merged(probabilities))
+
+    def as_seen(self, crops: np.ndarray) -> torch.Tensor:
+        """uint8 crops (N, 3, S, S) -> the uint8 pixels (N, 3, S, S) the model is given: with match_resolution,
+        shrunk to the training faces' side and enlarged back (a sharp photo's crop holds detail the training faces
+        never had); otherwise the crops as they are."""
+        pixels = torch.from_numpy(np.ascontiguousarray(crops))
+        return change_resolution(pixels, self.face_resolution) if self.match_resolution else pixels
 
     def _on_device(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised images (N, 3, S, S) on the model's device, in the layout its weights are in (channels_last for

@@ -29,6 +29,7 @@ from custom_dataset_dataloader import (
     SPLITS,
     DataError,
     dataset_csv_path,
+    is_binned,
     read_dataset_csv,
     split_csv_path,
     write_dataset_csv,
@@ -149,6 +150,10 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py")
     frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
+    if is_binned(frame):
+        raise DataError(f"{dataset_csv_path(cfg)} has age bins, not exact ages (FairFace): it is an evaluation set, "
+                        "not split for training; score a model on it with python -m analysis.errors --detect=true "
+                        f"--test_csv={dataset_csv_path(cfg)}")
     repeated = frame["image_name"].duplicated()
     if repeated.any():  # one image in two splits would be the same face in training and test
         warnings.warn(f"{dataset_csv_path(cfg)}: {int(repeated.sum())} image(s) listed more than once (e.g. "

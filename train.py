@@ -52,6 +52,7 @@ from config import (
     config_to_dict,
     parse_config,
     print_config,
+    recipe_hash,
     resolve_device,
     save_figure,
     seed_everything,
@@ -327,11 +328,14 @@ def evaluate(
     total_loss, predictions, targets, kept = 0.0, [], [], []
     for images, ages, _, _ in loader:
         images, ages = execution.to_device(images, ages)
-        with execution.autocast():
-            outputs = plain.head_outputs(images)  # float32
-            predicted = plain.head.ages(outputs)  # (B,)
-            if tta:
-                predicted = 0.5 * (predicted + plain(images.flip(-1)))
+        with execution.autocast():  # the forward pass only: ages, loss and metrics below are computed in fp32
+            outputs = plain.head_outputs(images)  # (B, ...) in the autocast dtype
+            mirrored = plain.head_outputs(images.flip(-1)) if tta else None
+        # a DEX age (softmax times the age grid) summed in bf16 falls on quarter-year steps; in fp32 it does not
+        outputs = outputs.float()
+        predicted = plain.head.ages(outputs)  # (B,)
+        if mirrored is not None:
+            predicted = 0.5 * (predicted + plain.head.ages(mirrored.float()))
         total_loss += plain.head.loss(outputs, ages).item() * len(ages)  # the training loss, label_sigma included
         predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
@@ -589,11 +593,12 @@ def main(cfg: Config) -> dict[str, Any]:
             torch.distributed.destroy_process_group()
 
 
-# On --resume these come from the command line (where the run is read and written, so a copied run folder is
-# continued in place, never written back to where it was made; and how long and where it runs); every other
-# setting, the recipe, comes from the checkpoint.
-RESUME_FROM_COMMAND_LINE = ("data_dir", "csv_dir", "checkpoint_dir", "runs_dir", "pics_dir", "cache_dir", "epochs",
-                            "device", "num_workers")
+# On --resume the checkpoint_dir the run was found in is where it continues (a copied run folder is continued in
+# place, never written back to where it was made); each of these other settings is the stored one unless it is
+# typed on the resume command line, which then wins with a warning naming it (the data moved, a longer schedule,
+# another device); every other setting, the recipe, comes from the checkpoint.
+RESUME_FROM_COMMAND_LINE = ("data_dir", "csv_dir", "runs_dir", "pics_dir", "cache_dir", "epochs", "device",
+                            "num_workers")
 
 
 def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any] | None]:
@@ -604,13 +609,17 @@ def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any
     resume_from = find_resume_run(cfg)
     state = load_checkpoint(resume_from)
     stored = config_from_dict(state["config"], str(resume_from))
-    from_command_line = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE}
-    ignored = [name for name in cfg.given_keys if name not in RESUME_FROM_COMMAND_LINE
+    typed = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE if name in cfg.given_keys}
+    replaced = [f"{name}={value!r} (stored: {getattr(stored, name)!r})" for name, value in typed.items()
+                if value != getattr(stored, name)]
+    if replaced:
+        warnings.warn(f"--resume: the command line replaces the stored {', '.join(replaced)}", stacklevel=2)
+    ignored = [name for name in cfg.given_keys if name not in (*RESUME_FROM_COMMAND_LINE, "checkpoint_dir")
                and name not in ("resume", "run_name") and getattr(cfg, name) != getattr(stored, name)]
     if ignored:
         warnings.warn(f"--resume keeps the checkpoint's recipe, so these settings on the command line are ignored: "
                       f"{', '.join(ignored)} (start a new run to change them)", stacklevel=2)
-    cfg = replace(stored, **from_command_line, resume=True, run_name=resume_from.parent.name,
+    cfg = replace(stored, **typed, checkpoint_dir=cfg.checkpoint_dir, resume=True, run_name=resume_from.parent.name,
                   given_keys=cfg.given_keys)
     state["path"] = str(resume_from)
     return cfg, state
@@ -718,8 +727,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
         if is_main:
             print(f"resuming {run_name} from {resume_state['path']} at epoch {start_epoch} "
-                  f"(best valid MAE {best_valid_mae:.2f}); the recipe comes from the checkpoint, "
-                  f"{', '.join(RESUME_FROM_COMMAND_LINE)} from the command line")
+                  f"(best valid MAE {best_valid_mae:.2f}); every setting comes from the checkpoint but those typed "
+                  f"on the command line among {', '.join(RESUME_FROM_COMMAND_LINE)}")
     evaluated = average.module if average is not None else model  # the weights that are validated and kept
     writer = None
     if is_main:
@@ -776,8 +785,10 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         if writer is not None:
             writer.close()
         finished = f"{last_path} holds epoch {epoch - 1}" if last_path.is_file() else "no epoch had finished"
+        where = "" if cfg.checkpoint_dir == Config().checkpoint_dir else f" --checkpoint_dir={cfg.checkpoint_dir}"
         raise SystemExit(f"\ninterrupted during epoch {epoch}: {finished}; continue with "
-                         f"`python train.py --resume --run_name={run_name}`") from None
+                         f"`python train.py --resume --run_name={run_name}{where}` (the run's data, split files "
+                         "and epochs are stored in it)") from None
     if writer is not None:
         writer.close()
     _barrier(world_size)  # best.pt is complete before any rank reads it
@@ -792,6 +803,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
     results = {
         "run_name": run_name,
+        "recipe": recipe_hash(cfg),  # config.RECIPE_FIELDS hashed: names the experiment, not where it ran
         "test_mae": test_metrics["mae"],
         "test_rmse": test_metrics["rmse"],
         "test_cs5": test_metrics["cs5"],

@@ -61,6 +61,24 @@ def test_evaluate_metrics_are_consistent(split_config):
     assert len(metrics["predictions"]) == len(loader.dataset)
 
 
+def test_evaluation_computes_ages_in_fp32_under_bf16_autocast(split_config):
+    """The forward pass runs in the autocast dtype, the DEX age (softmax times the age grid) in fp32: under bf16 it
+    fell on quarter-year steps and moved each face by up to 0.4 y against an fp32 evaluation of the checkpoint."""
+    cfg = replace(split_config, head="dex")
+    model = build_model(cfg).eval()
+    model.set_age_statistics(30.0, 10.0)
+    with torch.no_grad():
+        for parameter in model.head.parameters():  # a spread-out distribution whose mean bf16 would round
+            parameter.normal_(0, 0.05)
+    loader = build_dataloader(cfg, "valid")
+    bf16 = train.evaluate(model, loader, train.Execution(torch.device("cpu"), torch.bfloat16), keep_outputs=True)
+    fp32_ages_of_the_same_outputs = model.head.ages(bf16["outputs"])
+    torch.testing.assert_close(torch.tensor(bf16["predictions"]), fp32_ages_of_the_same_outputs, atol=1e-4, rtol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # what the old code computed: visibly rounded
+        rounded = model.head.ages(bf16["outputs"]).float()
+    assert (rounded - fp32_ages_of_the_same_outputs).abs().max() > 1e-3
+
+
 def test_scheduler_warms_up_then_decays_to_zero(split_config):
     cfg = replace(split_config, epochs=4, warmup_epochs=1.0, scheduler="cosine")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -113,12 +131,33 @@ def test_resume_continues_from_last_checkpoint(split_config, monkeypatch):
     monkeypatch.setattr(train, "measure_training_crop_geometry", lambda *_: measured)
     train.main(cfg)
     monkeypatch.setattr(train, "measure_training_crop_geometry", lambda *_: pytest.fail("measured again on resume"))
-    resumed = train.main(replace(split_config, epochs=3, resume=True))  # newest run, extended to 3 epochs
+    resumed = train.main(replace(split_config, epochs=3, resume=True, given_keys=("epochs",)))  # extended to 3
     assert resumed["run_name"] == "resumable"
     assert [row["epoch"] for row in resumed["history"]] == [1, 2, 3]
     last = load_checkpoint(Path(cfg.checkpoint_dir) / "resumable" / "last.pt")
     assert last["epoch"] == 3 and last["crop_geometry"] == measured  # the geometry the run started with
     assert not (Path(cfg.checkpoint_dir) / "resumable_2").exists()
+
+
+@pytest.mark.slow
+def test_resume_with_nothing_typed_continues_the_stored_run_exactly(split_config):
+    """Only what the resume command line types replaces a stored setting (with a warning naming it): the data
+    folder, split files, epochs and output folders of the run are kept otherwise."""
+    stored = replace(split_config, epochs=2, run_name="stored", tune_epochs=7)
+    train.main(replace(stored, epochs=1))  # one epoch done; its checkpoint stores epochs=1
+    path = Path(stored.checkpoint_dir) / "stored" / "last.pt"
+    state = load_checkpoint(path)
+    state["config"]["epochs"] = 2  # as if interrupted after epoch 1 of 2
+    torch.save(state, path)
+    plain = train.Config(checkpoint_dir=stored.checkpoint_dir, resume=True, run_name="stored",
+                         given_keys=("checkpoint_dir", "resume", "run_name"))
+    cfg, _ = train.start_or_resume(plain, 1)
+    for name in ("data_dir", "csv_dir", "runs_dir", "pics_dir", "cache_dir", "device", "num_workers", "tune_epochs"):
+        assert getattr(cfg, name) == getattr(stored, name), name
+    assert cfg.epochs == 2 and cfg.checkpoint_dir == stored.checkpoint_dir
+    with pytest.warns(UserWarning, match=r"replaces the stored epochs=5 \(stored: 2\)"):
+        longer, _ = train.start_or_resume(replace(plain, epochs=5, given_keys=(*plain.given_keys, "epochs")), 1)
+    assert longer.epochs == 5 and longer.data_dir == stored.data_dir
 
 
 def test_resume_without_a_run_is_a_clear_error(split_config):
@@ -166,7 +205,7 @@ def test_training_with_a_weight_average_keeps_and_resumes_the_average(split_conf
     name = "backbone.conv1.weight"
     assert torch.equal(best["model"][name], averaged[name])  # best.pt holds the average
     assert not torch.equal(last["model"][name], averaged[name])  # last.pt keeps the raw weights for resuming
-    resumed = train.main(replace(cfg, epochs=2, resume=True, run_name="averaged"))
+    resumed = train.main(replace(cfg, epochs=2, resume=True, run_name="averaged", given_keys=("epochs",)))
     assert load_checkpoint(Path(resumed["last_checkpoint"]))["average"]["updates"] == 2 * last["average"]["updates"]
 
 

@@ -39,7 +39,18 @@ def test_five_steps_rank_by_valid_mae_and_resume_from_the_csv(split_config, monk
 
     calls = []
     monkeypatch.setattr(train, "main", lambda trial: calls.append(trial) or pytest.fail("re-ran a finished trial"))
-    assert len(tuning.sweep(cfg, grid_path, [(1e-3, 0.0), (3e-3, 1e-4)])) == 4 and calls == []
+    assert len(tuning.sweep(cfg, grid_path, [(1e-3, 0.0), (3e-3, 1e-4)])) == 2 and calls == []
+
+    # another recipe (here another head) in the same CSV runs its own trials instead of reusing these
+    def fake_training(trial):
+        calls.append(trial)
+        return {"best_valid_mae": 9.0, "history": [{"valid_cs5": 0.1, "train_loss": 1.0, "seconds": 0.1}]}
+
+    monkeypatch.setattr(train, "main", fake_training)
+    other = tuning.sweep(replace(cfg, head="dex"), grid_path, [(1e-3, 0.0), (3e-3, 1e-4)])
+    assert [(trial.head, trial.lr) for trial in calls] == [("dex", 1e-3), ("dex", 3e-3)]
+    assert [row["valid_mae"] for row in other] == [9.0, 9.0]  # ranked among its own trials only
+    assert len(tuning.read_grid(grid_path)) == 6
 
 
 def test_bad_value_lists_are_clear_errors():
