@@ -86,7 +86,7 @@ class Config:
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
     head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     label_sigma: float = 2.0  # dex: train on a Gaussian of this std (years) around the true age (0 = one-hot)
-    max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are capped)
+    max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are refused)
     # --- optimisation ---
     epochs: int = 10  # passes over the training set (20 gave the pretrained default no better test MAE: RESULTS.md)
     batch_size: int = 64  # images per step
@@ -113,7 +113,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:1 | mps
     num_workers: int = 2  # DataLoader worker processes (0 = load in the main process)
     channels_last: bool = True  # NHWC memory layout: faster convolutions on modern CPUs and GPUs
-    mixed_precision: bool = True  # bf16 autocast on CUDA (fp16 without bf16) and, for ResNets, on bf16 CPUs
+    mixed_precision: bool = True  # bf16 autocast on CUDA (fp16 without bf16), on bf16 CPUs (train.CPU_BF16_BACKBONES)
     compile: bool = False  # torch.compile the model (CUDA: faster steps after a warm-up of minutes; CPU: no gain)
     # --- hyperparameters_tuning.py ---
     tune_learning_rates: str = "1e-4,3e-4,1e-3,3e-3"  # comma-separated learning rates for steps 3 and 4

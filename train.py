@@ -7,12 +7,14 @@ Writes: checkpoints/<run_name>/best.pt (best valid MAE) and last.pt (every epoch
 
 Metrics: MAE in years, RMSE, CS@5 (the share of faces whose predicted age is within 5 years of the truth) and MAE
 per age decade; with --tta the test set is also evaluated with flip test-time augmentation.
-Speed: channels_last memory layout, bf16 autocast on CPUs with bf16 support (ResNets only: measured), bf16 (or
+Speed: channels_last memory layout, bf16 autocast on CPUs with bf16 support (the backbones in CPU_BF16_BACKBONES,
+where it was measured to pay; evaluation computes ages and metrics in fp32 after the forward pass), bf16 (or
 fp16 with loss scaling) autocast on CUDA, fused optimiser steps, and on the CPU the ResNets' convolutions on tiny
 maps computed as matrix products (model.MatmulConv2d). `python benchmark.py` measures them against the seed.
 
 Resume: `--resume` continues run_name (or the newest run in checkpoint_dir) from its last.pt with the stored
-config; only epochs, device and num_workers are taken from the command line, so a run can be extended.
+config; a setting of RESUME_FROM_COMMAND_LINE (data and output folders, epochs, device, workers) replaces the stored
+one only when typed on the resume command line, with a warning naming it, so a run can be extended or moved.
 
 Several GPUs (or processes): `torchrun --nproc_per_node=N train.py ...` runs DistributedDataParallel. batch_size
 stays the global batch (each rank takes batch_size / N images of it, drawn by a DistributedSampler reshuffled
