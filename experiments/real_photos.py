@@ -5,12 +5,15 @@ Reads:  --checkpoint (one or more model files, comma-separated; default: the new
         shipped model), ../shared/data/utkface64 with csv_dataset/test_set.csv (eda.py + split_dataset.py),
         ../shared/data/fairface540 with csv_dataset/fairface540/fairface_dataset.csv (eda.py
         --dataset_format=fairface), ../shared/data/utkface200 for the pasted scenes.
-Writes: results/real_photos.csv (one row per model file and setting; appended rows replace earlier ones of the
-        same file and setting) and runs/analysis/ (analysis.errors' tables for FairFace); prints the table.
+Writes: results/real_photos.csv (one row per model file and setting; a rerun replaces the rows of its own files
+        and settings), results/real_photos_fairface_groups.csv (FairFace-540 per bin and gender, the same rows)
+        and runs/analysis/ (analysis.errors' tables and figures); prints the table.
 
 For each setting (match_training_resolution false, then true):
 - UTKFace test MAE / CS@5: every test face as the training cache sees it (load_image at the model's size) through
   inference.AgePredictor, so the resolution setting applies as it does to a user's crop (64 px faces: ~no-op);
+  and the same predictions scored as FairFace's bins are (the share inside the bin of each face's true age, the
+  distance to it): what the model reaches on faces like its training faces, the reference for FairFace's figures;
 - FairFace-540: analysis.errors --detect=true (YuNet, alignment, the largest face): share inside the bin, mean
   distance to the bin, photos without a face;
 - crop proof: benchmark_inference.detection_proof on 100 pasted scenes (YuNet), mean |age of the detected crop -
@@ -33,14 +36,23 @@ import pandas as pd
 import torch
 
 from config import Config, parse_config, print_config, write_csv
-from custom_dataset_dataloader import change_resolution, load_image, read_dataset_csv, screen_rows
+from custom_dataset_dataloader import (
+    age_bin_bounds,
+    change_resolution,
+    distance_to_bins,
+    load_image,
+    read_dataset_csv,
+    screen_rows,
+)
 from model import newest_checkpoint
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 UTKFACE_TEST = (SHARED / "utkface64", Path("csv_dataset/test_set.csv"))
 FAIRFACE = (SHARED / "fairface540", Path("csv_dataset/fairface540/fairface_dataset.csv"))
 SCENE_FACES = SHARED / "utkface200"
+FAIRFACE_BINS = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
 RESULTS_CSV = Path("results/real_photos.csv")
+BINS_CSV = Path("results/real_photos_fairface_groups.csv")  # FairFace-540 per bin and gender, each model and setting
 
 
 def test_split_mae(predictor: Any, tta: bool) -> dict[str, float]:
@@ -53,9 +65,24 @@ def test_split_mae(predictor: Any, tta: bool) -> dict[str, float]:
         crops = np.stack([load_image(file.path, predictor.image_size, predictor.cfg.interpolation)
                           for file in files[start:start + 256]])
         predicted.append(predictor.predict(crops, tta))
-    errors = np.abs(np.concatenate(predicted) - ages)
+    predicted = np.concatenate(predicted)
+    errors = np.abs(predicted - ages)
+    # the same predictions scored as FairFace scores its bins: what share of in-distribution faces, with exact
+    # labels, this model puts inside a ten-year bin (the reference for FairFace's share)
+    bins = pd.Series([bin_of(age) for age in ages])
+    distance = distance_to_bins(predicted, bins)
     return {"utk64_test_mae": float(errors.mean()), "utk64_test_cs5": float((errors <= 5).mean()),
-            "utk64_test_faces": len(errors)}
+            "utk64_test_faces": len(errors), "utk64_test_inside_fairface_bin": float((distance == 0).mean()),
+            "utk64_test_distance_fairface_bin": float(distance.mean())}
+
+
+def bin_of(age: float) -> str:
+    """FairFace's bin label of an exact age: 0-2, 3-9, 10-19, ..., 60-69, more than 70."""
+    for label in FAIRFACE_BINS:
+        low, high = age_bin_bounds(label)
+        if low <= age < high:
+            return label
+    raise ValueError(f"age {age} falls in no FairFace bin")
 
 
 def resolution_cost(image_size: int, side: int, repeats: int = 50) -> float:
@@ -85,6 +112,7 @@ def measure(cfg: Config, checkpoint: Path, match: bool) -> dict[str, Any]:
         match_training_resolution=match, given_keys=(*cfg.given_keys, "data_dir")))
     row |= {"fairface_inside_bin": fairface["inside_bin"], "fairface_distance": fairface["distance"],
             "fairface_no_face": fairface["no_face"]}
+    row["groups"] = fairface["table"].assign(model=str(checkpoint), match_training_resolution=match, tta=cfg.tta)
     proof = detection_proof(predictor, sorted(SCENE_FACES.glob("*.jpg")), scenes=100, seed=cfg.seed,
                             detector_name="yunet", tta=cfg.tta)
     row |= {"crop_proof_mean_abs_difference": proof["mean_abs_age_difference"],
@@ -99,17 +127,24 @@ def main(cfg: Config) -> pd.DataFrame:
     print_config(cfg, "experiments.real_photos")
     checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or [newest_checkpoint(cfg)]
     rows = [measure(cfg, checkpoint, match) for checkpoint in checkpoints for match in (False, True)]
-    table = pd.DataFrame(rows)
-    if RESULTS_CSV.is_file():  # keep the rows of other model files and settings
-        earlier = pd.read_csv(RESULTS_CSV)
-        keys = ["model", "match_training_resolution", "tta"]
-        fresh = pd.MultiIndex.from_frame(table[keys].astype(str))
-        earlier = earlier[~pd.MultiIndex.from_frame(earlier[keys].astype(str)).isin(fresh)]
-        table = pd.concat([earlier, table], ignore_index=True)
+    groups = pd.concat([row.pop("groups") for row in rows], ignore_index=True)
+    table = merged(pd.DataFrame(rows), RESULTS_CSV)
     write_csv(table, RESULTS_CSV, "%.4f")
+    write_csv(merged(groups, BINS_CSV), BINS_CSV, "%.4f")
     print(table.to_string(index=False, float_format="%.3f"))
-    print(f"wrote {RESULTS_CSV}")
+    print(f"wrote {RESULTS_CSV} and {BINS_CSV}")
     return table
+
+
+def merged(fresh: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """`fresh` after the rows of `path` that belong to other model files or settings (a rerun replaces its own)."""
+    if not path.is_file():
+        return fresh
+    earlier = pd.read_csv(path)
+    keys = ["model", "match_training_resolution", "tta"]
+    replaced = pd.MultiIndex.from_frame(earlier[keys].astype(str)).isin(
+        pd.MultiIndex.from_frame(fresh[keys].astype(str)))
+    return pd.concat([earlier[~replaced], fresh], ignore_index=True)
 
 
 if __name__ == "__main__":
