@@ -310,8 +310,8 @@ def change_resolution(pixels: torch.Tensor, side: int) -> torch.Tensor:
         return pixels
     if pixels.device.type != "cpu":  # uint8 resampling exists on the CPU only
         return change_resolution(pixels.cpu(), side).to(pixels.device)
-    # on uint8 directly: torch's uint8 kernels are 8-16x faster than the same filters in float (RESULTS.md, "Real
-    # photos"); antialias=True when enlarging is the plain bilinear filter
+    # on uint8 directly: torch has vectorised uint8 kernels for these filters (the cost per face is in RESULTS.md,
+    # "Real photos"); antialias=True when enlarging is the plain bilinear filter
     small = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
     return F.interpolate(small, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 

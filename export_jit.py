@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from config import Config, UsageError, atomic_write_path, config_to_dict, parse_config, print_config
-from model import fold_batch_norms, load_model, newest_checkpoint, write_half_precision_checkpoint
+from model import SHIPPED_MODEL, fold_batch_norms, load_model, newest_checkpoint, write_half_precision_checkpoint
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3, "half": 0.25}
@@ -287,7 +287,11 @@ def main(cfg: Config) -> dict:
     if cfg.format == "half":
         return export_half(cfg, checkpoint_path, model, size)
     suffix = "onnx" if cfg.format == "onnx" else "torchscript"
-    final_path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"model.{suffix}")
+    # beside the checkpoint; the shipped model's exports go to checkpoint_dir/<its name>/, not into models/
+    folder = (Path(cfg.checkpoint_dir) / SHIPPED_MODEL.stem if checkpoint_path.resolve() == SHIPPED_MODEL.resolve()
+              else checkpoint_path.parent)
+    final_path = Path(cfg.output) if cfg.output else folder / f"model.{suffix}"
+    final_path.parent.mkdir(parents=True, exist_ok=True)
     claim_output(final_path, checkpoint_path)
     # exported under a temporary name and renamed only once the parity check passes: a failed export leaves an
     # earlier good one in place
