@@ -4,10 +4,12 @@
     python -m analysis.sensitivity  MAE under growing brightness, blur, noise, JPEG, rotation, occlusion, ...
     python -m analysis.heatmaps     Grad-CAM maps per age group (CNNs; Grad-CAM on the token grid for the ViT)
 
-Every analysis takes --checkpoint (default: the newest checkpoints/*/best.pt) and --test_csv (default: that
-checkpoint's own test split). Images are read and resized exactly as the checkpoint was trained (its image size
-and normalisation, from the config stored in it), so a CSV of another data set gives a cross-data-set result:
-pass its --data_dir and --test_csv, and --exclude_csv to leave out faces that the training set also holds.
+Every analysis takes --checkpoint (default: the newest checkpoints/*/best.pt, else the shipped model) and
+--test_csv (default: that checkpoint's own test split; with --data_dir and --dataset_format typed instead, the
+whole folder read in that layout, e.g. --dataset_format=fairface --data_dir=../shared/data/fairface540). Images
+are read and resized exactly as the checkpoint was trained (its image size and normalisation, from the config
+stored in it), so a CSV of another data set gives a cross-data-set result: pass its --data_dir and --test_csv, and
+--exclude_csv to leave out faces that the training set also holds.
 """
 
 from __future__ import annotations
@@ -47,6 +49,19 @@ def exclude_rows(frame: pd.DataFrame, exclude_csv: str) -> pd.DataFrame:
     return frame[~frame["image_name"].map(lambda name: Path(name).name).isin(names)]
 
 
+def scanned_csv(cfg: Config) -> Path:
+    """--data_dir and --dataset_format typed, no --test_csv: the folder read in its layout by eda.scan_folder (all
+    of it: another data set's photos are test faces for this model), written to runs/analysis/ as a project CSV."""
+    import eda
+
+    frame, _, _ = eda.scan_folder(cfg.data_dir, check_images=False, dataset_format=cfg.dataset_format,
+                                  labels_csv=cfg.labels_csv)
+    path = analysis_dir(cfg) / f"{Path(cfg.data_dir).resolve().name}_{cfg.dataset_format}.csv"
+    write_dataset_csv(frame, path)
+    print(f"read {len(frame)} labelled images of {cfg.data_dir} ({cfg.dataset_format}) into {path}")
+    return path
+
+
 def prepare_evaluation(cfg: Config) -> Evaluation:
     """Load the checkpoint and resolve the CSV: data_dir and csv_dir come from the command line when given,
     otherwise from the checkpoint (its own test split)."""
@@ -59,7 +74,12 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
                         use_cache=cfg.use_cache, loading=cfg.loading, batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, device=cfg.device, mixed_precision=cfg.mixed_precision,
                         seed=cfg.seed)
-    csv_path = Path(cfg.test_csv) if cfg.test_csv else split_csv_path(model_cfg, "test")
+    if cfg.test_csv:
+        csv_path = Path(cfg.test_csv)
+    elif "dataset_format" in cfg.given_keys and "data_dir" in cfg.given_keys:
+        csv_path = scanned_csv(cfg)  # a data set folder in its own layout, read as eda.py reads it
+    else:
+        csv_path = split_csv_path(model_cfg, "test")
     run = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem  # the shipped model: its name
     tag = f"{run}__{csv_path.stem}"
     if cfg.exclude_csv:

@@ -23,9 +23,7 @@ bin is never turned into an exact age.
 Run:  python -m analysis.errors --checkpoint=checkpoints/<run>/best.pt
       python -m analysis.errors --checkpoint=... --data_dir=../shared/data/utkface200 \\
           --test_csv=csv_dataset/utk200/utkface_dataset.csv --exclude_csv=csv_dataset/train_set.csv
-      python eda.py --dataset_format=fairface --data_dir=../shared/data/fairface540 --csv_dir=csv_dataset/fairface540
-      python -m analysis.errors --detect=true --data_dir=../shared/data/fairface540 \\
-          --test_csv=csv_dataset/fairface540/fairface_dataset.csv
+      python -m analysis.errors --detect=true --dataset_format=fairface --data_dir=../shared/data/fairface540
 """
 
 from __future__ import annotations

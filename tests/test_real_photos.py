@@ -187,6 +187,20 @@ def test_a_binned_csv_is_refused_for_training(tmp_path, face_folder, split_confi
         build_dataloader(replace(split_config, data_dir=str(release), csv_dir=str(csv_dir)), "train")
 
 
+def test_a_data_set_folder_is_analysed_in_its_own_layout_with_no_csv(tmp_path, face_folder):
+    """analysis --dataset_format=fairface --data_dir=<release> with no --test_csv reads the folder as eda.py does."""
+    from analysis import prepare_evaluation
+    from config import Config, folders_under
+
+    release = tmp_path / "fairface"
+    bins = _fairface_release(release, face_folder)
+    cfg = replace(Config(), **folders_under(tmp_path), checkpoint=str(SHIPPED_MODEL), device="cpu",
+                  dataset_format="fairface", data_dir=str(release), given_keys=("dataset_format", "data_dir"))
+    setup = prepare_evaluation(cfg)
+    frame = read_dataset_csv(setup.csv_path)
+    assert setup.model_cfg.data_dir == str(release) and sorted(frame["age_bin"]) == sorted(bins)
+
+
 def test_a_bad_bin_row_is_skipped_with_a_warning(tmp_path):
     path = tmp_path / "labels.csv"
     path.write_text("image_name,age,gender,ethnicity,age_bin\na.jpg,,male,white,30-39\nb.jpg,,male,white,old\n")
