@@ -246,6 +246,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
             raise SystemExit(f"error: expected --key=value, got {argument!r}")
         key, has_value, value = argument[2:].partition("=")
         key = key.replace("-", "_")
+        if key in changes:  # which one was meant is not ours to guess
+            raise SystemExit(f"error: --{key} is given twice on the command line; give it once")
         if key not in types_by_name:
             valid = ", ".join(sorted(types_by_name))
             raise SystemExit(f"error: unknown setting --{key}. Valid settings: {valid}")
@@ -283,7 +285,7 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
 }
 
 
-def _range_problem(name: str, value: float) -> str | None:
+def range_problem(name: str, value: float) -> str | None:
     """Why `value` is outside RANGES[name] (None when inside)."""
     low, high = RANGES[name]
     low_open, low = (True, low[1]) if isinstance(low, tuple) else (False, low)
@@ -298,7 +300,7 @@ def _range_problem(name: str, value: float) -> str | None:
 def validate(cfg: Config, source: str = "") -> None:
     """Stop with a clear message if a setting is out of range or settings contradict each other; `source` names
     the file a stored config came from."""
-    problems = [problem for name in RANGES if (problem := _range_problem(name, getattr(cfg, name)))]
+    problems = [problem for name in RANGES if (problem := range_problem(name, getattr(cfg, name)))]
     types_by_name = _field_types()
     for name, annotation in types_by_name.items():  # every enumerated setting, from its Literal type
         if typing.get_origin(annotation) is Literal and getattr(cfg, name) not in typing.get_args(annotation):

@@ -618,6 +618,12 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     cfg = resolve_preprocessing(cfg)
     path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
     frame = read_dataset_csv(path, cfg.max_age)
+    repeated = frame["image_name"].duplicated()
+    if repeated.any():  # a million copies of one row would train on a million copies and cache them all
+        lines = ", ".join(str(index + 2) for index in frame.index[repeated][:10])
+        warnings.warn(f"{path}: {int(repeated.sum())} row(s) repeat an image listed before and are dropped (lines "
+                      f"{lines}{', ...' if repeated.sum() > 10 else ''}); each image is used once", stacklevel=2)
+        frame = frame[~repeated].reset_index(drop=True)
     if not Path(cfg.data_dir).is_dir():
         raise DataError(
             f"data_dir={cfg.data_dir} is not a folder. Pass the folder given to eda.py, e.g. --data_dir=data/UTKFace."

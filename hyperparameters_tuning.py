@@ -36,6 +36,7 @@ from config import (
     Config,
     parse_config,
     print_config,
+    range_problem,
     recipe_hash,
     save_figure,
     seed_everything,
@@ -49,11 +50,19 @@ from model import build_model
 GRID_COLUMNS = ("recipe", "lr", "weight_decay", "valid_mae", "valid_cs5", "train_loss", "seconds")
 
 
-def parse_values(text: str) -> list[float]:
+def parse_values(text: str, setting: str = "lr") -> list[float]:
+    """The comma-separated values of a tune_* list, each checked against the range of `setting` (config.RANGES:
+    NaN, infinite or negative values stop here, before any trial runs)."""
     try:
-        return [float(value) for value in text.split(",") if value.strip()]
+        values = [float(value) for value in text.split(",") if value.strip()]
     except ValueError:
         raise SystemExit(f"error: expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise SystemExit(f"error: expected at least one number for {setting}, got {text!r}")
+    problems = [problem for value in values if (problem := range_problem(setting, value))]
+    if problems:
+        raise SystemExit(f"error: {text!r}: {'; '.join(problems)}")
+    return values
 
 
 def trial_config(cfg: Config, name: str, **changes) -> Config:
@@ -161,7 +170,8 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
 def main(cfg: Config) -> dict:
     """The five steps; returns the step results and the best (lr, weight_decay) by valid MAE."""
     print_config(cfg, "hyperparameters_tuning.py")
-    learning_rates, weight_decays = parse_values(cfg.tune_learning_rates), parse_values(cfg.tune_weight_decays)
+    learning_rates = parse_values(cfg.tune_learning_rates, "lr")
+    weight_decays = parse_values(cfg.tune_weight_decays, "weight_decay")
     tuning_dir = Path(cfg.runs_dir) / "tuning"
     step1 = initial_loss(cfg)
     step2 = overfit_subset(cfg)

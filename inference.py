@@ -719,7 +719,7 @@ def main(cfg: Config) -> list[dict[str, Any]]:
           f"{predictor.describe_resolution()}{faces}")
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
-    if cfg.input.isdigit():
+    if cfg.input.isascii() and cfg.input.isdigit():  # a camera index ('²'.isdigit() is true, int('²') fails)
         output = Path(cfg.output) if cfg.output else None
         if output is not None:
             _check_video_output(output, [])

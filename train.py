@@ -514,14 +514,26 @@ def find_resume_run(cfg: Config) -> Path:
     return candidates[-1]
 
 
-def new_run_name(cfg: Config) -> str:
-    """run_name, or <model>_<date>_<time>; a suffix keeps an existing run folder from being overwritten."""
+def new_run_name(cfg: Config, claim: bool = True) -> str:
+    """run_name, or <model>_<date>_<time>, with a suffix where that run exists. With `claim` its checkpoint folder
+    is created here, atomically (mkdir without exist_ok): of two trainings started with one run_name at once, one
+    gets the name and the other the next suffix, so no folder ever mixes two runs."""
     base = cfg.run_name or f"{cfg.model_name}_{datetime.now():%Y%m%d_%H%M%S}"
+    Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     name, suffix = base, 1
-    while (Path(cfg.checkpoint_dir) / name).exists() or (Path(cfg.runs_dir) / name).exists():
+    while True:
+        folder = Path(cfg.checkpoint_dir) / name
+        if not (Path(cfg.runs_dir) / name).exists():
+            if not claim and not folder.exists():
+                return name
+            if claim:
+                try:
+                    folder.mkdir()  # atomic: exactly one of two racing processes creates it
+                    return name
+                except FileExistsError:
+                    pass
         suffix += 1
         name = f"{base}_{suffix}"
-    return name
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
@@ -607,7 +619,8 @@ def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any
     """The run's config and, with --resume, the last.pt state to continue from (RESUME_FROM_COMMAND_LINE says
     which settings come from where)."""
     if not cfg.resume:
-        return replace(cfg, run_name=_broadcast(new_run_name(cfg), world_size)), None
+        is_main = world_size == 1 or torch.distributed.get_rank() == 0  # one rank claims the folder
+        return replace(cfg, run_name=_broadcast(new_run_name(cfg, claim=is_main), world_size)), None
     resume_from = find_resume_run(cfg)
     state = load_checkpoint(resume_from)
     stored = config_from_dict(state["config"], str(resume_from))

@@ -5,7 +5,9 @@ run in a thread with a deadline), and every file that existed before it is byte-
 
 The classes: outputs that would replace an input or a user's file; non-regular files (FIFOs) and symlink loops;
 the data folder as a boundary; labels out of range or listed twice; too little data to split; stored configs as
-input; settings out of range; per-file failures in folder inference; malformed or non-UTF-8 CSVs; NaN results.
+input; settings out of range; per-file failures in folder inference; malformed or non-UTF-8 CSVs; NaN results;
+and (the third round) a run folder claimed atomically, repeated split rows used once, inputs that only look like a
+camera index, NaN / infinite / negative tuning lists, a flag given twice.
 """
 
 from __future__ import annotations
@@ -405,3 +407,51 @@ def test_nan_predictions_are_null_in_json_and_drawn_as_a_question_mark():
     assert inference._age_text(face.age) == "?"
     canvas = inference.draw_faces(np.zeros((64, 64, 3), np.uint8), [face])
     assert canvas.shape == (64, 64, 3)
+
+
+# --- 7. the third round: run folders, repeated rows, odd inputs, tuning lists, repeated flags ----------------
+
+def test_two_trainings_with_one_run_name_never_share_a_folder(workspace, tmp_path):
+    """The run folder is claimed by an atomic mkdir: a second claim of the same name (another training started at
+    the same moment, before either wrote anything) gets the next suffix."""
+    cfg = replace(workspace["cfg"], checkpoint_dir=str(tmp_path / "checkpoints"), runs_dir=str(tmp_path / "runs"),
+                  run_name="same")
+    first, second = train.new_run_name(cfg), train.new_run_name(cfg)
+    assert (first, second) == ("same", "same_2")
+    assert (tmp_path / "checkpoints" / "same").is_dir() and (tmp_path / "checkpoints" / "same_2").is_dir()
+    assert train.new_run_name(cfg, claim=False) == "same_3" and not (tmp_path / "checkpoints" / "same_3").exists()
+
+
+def test_a_split_listing_one_image_many_times_uses_it_once(workspace, tmp_path):
+    cfg = replace(workspace["cfg"], csv_dir=str(tmp_path / "csv"), cache_dir=str(tmp_path / "cache"))
+    rows = read_dataset_csv(Path(workspace["cfg"].csv_dir) / "train_set.csv")
+    repeated = pd.concat([rows.head(5)] + [rows.head(1)] * 2000, ignore_index=True)
+    Path(cfg.csv_dir).mkdir()
+    repeated.to_csv(Path(cfg.csv_dir) / "train_set.csv", index=False)
+    result = {}
+    _, caught = run_case(tmp_path, lambda: result.setdefault("dataset", build_dataset(cfg, "train")))
+    assert len(result["dataset"]) == 5 and "2000 row(s) repeat an image" in caught and "lines 7, 8" in caught
+
+
+@pytest.mark.parametrize("text", ["²", "٣x", "0x1"])
+def test_an_input_that_only_looks_like_a_camera_index_is_a_path(workspace, tmp_path, text):
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={text}"))
+    assert "neither a file, a folder nor a camera index" in message
+
+
+@pytest.mark.parametrize(("setting", "text"), [
+    ("tune_learning_rates", "1e-3,nan"), ("tune_learning_rates", "inf"), ("tune_learning_rates", "-1e-3"),
+    ("tune_weight_decays", "0,-0.1"), ("tune_weight_decays", ","),
+])
+def test_a_bad_tuning_list_stops_before_any_trial(workspace, tmp_path, monkeypatch, setting, text):
+    import hyperparameters_tuning
+
+    monkeypatch.setattr(hyperparameters_tuning, "initial_loss", lambda cfg: pytest.fail("a step ran"))
+    cfg = replace(workspace["cfg"], **{setting: text}, runs_dir=str(tmp_path / "runs"))
+    message, _ = run_case(tmp_path, lambda: hyperparameters_tuning.main(cfg))
+    assert message.startswith("error: ") and ("must lie in" in message or "at least one number" in message)
+
+
+def test_a_flag_given_twice_is_refused():
+    with pytest.raises(SystemExit, match="--lr is given twice"):
+        parse_config(["--lr=1e-3", "--epochs=2", "--lr=3e-3"])
