@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from config import Config, UsageError, atomic_write_path, config_to_dict, parse_config, print_config
+from faces import geometries_from_dict
 from model import SHIPPED_MODEL, fold_batch_norms, load_model, newest_checkpoint, write_half_precision_checkpoint
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
@@ -274,6 +275,11 @@ def main(cfg: Config) -> dict:
         raise SystemExit("error: --quantize=int8 is for ONNX Runtime; add --format=onnx")
     checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")
+    try:  # carried into the export as it is, so checked here as inference checks it
+        geometries_from_dict(checkpoint.get("crop_geometry"))
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ExportError(f"{checkpoint_path}: its stored crop geometry is damaged ({error}); nothing was "
+                          "exported") from None
     model = model.float().eval()
     # the model inference.py runs for a .pt file (batch norms folded into the convolutions), so that the export and
     # the checkpoint give the same ages

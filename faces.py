@@ -445,7 +445,19 @@ class CropGeometry:
         points = np.asarray(values["landmarks"], dtype=np.float64)  # ValueError / TypeError for garbage
         if points.shape != (5, 2) or not np.isfinite(points).all() or np.abs(points).max() > 4:
             raise ValueError(f"crop geometry landmarks must be 5 (x, y) pairs in crop units, got {values['landmarks']}")
-        return cls(tuple(tuple(float(value) for value in point) for point in points), int(values.get("measured_on", 0)))
+        # a face: the eyes apart, the mouth below them, not on one line (a degenerate geometry would align every
+        # face to a sliver and give silent nonsense)
+        left_eye, right_eye, _, left_mouth, right_mouth = points
+        eyes, mouth = right_eye - left_eye, (left_mouth + right_mouth) / 2 - (left_eye + right_eye) / 2
+        spread = abs(eyes[0] * mouth[1] - eyes[1] * mouth[0])  # twice the triangle's area, in crop units
+        if np.hypot(*eyes) < 0.05 or spread < 0.005:
+            raise ValueError(f"crop geometry landmarks {values['landmarks']} do not describe a face (coincident or "
+                             "collinear points)")
+        measured_on = values.get("measured_on", 0)
+        if isinstance(measured_on, bool) or not isinstance(measured_on, int | float) or not (
+                math.isfinite(measured_on) and 0 <= measured_on <= 10**9):
+            raise ValueError(f"crop geometry measured_on={measured_on!r} is not a count of images")
+        return cls(tuple(tuple(float(value) for value in point) for point in points), int(measured_on))
 
 
 # Used for checkpoints that carry no landmark geometry (trained on data the detector found too few faces in, or

@@ -455,3 +455,20 @@ def test_a_bad_tuning_list_stops_before_any_trial(workspace, tmp_path, monkeypat
 def test_a_flag_given_twice_is_refused():
     with pytest.raises(SystemExit, match="--lr is given twice"):
         parse_config(["--lr=1e-3", "--epochs=2", "--lr=3e-3"])
+
+
+@pytest.mark.parametrize(("geometry", "expected"), [
+    ({"landmarks": DEFAULT_CROP_GEOMETRY.to_dict()["landmarks"], "measured_on": float("inf")}, "measured_on"),
+    ({"landmarks": [[0, 0]] * 5, "measured_on": 10}, "do not describe a face"),
+    ({"landmarks": [[0.3, 0.3], [0.7, 0.3], [0.5, 0.3], [0.35, 0.3], [0.65, 0.3]], "measured_on": 10},
+     "do not describe a face"),
+])
+def test_a_degenerate_stored_crop_geometry_is_refused_by_inference_and_export(workspace, tmp_path, geometry,
+                                                                              expected):
+    path = tmp_path / "odd" / "best.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, workspace["model"], workspace["model_cfg"], crop_geometry={"yunet": geometry})
+    message, _ = run_case(tmp_path, lambda: inference.AgePredictor(path))
+    assert str(path) in message and expected in message
+    message, _ = run_case(tmp_path, lambda: export_jit.main(replace(Config(), checkpoint=str(path))))
+    assert str(path) in message and expected in message and not (path.parent / "model.torchscript").exists()
