@@ -262,6 +262,11 @@ class AgePredictor:
                           stacklevel=2)
         self.transform = build_transforms(self.cfg, train=False)
         self.image_size = self.cfg.image_size
+        if self.kind != "checkpoint":  # load_model refuses a .pt with NaN weights; an export is asked once
+            gray = np.full((1, 3, self.image_size, self.image_size), 128, dtype=np.uint8)
+            if not np.isfinite(self.predict(gray)).all():
+                raise SystemExit(f"error: {path}: the model is broken, it answers NaN for a plain gray face (NaN "
+                                 "weights from a diverged training?); export a good checkpoint again")
 
     def describe_resolution(self) -> str:
         """One phrase: the training faces' resolution and whether crops are brought down to it."""

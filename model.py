@@ -663,11 +663,23 @@ def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "
     return resolve_preprocessing(config_from_dict(values, str(source)))
 
 
+def non_finite_tensors(state: dict[str, Any]) -> list[str]:
+    """The names of a state dict's floating-point tensors that hold NaN or infinite values."""
+    return [name for name, tensor in state.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[AgeEstimationModel, Config, dict[str, Any]]:
-    """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint)."""
+    """Rebuild the exact model a checkpoint was trained with; returns (model in eval mode, config, checkpoint).
+    A file whose weights hold NaN or infinite values is refused: it could only answer NaN."""
     checkpoint = load_checkpoint(path)
+    broken = non_finite_tensors(checkpoint["model"]) if isinstance(checkpoint["model"], dict) else []
+    if broken:
+        raise CheckpointError(f"{path}: the model is broken, {len(broken)} weight tensor(s) hold NaN or infinite "
+                              f"values (e.g. {broken[0]}), so every age would be NaN; it comes from a training that "
+                              "diverged: train again, e.g. with a lower --lr")
     cfg = config_from_model_file(checkpoint.get("config"), path)
     checkpoint["config"] = config_to_dict(cfg)  # with what an older file left out filled in (head, interpolation)
     model = build_model(replace(cfg, pretrained=False))

@@ -66,6 +66,7 @@ from model import (
     build_model,
     load_checkpoint,
     load_model,
+    non_finite_tensors,
     resolve_preprocessing,
     save_checkpoint,
     unwrap,
@@ -623,6 +624,11 @@ def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any
         return replace(cfg, run_name=_broadcast(new_run_name(cfg, claim=is_main), world_size)), None
     resume_from = find_resume_run(cfg)
     state = load_checkpoint(resume_from)
+    broken = non_finite_tensors(state["model"])
+    if broken:
+        raise DivergedError(f"{resume_from} holds NaN or infinite weights ({len(broken)} tensors, e.g. {broken[0]}): "
+                            "the run had diverged before this epoch was saved and cannot be continued; start a new "
+                            "run, e.g. with a lower --lr")
     stored = config_from_dict(state["config"], str(resume_from))
     typed = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE if name in cfg.given_keys}
     replaced = [f"{name}={value!r} (stored: {getattr(stored, name)!r})" for name, value in typed.items()

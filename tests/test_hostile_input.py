@@ -34,7 +34,7 @@ import export_jit
 import inference
 import split_dataset
 import train
-from config import Config, parse_config
+from config import Config, config_to_dict, parse_config
 from custom_dataset_dataloader import build_dataset, read_dataset_csv
 from demo import generate_dataset
 from faces import DEFAULT_CROP_GEOMETRY
@@ -472,3 +472,37 @@ def test_a_degenerate_stored_crop_geometry_is_refused_by_inference_and_export(wo
     assert str(path) in message and expected in message
     message, _ = run_case(tmp_path, lambda: export_jit.main(replace(Config(), checkpoint=str(path))))
     assert str(path) in message and expected in message and not (path.parent / "model.torchscript").exists()
+
+
+def test_a_model_with_nan_weights_is_named_as_broken_everywhere(workspace, tmp_path):
+    """inference, analysis and export refuse a checkpoint whose weights hold NaN; --resume refuses such a last.pt;
+    an export that answers NaN is refused by inference."""
+    from analysis import errors
+
+    model = AgeEstimationModel("resnet18", image_size=32, head="dex")
+    model.load_state_dict(workspace["model"].state_dict())
+    with torch.no_grad():
+        model.head[-1].weight.fill_(float("nan"))
+    path = tmp_path / "broken" / "best.pt"
+    path.parent.mkdir()
+    save_checkpoint(path, model, workspace["model_cfg"], crop_geometry=DEFAULT_CROP_GEOMETRY.to_dict())
+    for call in (lambda: inference.AgePredictor(path),
+                 lambda: errors.main(replace(workspace["cfg"], checkpoint=str(path))),
+                 lambda: export_jit.main(replace(Config(), checkpoint=str(path)))):
+        message, _ = run_case(tmp_path, call)
+        assert "the model is broken" in message and str(path) in message
+    last = tmp_path / "checkpoints" / "diverged" / "last.pt"
+    last.parent.mkdir(parents=True)
+    save_checkpoint(last, model, workspace["cfg"], epoch=1)
+    resume = replace(workspace["cfg"], checkpoint_dir=str(tmp_path / "checkpoints"), run_name="diverged",
+                     resume=True)
+    message, _ = run_case(tmp_path, lambda: train.main(resume))
+    assert "NaN or infinite weights" in message and "cannot be continued" in message
+    exported = tmp_path / "broken.torchscript"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, and what export_jit writes
+        traced = torch.jit.trace(model.eval(), torch.zeros(1, 3, 32, 32))
+        torch.jit.save(traced, str(exported), _extra_files={
+            "config.json": json.dumps(config_to_dict(workspace["model_cfg"])), "crop_geometry.json": "null"})
+    message, _ = run_case(tmp_path, lambda: inference.AgePredictor(exported))
+    assert "the model is broken" in message
