@@ -87,6 +87,8 @@ def is_export(path: Path) -> bool:
     """Whether a file is an export this script wrote (TorchScript with config.json, or ONNX with "config")."""
     import zipfile
 
+    if not path.is_file():  # a FIFO would block, a device be read for ever: only regular files are opened
+        return False
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as archive:
@@ -257,6 +259,8 @@ def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size
 
 
 def _is_half_checkpoint(path: Path) -> bool:
+    if not path.is_file():  # never open a FIFO or a device
+        return False
     try:
         return torch.load(path, map_location="cpu", weights_only=True).get("weights_dtype") == "float16"
     except Exception:  # noqa: BLE001 - anything unreadable is not ours

@@ -96,6 +96,8 @@ def written_by_us(path: Path) -> bool:
     from PIL import Image
 
     suffix = path.suffix.lower()
+    if not path.is_file():  # only a regular file is ever opened: a FIFO would block, a device be read for ever
+        return False
     try:
         if suffix in IMAGE_OUTPUT_SUFFIXES:
             with Image.open(path) as image:
@@ -127,6 +129,9 @@ def claim_outputs(outputs: list[Path], inputs: list[Path]) -> None:
         seen.add(resolved)
         if output.is_dir():
             raise SystemExit(f"error: {output} is a folder; give a file name for --output")
+        if output.exists() and not output.is_file():
+            raise SystemExit(f"error: --output {output} is not a regular file (a FIFO, a device...); give the name of "
+                             "a new file")
         if output.exists() and not written_by_us(output):
             raise SystemExit(f"error: {output} exists and was not written by inference.py; choose another --output "
                              "(or move that file), it is never replaced")
@@ -549,8 +554,8 @@ def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detect
             return error, None
         try:
             return image, find_faces(image, predictor, detector)
-        except (OSError, ValueError) as error:  # handed on: one photo never ends the others
-            return image, error
+        except Exception as error:  # noqa: BLE001 - an OpenCV assertion on an odd shape too: one photo never ends
+            return image, error  # the others; the caller names it
 
     with ThreadPoolExecutor(workers, thread_name_prefix="analyse") as pool:
         pending: deque = deque()

@@ -506,3 +506,17 @@ def test_a_model_with_nan_weights_is_named_as_broken_everywhere(workspace, tmp_p
             "config.json": json.dumps(config_to_dict(workspace["model_cfg"])), "crop_geometry.json": "null"})
     message, _ = run_case(tmp_path, lambda: inference.AgePredictor(exported))
     assert "the model is broken" in message
+
+
+def test_a_fifo_or_a_device_as_output_is_refused_without_opening_it(workspace, tmp_path):
+    fifo = tmp_path / "output.jpg"
+    os.mkfifo(fifo)
+    photo = next(workspace["photos"].glob("*.jpg"))
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={fifo}"), seconds=60)
+    assert "not a regular file" in message
+    for output in (tmp_path / "model.torchscript", Path("/dev/full")):
+        if output.suffix and not output.exists():
+            os.mkfifo(output)
+        message, _ = run_case(tmp_path, lambda output=output: export_jit.main(
+            replace(Config(), checkpoint=str(workspace["checkpoint"]), output=str(output))), seconds=60)
+        assert "is not an export written by export_jit.py" in message
