@@ -31,6 +31,7 @@ Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,9 +91,41 @@ IMAGE_OUTPUT_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an annotated photo is 
 OUTPUT_MARK = "annotated by inference.py (facial age estimation)"
 
 
+# beside the JSON-lines files and videos inference.py writes, in their folder: file name -> sha256 of what was written.
+# Those formats hold no mark of their own, and a file's content (empty, or rows that look like ours) proves nothing.
+OUTPUT_MANIFEST = ".inference_outputs.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    path = folder / OUTPUT_MANIFEST
+    try:
+        values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+def record_written(path: Path) -> None:
+    """Note `path` (just written by us) in its folder's OUTPUT_MANIFEST, so a rerun may replace it, and only it."""
+    entries = _manifest(path.parent)
+    entries[path.name] = _sha256(path)
+    with atomic_write_path(path.parent / OUTPUT_MANIFEST) as temporary:
+        temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
 def written_by_us(path: Path) -> bool:
-    """Whether an existing file is one inference.py wrote: an annotated photo carries OUTPUT_MARK, a JSON-lines
-    file holds face rows (or nothing), a video has such a JSON-lines file beside it."""
+    """Whether an existing file is one inference.py wrote: an annotated photo carries OUTPUT_MARK; a JSON-lines file
+    or a video is listed, with the same content, in its folder's OUTPUT_MANIFEST. Only a regular file is opened."""
     from PIL import Image
 
     suffix = path.suffix.lower()
@@ -103,12 +136,8 @@ def written_by_us(path: Path) -> bool:
             with Image.open(path) as image:
                 return OUTPUT_MARK in (image.info.get("comment", b"").decode(errors="replace"),
                                        image.info.get("Software", ""))
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as handle:
-                first = handle.readline()
-            return not first.strip() or {"source", "box", "age"} <= json.loads(first).keys()
-        if suffix in VIDEO_SUFFIXES:
-            return path.with_suffix(".jsonl").is_file() and written_by_us(path.with_suffix(".jsonl"))
+        if suffix == ".jsonl" or suffix in VIDEO_SUFFIXES:
+            return _manifest(path.parent).get(path.name) == _sha256(path)
     except Exception:  # noqa: BLE001 - a file we cannot read (or a decompression bomb) is not one of ours
         return False
     return False
@@ -523,9 +552,15 @@ def _write_image(path: Path, canvas: np.ndarray) -> None:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """The face rows as JSON lines (one dict per line), written atomically."""
-    with atomic_write_path(path) as temporary:
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    """The face rows as JSON lines (one dict per line), written atomically and recorded as ours. A write that fails
+    (a full disk, a read-only folder) stops with the reason; the file that was there stays as it was."""
+    try:
+        with atomic_write_path(path) as temporary:
+            temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        record_written(path)
+    except OSError as error:
+        raise SystemExit(f"error: the face rows could not be written to {path} ({type(error).__name__}: "
+                         f"{error.strerror or error}); nothing there was replaced") from None
 
 
 PHOTOS_PER_MODEL_CALL = 8  # folder inference: the faces of this many photos go through the model together
@@ -624,6 +659,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
         # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
         # throughput again")
         cv2.setNumThreads(1)
+    completed = False
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
             for path, image, found in analysed_photos(paths, predictor, detector):
@@ -643,11 +679,27 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             previous = predict_group(writer) if group else []
             report(previous)
             previous = []
+        completed = True
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(detector_threads)
-        write_rows(rows_path, rows)
+        if completed:  # results are replaced only by a complete new set
+            write_rows(rows_path, rows)
+        elif rows:
+            _keep_partial_rows(rows_path, rows)
     return rows
+
+
+def _keep_partial_rows(rows_path: Path, rows: list[dict[str, Any]]) -> None:
+    """A run that stopped early: its rows go to <name>.partial.jsonl (if that is free or ours), and the complete
+    results of an earlier run at rows_path stay as they were. Never raises: the error that stopped the run goes on."""
+    partial = rows_path.with_name(f"{rows_path.stem}.partial.jsonl")
+    if partial.exists() and not written_by_us(partial):
+        print(f"stopped early; the {len(rows)} face rows done are not written ({partial} is not ours)")
+        return
+    with contextlib.suppress(SystemExit):
+        write_rows(partial, rows)
+        print(f"stopped early: the {len(rows)} face rows done are in {partial}; {rows_path} was left as it was")
 
 
 def _display_available() -> bool:
@@ -705,6 +757,7 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
             writer.release()
             if keep:
                 os.replace(temporary, output)
+                record_written(output)
             else:  # a failure midway: no half-written video under the output name
                 temporary.unlink(missing_ok=True)
         if show:

@@ -520,3 +520,66 @@ def test_a_fifo_or_a_device_as_output_is_refused_without_opening_it(workspace, t
         message, _ = run_case(tmp_path, lambda output=output: export_jit.main(
             replace(Config(), checkpoint=str(workspace["checkpoint"]), output=str(output))), seconds=60)
         assert "is not an export written by export_jit.py" in message
+
+
+def test_ownership_comes_from_what_we_wrote_never_from_emptiness(workspace, tmp_path):
+    """A user's video beside an empty .jsonl, and a user's .jsonl that starts with a blank line, are not ours."""
+    video, rows = tmp_path / "holiday.mp4", tmp_path / "holiday.jsonl"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42 a user's video")
+    rows.write_text("")
+    results = tmp_path / "results.jsonl"
+    results.write_text("\n{\"source\": \"x\", \"box\": [0, 0, 1, 1], \"age\": 30}\n")
+    import cv2
+
+    photo = next(workspace["photos"].glob("*.jpg"))
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (48, 48))
+    for _ in range(3):
+        writer.write(np.asarray(Image.open(photo).resize((48, 48)))[:, :, ::-1].copy())
+    writer.release()
+    for source, output in ((clip, video), (photo, tmp_path / "results.jpg")):
+        message, _ = run_case(tmp_path, _inference(workspace, f"--input={source}", f"--output={output}"))
+        assert "was not written by inference.py" in message
+    ours = tmp_path / "ours.jpg"
+    run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"))
+    assert inference.written_by_us(ours.with_suffix(".jsonl"))  # recorded in the folder's manifest
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"),
+                          asked=(ours, ours.with_suffix(".jsonl"), tmp_path / inference.OUTPUT_MANIFEST))
+    assert message == ""  # our own outputs are replaced by a rerun
+    ours.with_suffix(".jsonl").write_text("")  # ... but not once someone else has changed them
+    assert not inference.written_by_us(ours.with_suffix(".jsonl"))
+
+
+def test_a_rerun_that_stops_early_leaves_the_earlier_results_whole(workspace, tmp_path, monkeypatch):
+    folder = tmp_path / "out"
+    run_case(tmp_path, _inference(workspace, f"--input={workspace['photos']}", f"--output={folder}"))
+    complete = (folder / "predictions.jsonl").read_text()
+    assert complete.count("\n") == 4  # four photos, one face each
+
+    def fail_on_the_third(image, predictor, detector):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(image, predictor, detector)
+
+    calls, original = [], inference.find_faces
+    monkeypatch.setattr(inference, "find_faces", fail_on_the_third)
+    monkeypatch.setattr(inference, "PHOTOS_PER_MODEL_CALL", 1)
+    with pytest.raises(KeyboardInterrupt):
+        _inference(workspace, f"--input={workspace['photos']}", f"--output={folder}")()
+    assert (folder / "predictions.jsonl").read_text() == complete
+    assert 1 <= (folder / "predictions.partial.jsonl").read_text().count("\n") <= 3
+
+
+def test_a_failed_write_of_the_results_is_a_failure(workspace, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    photo = next(workspace["photos"].glob("*.jpg"))
+    output = tmp_path / "photo_age.jpg"
+    monkeypatch.setattr(inference, "record_written", full_disk)
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={output}"),
+                          asked=(output, output.with_suffix(".jsonl")))
+    assert "could not be written" in message and "No space left" in message
