@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import types
 import typing
@@ -498,6 +499,45 @@ def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if temporary.exists():
             temporary.unlink()
+
+
+# the temporary names this project writes: atomic_write_path's .<name>.<pid>.tmp, the exports' .<stem>.<pid>.checking
+_TEMPORARY_NAME = re.compile(r"^\..+\.(\d+)\.(?:tmp|checking)(?:\.[^.]+)?$")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ours in `folder` whose writing process is gone (a SIGKILL or a crash during a
+    write left them, e.g. a 150 MB .last.pt.<pid>.tmp); a live process's are left alone. Returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMPORARY_NAME.match(path.name)
+        if not match or not path.is_file() or int(match[1]) == os.getpid():
+            continue
+        try:
+            os.kill(int(match[1]), 0)  # the writer still runs (or belongs to another user): keep it
+            continue
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError, OSError):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
+    """Stop before slow work when `folder`'s file system has less room than `needed_bytes` for `what`."""
+    import shutil
+
+    folder = Path(folder)
+    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("."))
+    free = shutil.disk_usage(existing).free
+    if free < needed_bytes:
+        raise UsageError(f"not enough free space for {what} in {folder}: about {needed_bytes / 1e6:.0f} MB needed, "
+                         f"{free / 1e6:.0f} MB free; free some space or choose another folder")
 
 
 def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = None) -> None:

@@ -39,9 +39,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, UsageError, atomic_write_path, config_to_dict, parse_config, print_config
+from config import (
+    Config,
+    UsageError,
+    check_free_space,
+    config_to_dict,
+    parse_config,
+    print_config,
+    remove_stale_temporaries,
+)
 from faces import geometries_from_dict
-from model import SHIPPED_MODEL, fold_batch_norms, load_model, newest_checkpoint, write_half_precision_checkpoint
+from model import SHIPPED_MODEL, fold_batch_norms, half_precision_checkpoint, load_model, newest_checkpoint
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3, "half": 0.25}
@@ -53,23 +61,24 @@ class ExportError(UsageError):
     """The exported model does not reproduce the eager model (a one-sentence stop, like every UsageError)."""
 
 
+# Both write straight to `path`, which main() gives a temporary name and renames only after the parity check (one
+# temporary name, never a temporary of a temporary).
 def export_torchscript(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=False)
     traced = torch.jit.freeze(traced.eval())
-    with atomic_write_path(path) as temporary:
-        torch.jit.save(traced, str(temporary), _extra_files=metadata)
+    torch.jit.save(traced, str(path), _extra_files=metadata)
 
 
 def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: Path, metadata: dict[str, str]) -> None:
-    with atomic_write_path(path) as temporary, warnings.catch_warnings():
+    with warnings.catch_warnings():
         # forward's raw_outputs flag is traced as its default (False: ages in years), which is what is wanted
         warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning)
         torch.onnx.export(
-            model, (example,), str(temporary), input_names=["images"], output_names=["ages"],
+            model, (example,), str(path), input_names=["images"], output_names=["ages"],
             dynamic_axes={"images": {0: "batch"}, "ages": {0: "batch"}}, opset_version=17, dynamo=False,
         )
-        store_onnx_metadata(temporary, metadata)
+    store_onnx_metadata(path, metadata)
 
 
 def store_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
@@ -237,9 +246,11 @@ def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size
         raise SystemExit(f"error: --output={final_path} exists and is not an fp16 checkpoint written by "
                          "export_jit.py; choose another name, it is never replaced")
     final_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final_path.parent)
+    check_free_space(final_path.parent, 2 * sum(p.numel() for p in model.parameters()) + 20_000_000, "the fp16 copy")
     path = final_path.with_name(f".{final_path.stem}.{os.getpid()}.checking{final_path.suffix}")
     try:
-        write_half_precision_checkpoint(checkpoint_path, path)
+        torch.save(half_precision_checkpoint(checkpoint_path), path)
         half_model, _, _ = load_model(path, "cpu")
         fold_batch_norms(half_model.backbone)
         check = torch.randn(5, 3, size, size)
@@ -302,6 +313,10 @@ def main(cfg: Config) -> dict:
               else checkpoint_path.parent)
     final_path = Path(cfg.output) if cfg.output else folder / f"model.{suffix}"
     final_path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final_path.parent)  # an export killed midway left its .checking file
+    # the weights in fp32 plus the graph: twice the parameters' bytes and a margin is what a write may need
+    check_free_space(final_path.parent, 2 * 4 * sum(p.numel() for p in model.parameters()) + 50_000_000,
+                     f"the {cfg.format} export")
     claim_output(final_path, checkpoint_path)
     # exported under a temporary name and renamed only once the parity check passes: a failed export leaves an
     # earlier good one in place

@@ -638,19 +638,17 @@ def newest_checkpoint(cfg: Config, announce: bool = True) -> Path:
     return chosen
 
 
-def write_half_precision_checkpoint(source: str | os.PathLike, output: str | os.PathLike) -> dict[str, Any]:
-    """Write `source` (a train.py checkpoint) as a weights-only checkpoint with its floating-point tensors in fp16:
+def half_precision_checkpoint(source: str | os.PathLike) -> dict[str, Any]:
+    """`source` (a train.py checkpoint) as a weights-only checkpoint dict with its floating-point tensors in fp16:
     half the bytes, the same config, crop geometry, face resolution and calibration (load_model casts the weights
-    back to fp32 when it loads them). Drops the optimiser and history of a last.pt. Returns the written dict."""
+    back to fp32 when it loads them), without the optimiser and history of a last.pt. export_jit.py --format=half
+    saves it after a parity check."""
     checkpoint = load_checkpoint(source)
     kept = {key: value for key, value in checkpoint.items()
             if key in ("config", "epoch", "valid_mae", "crop_geometry", "face_resolution")}
     state = {name: tensor.half() if tensor.is_floating_point() else tensor
              for name, tensor in checkpoint["model"].items()}
-    shipped = {"model": state, **kept, "weights_dtype": "float16"}
-    with atomic_write_path(output) as temporary:
-        torch.save(shipped, temporary)
-    return shipped
+    return {"model": state, **kept, "weights_dtype": "float16"}
 
 
 def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "") -> Config:

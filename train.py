@@ -50,11 +50,13 @@ from config import (
     Config,
     UsageError,
     atomic_write_path,
+    check_free_space,
     config_from_dict,
     config_to_dict,
     parse_config,
     print_config,
     recipe_hash,
+    remove_stale_temporaries,
     resolve_device,
     save_figure,
     seed_everything,
@@ -735,6 +737,12 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
     run_dir = Path(cfg.runs_dir) / run_name
     best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
+    if is_main:
+        remove_stale_temporaries(checkpoint_dir)  # a run killed during a checkpoint write left its temporary file
+        # best.pt (weights) and last.pt (weights, two AdamW moments, the average) at once, each written beside the
+        # old one before the rename: about eight times the weights' bytes, checked before the first epoch
+        weight_bytes = sum(parameter.numel() * 4 for parameter in unwrap(model).parameters())
+        check_free_space(checkpoint_dir, 8 * weight_bytes + 50_000_000, "this run's checkpoints")
     start_epoch, best_valid_mae, history = 1, math.inf, []
     if resume_state is not None:
         unwrap(model).load_state_dict(resume_state["model"])

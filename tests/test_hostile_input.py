@@ -583,3 +583,28 @@ def test_a_failed_write_of_the_results_is_a_failure(workspace, tmp_path, monkeyp
     message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={output}"),
                           asked=(output, output.with_suffix(".jsonl")))
     assert "could not be written" in message and "No space left" in message
+
+
+def test_stale_temporary_files_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
+    from config import remove_stale_temporaries
+
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    stale = [tmp_path / f".last.pt.{dead}.tmp", tmp_path / f".model.{dead}.checking.torchscript"]
+    live = [tmp_path / f".best.pt.{os.getpid()}.tmp", tmp_path / f".model.{os.getppid()}.checking.onnx"]
+    mine = tmp_path / f".notes.{dead}.txt"  # not one of our temporary names
+    for path in (*stale, *live, mine):
+        path.write_bytes(b"x")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert all(path.exists() for path in (*live, mine)) and not any(path.exists() for path in stale)
+
+
+def test_too_little_free_space_stops_an_export_before_it_writes(workspace, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    output = tmp_path / "model.torchscript"
+    message, _ = run_case(tmp_path, lambda: export_jit.main(
+        replace(Config(), checkpoint=str(workspace["checkpoint"]), output=str(output))))
+    assert "not enough free space" in message and not output.exists() and not list(tmp_path.glob(".*"))
