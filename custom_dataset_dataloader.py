@@ -158,7 +158,9 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
         bad_rows = frame["age"].isna() | frame["image_name"].isna()
     if bad_rows.any():
         count = int(bad_rows.sum())
-        warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name", stacklevel=2)
+        lines = ", ".join(str(index + 2) for index in frame.index[bad_rows][:10]) + (", ..." if count > 10 else "")
+        warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name (line "
+                      f"{lines})", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
     highest = np.inf if max_age is None else max_age
     out_of_range = (~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)) & ~is_binned(frame)

@@ -263,7 +263,11 @@ class AgePredictor:
             self.kind = "torchscript"
             warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")  # deprecated, works
             extra_files = {"config.json": "", "crop_geometry.json": "", "face_resolution.json": ""}
-            self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
+            try:
+                self.model = torch.jit.load(str(path), map_location=self.device, _extra_files=extra_files)
+            except Exception as error:  # noqa: BLE001 - torch raises RuntimeError and others for a damaged archive
+                raise SystemExit(f"error: {path} is not a loadable TorchScript file ({type(error).__name__}); "
+                                 "export it again with python export_jit.py") from None
             config = _stored_json(path, extra_files["config.json"], "config.json")
             geometry = _stored_json(path, extra_files["crop_geometry.json"] or "null", "crop_geometry.json")
             resolution = _stored_json(path, extra_files["face_resolution.json"] or "null", "face_resolution.json")
@@ -818,7 +822,10 @@ def main(cfg: Config) -> list[dict[str, Any]]:
         raise SystemExit(f"error: --output={output}: an annotated photo is written as "
                          f"{' or '.join(IMAGE_OUTPUT_SUFFIXES)}; give one of those suffixes")
     claim_outputs([output, output.with_suffix(".jsonl")], [source])
+    before = output.stat().st_mtime_ns if output.is_file() else None
     rows = run_on_images(cfg, [source], {source: output}, output.with_suffix(".jsonl"), predictor, detector)
+    if not output.is_file() or output.stat().st_mtime_ns == before:  # the warning above says why
+        raise SystemExit(f"error: no annotated photo was written for {source} (see the warning above)")
     print(f"wrote {output} and {output.with_suffix('.jsonl')}")
     return rows
 

@@ -608,3 +608,32 @@ def test_too_little_free_space_stops_an_export_before_it_writes(workspace, tmp_p
     message, _ = run_case(tmp_path, lambda: export_jit.main(
         replace(Config(), checkpoint=str(workspace["checkpoint"]), output=str(output))))
     assert "not enough free space" in message and not output.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_an_unreadable_single_photo_is_a_failure_not_a_success(workspace, tmp_path):
+    fake = tmp_path / "holiday.jpg"
+    fake.write_bytes(b"\xff\xd8\xff not really a JPEG")
+    output = tmp_path / "holiday_age.jpg"
+    message, caught = run_case(tmp_path, _inference(workspace, f"--input={fake}", f"--output={output}"),
+                               asked=(output.with_suffix(".jsonl"), tmp_path / inference.OUTPUT_MANIFEST))
+    assert "no annotated photo was written" in message and "not a readable image" in caught
+    assert not output.exists()
+
+
+def test_a_fake_torchscript_archive_is_one_sentence(workspace, tmp_path):
+    fake = tmp_path / "model.torchscript"
+    with zipfile.ZipFile(fake, "w") as archive:
+        archive.writestr("model/code/__torch__.py", "def forward(self): pass")
+        archive.writestr("model/extra/config.json", "{}")
+    photo = next(workspace["photos"].glob("*.jpg"))
+    message, _ = run_case(tmp_path, lambda: inference.main(parse_config(
+        [f"--checkpoint={fake}", f"--input={photo}", f"--output={tmp_path / 'out.jpg'}", "--no_detect"])))
+    assert "is not a loadable TorchScript file" in message and str(fake) in message
+
+
+def test_skipped_label_rows_are_named_by_line(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("image_name,age,gender,ethnicity\na.jpg,20,male,white\nb.jpg,,male,white\n,30,male,white\n")
+    with pytest.warns(UserWarning, match=r"skipping 2 row\(s\) .* \(line 3, 4\)"):
+        frame = read_dataset_csv(path)
+    assert list(frame["image_name"]) == ["a.jpg"]
