@@ -528,6 +528,22 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_writable_folders(cfg: Config, names: tuple[str, ...]) -> None:
+    """Stop before any slow work when one of the output folder settings `names` cannot be written: a path under a
+    file, a name too long, a read-only or full file system. Each folder is created and a probe file written and
+    removed in it (the only sure test)."""
+    for name in names:
+        folder = Path(getattr(cfg, name))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".write_check.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise UsageError(f"--{name}={folder} cannot be written ({type(error).__name__}: "
+                             f"{error.strerror or error}); choose another folder") from None
+
+
 def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
     """Stop before slow work when `folder`'s file system has less room than `needed_bytes` for `what`."""
     import shutil

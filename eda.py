@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, parse_config, print_config, save_figure
+from config import Config, check_writable_folders, parse_config, print_config, save_figure
 from custom_dataset_dataloader import (
     CSV_COLUMNS,
     ETHNICITIES,
@@ -383,6 +383,7 @@ def main(cfg: Config) -> pd.DataFrame:
 
     matplotlib.use("Agg")
     print_config(cfg, "eda.py")
+    check_writable_folders(cfg, ("csv_dir", "pics_dir"))  # before every image is decoded, not after
     frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv,
                                                cfg.num_workers)
     csv_path = dataset_csv_path(cfg)

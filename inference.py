@@ -149,6 +149,15 @@ def claim_outputs(outputs: list[Path], inputs: list[Path]) -> None:
     sources = {path.resolve() for path in inputs}
     seen = set()
     for output in outputs:
+        try:  # before any photo is read: a folder under a file, a name too long, a read-only or full disk
+            output.parent.mkdir(parents=True, exist_ok=True)
+            probe = output.parent / f".write_check.{os.getpid()}.tmp"
+            probe.write_bytes(b"")
+            probe.unlink()
+            output.is_dir()  # a file name too long for the file system raises here
+        except OSError as error:
+            raise SystemExit(f"error: --output {output} cannot be written ({type(error).__name__}: "
+                             f"{error.strerror or error}); choose another path") from None
         resolved = output.resolve()
         if resolved in sources:
             raise SystemExit(f"error: --output {output} is also an input of this run; choose another path (nothing "
@@ -786,6 +795,14 @@ def main(cfg: Config) -> list[dict[str, Any]]:
           f"{predictor.describe_resolution()}{faces}")
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
+    try:
+        source.stat()
+    except FileNotFoundError:
+        pass  # said below, once the camera index is ruled out
+    except OSError as error:  # a name too long for the file system, a loop of links...
+        shown = cfg.input if len(cfg.input) <= 80 else cfg.input[:77] + "..."
+        raise SystemExit(f"error: --input={shown} cannot be used ({type(error).__name__}: "
+                         f"{error.strerror or error})") from None
     if cfg.input.isascii() and cfg.input.isdigit():  # a camera index ('²'.isdigit() is true, int('²') fails)
         output = Path(cfg.output) if cfg.output else None
         if output is not None:

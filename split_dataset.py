@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, parse_config, print_config, save_figure
+from config import Config, check_writable_folders, parse_config, print_config, save_figure
 from custom_dataset_dataloader import (
     SPLITS,
     DataError,
@@ -149,6 +149,7 @@ def matched_split(frame: pd.DataFrame, reference: dict[str, pd.DataFrame], cfg: 
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py")
+    check_writable_folders(cfg, ("csv_dir", "pics_dir"))
     frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
     if is_binned(frame):
         raise DataError(f"{dataset_csv_path(cfg)} has age bins, not exact ages (FairFace): it is an evaluation set, "

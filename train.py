@@ -51,6 +51,7 @@ from config import (
     UsageError,
     atomic_write_path,
     check_free_space,
+    check_writable_folders,
     config_from_dict,
     config_to_dict,
     parse_config,
@@ -693,6 +694,8 @@ def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", device: st
 
 def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
     is_main = rank == 0  # the one rank that prints, logs and writes files
+    if is_main:  # before the caches and the first epoch: a folder that cannot be written would fail an hour later
+        check_writable_folders(cfg, ("checkpoint_dir", "runs_dir", "pics_dir", "cache_dir"))
     cfg, resume_state = start_or_resume(cfg, world_size)
     run_name = cfg.run_name
     cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint

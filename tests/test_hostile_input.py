@@ -637,3 +637,23 @@ def test_skipped_label_rows_are_named_by_line(tmp_path):
     with pytest.warns(UserWarning, match=r"skipping 2 row\(s\) .* \(line 3, 4\)"):
         frame = read_dataset_csv(path)
     assert list(frame["image_name"]) == ["a.jpg"]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "too_long"])
+def test_an_output_folder_that_cannot_be_written_stops_before_the_work(workspace, tmp_path, where):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    folder = blocker / "sub" if where == "under_a_file" else tmp_path / ("x" * 300)
+    cfg = replace(workspace["cfg"], csv_dir=str(folder))
+    message, _ = run_case(tmp_path, lambda: eda.main(cfg))
+    assert message.startswith("error: --csv_dir=") and "cannot be written" in message
+    message, _ = run_case(tmp_path, lambda: train.main(replace(workspace["cfg"], checkpoint_dir=str(folder))))
+    assert message.startswith("error: --checkpoint_dir=") and "cannot be written" in message
+    photo = next(workspace["photos"].glob("*.jpg"))
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={folder / 'out.jpg'}"))
+    assert "cannot be written" in message
+
+
+def test_a_ten_thousand_character_input_path_is_one_sentence(workspace, tmp_path):
+    message, _ = run_case(tmp_path, _inference(workspace, "--input=" + "x" * 10_000 + ".jpg"))
+    assert message.startswith("error: --input=xxx") and len(message) < 300
