@@ -29,6 +29,7 @@ Run:  python eda.py --data_dir=data/UTKFace
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, check_writable_folders, parse_config, print_config, save_figure
+from config import Config, atomic_write_path, check_writable_folders, parse_config, print_config, save_figure
 from custom_dataset_dataloader import (
     CSV_COLUMNS,
     ETHNICITIES,
@@ -306,6 +307,42 @@ def scan_folder(
     return frame, malformed, unreadable
 
 
+def write_text(path: Path, text: str) -> None:
+    with atomic_write_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def source_record(csv_path: Path) -> Path:
+    """The file beside a data set CSV that names the data folder eda.py made it from."""
+    return csv_path.with_name(f".{csv_path.name}.source.json")
+
+
+def claim_dataset_csv(csv_path: Path, data_dir: str) -> None:
+    """Stop before any work when csv_path holds another data folder's CSV: its split files beside it would no longer
+    match. The folder comes from source_record; for a CSV without one (written before it existed, or by hand), from
+    whether its first rows' images exist under data_dir."""
+    if not csv_path.is_file():
+        return
+    wanted = Path(data_dir).resolve()
+    record = source_record(csv_path)
+    try:
+        made_from = Path(json.loads(record.read_text())["data_dir"]) if record.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        made_from = None
+    if made_from is None:
+        try:
+            names = read_csv_file(csv_path, dtype=str).get("image_name", pd.Series(dtype=str)).dropna().head(20)
+        except DataError:
+            names = pd.Series(dtype=str)
+        if names.empty or any((wanted / name).exists() for name in names):
+            return
+        made_from = Path("another folder")
+    if made_from != wanted:
+        raise DataError(f"{csv_path} holds the data set CSV of {made_from}, and its split files may sit beside it; "
+                        f"give {data_dir} its own --csv_dir (e.g. --csv_dir=csv_dataset/{wanted.name}), or remove "
+                        "that CSV to replace it")
+
+
 def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, count: int = 25) -> None:
     import matplotlib.pyplot as plt
 
@@ -384,10 +421,12 @@ def main(cfg: Config) -> pd.DataFrame:
     matplotlib.use("Agg")
     print_config(cfg, "eda.py")
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))  # before every image is decoded, not after
+    csv_path = dataset_csv_path(cfg)
+    claim_dataset_csv(csv_path, cfg.data_dir)
     frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv,
                                                cfg.num_workers)
-    csv_path = dataset_csv_path(cfg)
     write_dataset_csv(frame, csv_path)
+    write_text(source_record(csv_path), json.dumps({"data_dir": str(Path(cfg.data_dir).resolve())}) + "\n")
     pics = Path(cfg.pics_dir)
     table = gender_ethnicity_table(frame)
     plot_samples(frame, cfg.data_dir, pics / "eda_samples.png", cfg.seed)

@@ -657,3 +657,16 @@ def test_an_output_folder_that_cannot_be_written_stops_before_the_work(workspace
 def test_a_ten_thousand_character_input_path_is_one_sentence(workspace, tmp_path):
     message, _ = run_case(tmp_path, _inference(workspace, "--input=" + "x" * 10_000 + ".jpg"))
     assert message.startswith("error: --input=xxx") and len(message) < 300
+
+
+def test_eda_never_replaces_another_data_folders_csv(workspace, tmp_path):
+    other = tmp_path / "other"
+    generate_dataset(other, 40, seed=5, size=48)
+    cfg = replace(workspace["cfg"], csv_dir=str(tmp_path / "csv"), pics_dir=str(tmp_path / "pics"),
+                  check_images=False)
+    eda.main(cfg)  # the first data set's CSV, recorded as made from its folder
+    message, _ = run_case(tmp_path, lambda: eda.main(replace(cfg, data_dir=str(other))))
+    assert "holds the data set CSV of" in message and "its own --csv_dir" in message
+    message, _ = run_case(tmp_path, lambda: eda.main(cfg), asked=tuple((tmp_path / "csv").iterdir()) + tuple(
+        (tmp_path / "pics").iterdir()))
+    assert message == ""  # the same folder again: its CSV is rewritten
