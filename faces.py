@@ -492,6 +492,9 @@ def geometries_from_dict(values: dict | None) -> dict[str, CropGeometry]:
     return {name: geometry for name, geometry in geometries.items() if geometry}
 
 
+MEASURE_MAX_PIXELS = 25_000_000  # measure_crop_geometry skips an image larger than this once upscaled
+
+
 def measure_crop_geometry(
     image_paths: list[str | os.PathLike], limit: int = 300, minimum_found: int = 10, detector_name: str = "mtcnn"
 ) -> CropGeometry | None:
@@ -510,6 +513,8 @@ def measure_crop_geometry(
         except Exception:  # noqa: BLE001 - unreadable files are simply not measured
             continue
         upscale = max(1.0, 192 / min(image.shape[:2]))
+        if image.shape[0] * image.shape[1] * upscale**2 > MEASURE_MAX_PIXELS:  # a 1 x 100,000 strip would ask for
+            continue  # terabytes once upscaled and padded: not a face crop, not measured
         if upscale > 1.0:
             image = cv2.resize(image, None, fx=upscale, fy=upscale, interpolation=cv2.INTER_CUBIC)
         height, width = image.shape[:2]

@@ -670,3 +670,12 @@ def test_eda_never_replaces_another_data_folders_csv(workspace, tmp_path):
     message, _ = run_case(tmp_path, lambda: eda.main(cfg), asked=tuple((tmp_path / "csv").iterdir()) + tuple(
         (tmp_path / "pics").iterdir()))
     assert message == ""  # the same folder again: its CSV is rewritten
+
+
+def test_crop_geometry_measurement_skips_an_image_that_would_need_terabytes(tmp_path):
+    from faces import measure_crop_geometry
+
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((1, 50_000, 3), np.uint8)).save(strip)  # upscaled to 192 px high: 9.6 M px wide
+    message, _ = run_case(tmp_path, lambda: measure_crop_geometry([strip], minimum_found=1, detector_name="yunet"))
+    assert message == ""
