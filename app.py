@@ -120,6 +120,9 @@ def read_photo(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(path) as header:
             width, height = header.size
+    except Image.DecompressionBombError:  # PIL refuses to even open one over twice its own limit
+        raise InputError(f"{name} has more pixels than the app's limit of {max_pixels:,} (over PIL's "
+                         f"{2 * (Image.MAX_IMAGE_PIXELS or 0):,}); send a smaller photo") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InputError(f"{name} is not an image this app can read ({describe_read_error(error, path)}); send a "
                          "JPEG, PNG, WebP or BMP photo") from None

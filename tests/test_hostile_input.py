@@ -679,3 +679,19 @@ def test_crop_geometry_measurement_skips_an_image_that_would_need_terabytes(tmp_
     Image.fromarray(np.zeros((1, 50_000, 3), np.uint8)).save(strip)  # upscaled to 192 px high: 9.6 M px wide
     message, _ = run_case(tmp_path, lambda: measure_crop_geometry([strip], minimum_found=1, detector_name="yunet"))
     assert message == ""
+
+
+def test_a_400_megapixel_png_is_refused_by_its_header(tmp_path):
+    import zlib
+
+    import app
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = (20_000).to_bytes(4, "big") + (20_000).to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 400 MP RGB
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+                     + chunk(b"IEND", b""))
+    with pytest.raises(app.InputError, match="more pixels than the app's limit"):
+        app.read_photo(bomb, 40_000_000)
