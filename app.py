@@ -191,7 +191,11 @@ def estimate_photo(shelf: ModelShelf, path: str | os.PathLike, label: str, tta: 
     predictor = shelf.predictor(label)
     image = read_photo(path, max_pixels)
     detector = shelf.detector(label, min_face_size)
-    faces = estimate_faces(image, predictor, detector, tta)
+    try:
+        faces = estimate_faces(image, predictor, detector, tta)
+    except Exception as error:  # noqa: BLE001 - e.g. an OpenCV assertion on an odd shape: this photo's message
+        raise InputError(f"{Path(path).name}: its faces could not be found ({type(error).__name__}: "
+                         f"{str(error).strip()[:200]})") from None
     rows = [{**row, "model": label} for row in face_rows(Path(path).name, None, faces)]
     canvas = draw_faces(image, faces)[:, :, ::-1]  # draw_faces gives BGR (OpenCV's order) -> RGB
     gallery = heatmap_gallery(predictor, image, faces, detector.name) if heatmaps else []
@@ -279,9 +283,9 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
             raise page_error(error) from None
 
     with gr.Blocks(title="Facial age estimation") as page:
-        gr.Markdown("# Facial age estimation\nEvery face in the photo is found (MTCNN), aligned like the training "
-                    "crops and given an age, a spread (the standard deviation of the predicted age distribution) "
-                    f"and the calibrated probability of being {ADULT_AGE} or older.")
+        gr.Markdown(f"# Facial age estimation\nEvery face in the photo is found ({cfg.detector}), aligned like the "
+                    "training crops and given an age, a spread (the standard deviation of the predicted age "
+                    f"distribution) and the calibrated probability of being {ADULT_AGE} or older.")
         with gr.Row():
             model_picker = gr.Dropdown(shelf.labels, value=shelf.labels[0], label="model")
             tta = gr.Checkbox(value=cfg.tta, label="flip test-time augmentation")

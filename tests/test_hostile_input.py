@@ -695,3 +695,16 @@ def test_a_400_megapixel_png_is_refused_by_its_header(tmp_path):
                      + chunk(b"IEND", b""))
     with pytest.raises(app.InputError, match="more pixels than the app's limit"):
         app.read_photo(bomb, 40_000_000)
+
+
+def test_a_detector_failure_on_one_upload_is_the_apps_message_not_a_traceback(workspace, tmp_path, monkeypatch):
+    import app
+
+    def odd_shape(*_):
+        raise RuntimeError("OpenCV(4.x) (-215:Assertion failed) !ssize.empty() in function 'resize'")
+
+    monkeypatch.setattr(app, "estimate_faces", odd_shape)
+    shelf = app.ModelShelf({"model": workspace["checkpoint"]})
+    photo = next(workspace["photos"].glob("*.jpg"))
+    with pytest.raises(app.InputError, match=r"its faces could not be found \(RuntimeError: OpenCV"):
+        app.estimate_photo(shelf, photo, "model", False, 40, 40_000_000)
