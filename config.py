@@ -521,24 +521,29 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
             continue
         except ProcessLookupError:
             pass
-        except (PermissionError, OverflowError, OSError):
+        except (OSError, OverflowError):  # not ours to judge (another user's process, a pid out of range)
             continue
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` and write and remove a probe file in it (the only sure test of a path under a file, a name
+    too long, a read-only or full file system); OSError when that fails."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write_check.{os.getpid()}.tmp"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def check_writable_folders(cfg: Config, names: tuple[str, ...]) -> None:
-    """Stop before any slow work when one of the output folder settings `names` cannot be written: a path under a
-    file, a name too long, a read-only or full file system. Each folder is created and a probe file written and
-    removed in it (the only sure test)."""
+    """Stop before any slow work when one of the output folder settings `names` cannot be written (probe_writable)."""
     for name in names:
         folder = Path(getattr(cfg, name))
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".write_check.{os.getpid()}.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(folder)
         except OSError as error:
             raise UsageError(f"--{name}={folder} cannot be written ({type(error).__name__}: "
                              f"{error.strerror or error}); choose another folder") from None

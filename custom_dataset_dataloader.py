@@ -158,9 +158,8 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
         bad_rows = frame["age"].isna() | frame["image_name"].isna()
     if bad_rows.any():
         count = int(bad_rows.sum())
-        lines = ", ".join(str(index + 2) for index in frame.index[bad_rows][:10]) + (", ..." if count > 10 else "")
         warnings.warn(f"{path}: skipping {count} row(s) with a missing or invalid age or image name (line "
-                      f"{lines})", stacklevel=2)
+                      f"{csv_lines(frame.index[bad_rows])})", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
     highest = np.inf if max_age is None else max_age
     out_of_range = (~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)) & ~is_binned(frame)
@@ -177,10 +176,28 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
 
 def _readable_bin(label: object) -> bool:
     try:
-        age_bin_bounds(str(label))
+        age_bin_bounds(str(label))  # a missing bin reads as 'nan': not a bin
     except ValueError:
         return False
-    return not pd.isna(label)
+    return True
+
+
+def csv_lines(index: pd.Index, limit: int = 10) -> str:
+    """The CSV line numbers (header = line 1) of rows at `index` positions of a freshly read frame, the first
+    `limit` of them."""
+    return ", ".join(str(position + 2) for position in index[:limit]) + (", ..." if len(index) > limit else "")
+
+
+def drop_repeated_rows(frame: pd.DataFrame, source: str | os.PathLike) -> pd.DataFrame:
+    """`frame` with each image once (its first row), and a warning naming the repeats' lines: one image in two
+    splits would be one face in training and test, a million copies would train and cache a million times."""
+    repeated = frame["image_name"].duplicated()
+    if not repeated.any():
+        return frame
+    warnings.warn(f"{source}: {int(repeated.sum())} row(s) repeat an image listed before and are dropped (e.g. "
+                  f"{frame.loc[repeated, 'image_name'].iloc[0]}, lines {csv_lines(frame.index[repeated])}); each "
+                  "image is used once", stacklevel=3)
+    return frame[~repeated].reset_index(drop=True)
 
 
 def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -620,12 +637,7 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
     cfg = resolve_preprocessing(cfg)
     path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
     frame = read_dataset_csv(path, cfg.max_age)
-    repeated = frame["image_name"].duplicated()
-    if repeated.any():  # a million copies of one row would train on a million copies and cache them all
-        lines = ", ".join(str(index + 2) for index in frame.index[repeated][:10])
-        warnings.warn(f"{path}: {int(repeated.sum())} row(s) repeat an image listed before and are dropped (lines "
-                      f"{lines}{', ...' if repeated.sum() > 10 else ''}); each image is used once", stacklevel=2)
-        frame = frame[~repeated].reset_index(drop=True)
+    frame = drop_repeated_rows(frame, path)
     if not Path(cfg.data_dir).is_dir():
         raise DataError(
             f"data_dir={cfg.data_dir} is not a folder. Pass the folder given to eda.py, e.g. --data_dir=data/UTKFace."

@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, atomic_write_path, parse_config, print_config, resolve_device
+from config import Config, atomic_write_path, parse_config, print_config, probe_writable, resolve_device
 from custom_dataset_dataloader import (
     IMAGE_SUFFIXES,
     build_transforms,
@@ -150,10 +150,7 @@ def claim_outputs(outputs: list[Path], inputs: list[Path]) -> None:
     seen = set()
     for output in outputs:
         try:  # before any photo is read: a folder under a file, a name too long, a read-only or full disk
-            output.parent.mkdir(parents=True, exist_ok=True)
-            probe = output.parent / f".write_check.{os.getpid()}.tmp"
-            probe.write_bytes(b"")
-            probe.unlink()
+            probe_writable(output.parent)
             output.is_dir()  # a file name too long for the file system raises here
         except OSError as error:
             raise SystemExit(f"error: --output {output} cannot be written ({type(error).__name__}: "

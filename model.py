@@ -621,7 +621,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "age_lite0_utkface.pt"
 
 
-def newest_checkpoint(cfg: Config, announce: bool = True) -> Path:
+def newest_checkpoint(cfg: Config) -> Path:
     """The model file to use when no --checkpoint is given: the most recently written checkpoint_dir/*/best.pt,
     else the shipped model (SHIPPED_MODEL). Says which one it chose."""
     candidates = sorted(Path(cfg.checkpoint_dir).glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
@@ -633,8 +633,7 @@ def newest_checkpoint(cfg: Config, announce: bool = True) -> Path:
         raise SystemExit(f"error: no checkpoint given, none in {cfg.checkpoint_dir}/*/best.pt and no shipped model "
                          f"at {SHIPPED_MODEL} (restore it with git checkout -- models/); train one (python train.py, "
                          "or python demo.py) or pass --checkpoint=...")
-    if announce:
-        print(f"model: {chosen} ({why}; --checkpoint=... chooses another)")
+    print(f"model: {chosen} ({why}; --checkpoint=... chooses another)")
     return chosen
 
 

@@ -29,6 +29,7 @@ from custom_dataset_dataloader import (
     SPLITS,
     DataError,
     dataset_csv_path,
+    drop_repeated_rows,
     is_binned,
     read_dataset_csv,
     split_csv_path,
@@ -155,11 +156,7 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
         raise DataError(f"{dataset_csv_path(cfg)} has age bins, not exact ages (FairFace): it is an evaluation set, "
                         "not split for training; score a model on it with python -m analysis.errors --detect=true "
                         f"--test_csv={dataset_csv_path(cfg)}")
-    repeated = frame["image_name"].duplicated()
-    if repeated.any():  # one image in two splits would be the same face in training and test
-        warnings.warn(f"{dataset_csv_path(cfg)}: {int(repeated.sum())} image(s) listed more than once (e.g. "
-                      f"{frame.loc[repeated, 'image_name'].iloc[0]}); each keeps its first row", stacklevel=2)
-        frame = frame[~repeated].reset_index(drop=True)
+    frame = drop_repeated_rows(frame, dataset_csv_path(cfg))
     if cfg.match_split_of:
         reference = {name: read_dataset_csv(Path(cfg.match_split_of) / f"{name}_set.csv") for name in SPLITS}
         splits = matched_split(frame, reference, cfg)
