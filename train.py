@@ -86,7 +86,7 @@ class DivergedError(UsageError):
 # Backbones that train faster under bf16 autocast on a CPU, by measurement (2-core Xeon with AMX, 64 px, one
 # forward + backward): ResNet-18 402 vs 479 ms per 64 images; EfficientNet-B0 1584 vs 787 ms per 32 (its depthwise
 # convolutions have no fast bf16 kernels) and ViT-B/16 8.3 vs 7.3 s per 16 are slower, so they stay in fp32.
-CPU_BF16_BACKBONES = ("resnet", "resnet18", "efficientnet_lite0")
+CPU_BF16_BACKBONES = ("resnet", "resnet18", "efficientnet_lite0", "agev1_resnet10")
 # Backbones whose convolutions on tiny maps (the last stage at 64 px) train faster as unfold + matmul on a CPU
 # (model.MatmulConv2d; measured: a ResNet-18 step at 64 px, 392-424 ms -> 300-308 ms).
 CPU_MATMUL_BACKBONES = ("resnet", "resnet18")
