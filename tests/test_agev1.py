@@ -52,6 +52,28 @@ def test_our_module_reproduces_the_onnx_age_on_real_faces():
     assert np.abs(ours - expected).max() <= 1e-3  # years
 
 
+@pytest.mark.skipif(not UTKFACE64.is_dir(), reason="needs ../shared/data/utkface64 (see its README)")
+def test_a_distribution_head_starts_as_the_networks_own_classifier():
+    from PIL import Image
+
+    paths = sorted(UTKFACE64.glob("*.jpg"))[:32]
+    faces = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])  # (32, 64, 64, 3)
+    cfg = model.resolve_preprocessing(Config(model_name=model.AGEV1_NAME, image_size=64, head="dex"))
+    started = model.build_model(cfg).eval()
+    started.set_age_statistics(30.0, 18.0)  # what training does first: the head start must survive it
+    images = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
+    mean, std = (torch.tensor(values)[None, :, None, None] for values in (cfg.normalize_mean, cfg.normalize_std))
+    with torch.no_grad():
+        ours = started((images - mean) / std).numpy()
+    # class 0 stands for 0.25 years in the wheel and 0 in our grid: at most 0.25 y apart, in practice far less
+    assert np.abs(ours - _onnx_ages(faces)).max() <= 0.01
+    plain = model.build_model(replace(cfg, pretrained_head=False))
+    plain.set_age_statistics(30.0, 18.0)
+    with torch.no_grad():
+        ages = plain((images - mean) / std).numpy()
+    assert ages.std() < 1e-3 and abs(ages.mean() - 30.0) < 2.5  # from zeros: the same age, about the mean, for all
+
+
 def test_every_onnx_tensor_is_used_once_in_graph_order():
     path, _ = model.agev1_files()
     tensors = model.agev1_onnx_tensors(path)

@@ -103,6 +103,19 @@ def _photo(folder: Path) -> Path:
     return path
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG file claiming width x height RGB pixels whose data holds a few rows: opening it is cheap, decoding
+    it is not."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\x00" * 100))
+            + chunk(b"IEND", b""))
+
+
 def _check_rows(rows: list[dict], label: str) -> None:
     assert isinstance(rows, list)
     for row in rows:
@@ -141,8 +154,18 @@ def test_api_answers_bad_input_with_a_message_and_keeps_serving(server, tmp_path
     text.write_text("this is not a photo")
     with pytest.raises(AppError, match=r"notes\.jpg is not an image"):
         client.predict(handle_file(str(text)), api_name="/estimate")
-    with pytest.raises(AppError, match=r"(?i)cannot identify image file .*notes\.jpg"):  # the page's photo input
+    # the page's photo input reaches read_photo undecoded: our messages, not gradio's or PIL's
+    with pytest.raises(AppError, match=r"notes\.jpg is not an image"):
         client.predict(handle_file(str(text)), api_name="/photo")
+    drawing = tmp_path / "drawing.svg"
+    drawing.write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
+    with pytest.raises(AppError, match=r"drawing\.svg is not an image"):
+        client.predict(handle_file(str(drawing)), api_name="/photo")
+    bomb = tmp_path / "bomb.png"  # a 900-megapixel header over a few bytes of data
+    bomb.write_bytes(_png_header_only(30_000, 30_000))
+    for api_name in ("/photo", "/estimate"):
+        with pytest.raises(AppError, match=r"bomb\.png has .*more .*than the app's limit"):
+            client.predict(handle_file(str(bomb)), api_name=api_name)
     huge = tmp_path / "huge.png"
     Image.new("RGB", (1100, 1000), (120, 90, 80)).save(huge)
     with pytest.raises(AppError, match="more than the app's limit"):
@@ -217,6 +240,27 @@ def test_read_photo_checks_the_pixel_count_before_decoding(tmp_path):
     assert app.read_photo(path, 60_000).shape == (200, 300, 3)
     with pytest.raises(app.InputError, match="300 x 200 pixels"):
         app.read_photo(path, 59_999)
+
+
+def test_the_page_photo_arrives_undecoded_as_a_file_or_a_data_url(tmp_path):
+    import base64
+    import io
+
+    import app
+
+    photo = tmp_path / "face.png"
+    Image.new("RGB", (40, 30), (200, 150, 120)).save(photo)
+    assert app.uploaded_photo({"path": str(photo), "url": None}, tmp_path) == photo
+    assert app.uploaded_photo(None, tmp_path) is None
+    encoded = io.BytesIO()
+    Image.new("RGBA", (20, 10)).save(encoded, format="PNG")
+    pasted = app.uploaded_photo({"path": None, "url": "data:image/png;base64,"
+                                 + base64.b64encode(encoded.getvalue()).decode()}, tmp_path)
+    assert pasted.parent == tmp_path and app.read_photo(pasted, 1000).shape == (10, 20, 3)
+    with pytest.raises(app.InputError, match="base64"):
+        app.uploaded_photo({"path": None, "url": "data:image/png;base64,@@@"}, tmp_path)
+    with pytest.raises(app.InputError, match="did not arrive"):
+        app.uploaded_photo({"path": None, "url": "https://example.com/a.png"}, tmp_path)
 
 
 def _chromium() -> str | None:
