@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,107 +69,151 @@ def _mix(colour_a: tuple, colour_b: tuple, weight: float) -> tuple[int, int, int
     return tuple(int(a * (1 - weight) + b * weight) for a, b in zip(colour_a, colour_b, strict=False))
 
 
+@dataclass
+class FaceSketch:
+    """Where one synthetic face's parts sit on the drawing canvas (pixels) and how aged it looks (0..1 shares)."""
+
+    female: bool
+    growth: float  # 0 at birth, 1 at adulthood
+    wrinkling: float  # depth of lines
+    skin: tuple[int, int, int]
+    hair: tuple[int, int, int]
+    center_x: float
+    center_y: float
+    width: float
+    height: float
+    recession: float = 0.0  # how far a man's hairline has receded
+    eye_y: float = 0.0
+    eye_dx: float = 0.0
+    eye_radius: float = 0.0
+    nose_y: float = 0.0
+    mouth_y: float = 0.0
+
+    @property
+    def box(self) -> tuple[float, float, float, float]:
+        return (self.center_x - self.width / 2, self.center_y - self.height / 2, self.center_x + self.width / 2,
+                self.center_y + self.height / 2)
+
+
+def sketch_face(age: int, gender: str, ethnicity: str, canvas: int, rng: np.random.Generator) -> FaceSketch:
+    """The face's colours and outline for its age, gender and ethnicity."""
+    growth = min(age, 20) / 20.0
+    greying = 1 / (1 + math.exp(-(age - 48) / 7))  # share of grey hair
+    skin = _mix(SKIN_TONES[ethnicity], (int(rng.integers(0, 255)),) * 3, 0.08)
+    skin = tuple(int(np.clip(value + rng.normal(0, 8), 0, 255)) for value in skin)
+    hair_options = HAIR_COLOURS[ethnicity]
+    hair = _mix(hair_options[int(rng.integers(len(hair_options)))], (205, 205, 208), greying)
+    center_x = canvas * (0.5 + rng.normal(0, 0.02))
+    center_y = canvas * (0.54 + rng.normal(0, 0.02))
+    width = canvas * (0.62 - 0.08 * growth + rng.normal(0, 0.015)) * (1.04 if gender == "male" else 0.98)
+    height = width * (1.02 + 0.30 * growth + rng.normal(0, 0.02))
+    return FaceSketch(gender == "female", growth, float(np.clip((age - 28) / 45, 0, 1)), skin, hair, center_x,
+                      center_y, width, height)
+
+
+def draw_head(draw: ImageDraw.ImageDraw, face: FaceSketch, age: int, rng: np.random.Generator) -> None:
+    """Hair behind the face, the face, a squarer jaw for men, hair on top (men's hairline recedes with age)."""
+    left, top, right, bottom = face.box
+    if face.female or age < 4 or rng.random() < 0.15:  # long hair behind the face
+        hair_length = (0.25 + 0.5 * rng.random()) * face.height if face.female else 0.1 * face.height
+        draw.rounded_rectangle((left - 0.12 * face.width, top - 0.1 * face.height, right + 0.12 * face.width,
+                                bottom + hair_length - 0.2 * face.height), radius=int(face.width * 0.3),
+                               fill=face.hair)
+    draw.ellipse((left, top, right, bottom), fill=face.skin)
+    if not face.female and age > 16:
+        draw.rectangle((left + 0.08 * face.width, face.center_y, right - 0.08 * face.width,
+                        bottom - 0.12 * face.height), fill=face.skin)
+    if not face.female:
+        face.recession = 0.35 * face.wrinkling + 0.2 * rng.random() * face.wrinkling
+    if age >= 1:
+        hair_bottom = top + face.height * (0.22 - face.recession * 0.5 + 0.06 * (1 - face.growth))
+        draw.chord((left - 0.04 * face.width, top - 0.08 * face.height, right + 0.04 * face.width,
+                    hair_bottom + 0.2 * face.height), 180, 360, fill=face.hair)
+
+
+def draw_features(draw: ImageDraw.ImageDraw, face: FaceSketch, scale: int, rng: np.random.Generator) -> None:
+    """Eyes (lower and larger in children) with brows, nose and mouth; records where they are on `face`."""
+    top = face.box[1]
+    face.eye_y = top + face.height * (0.56 - 0.13 * face.growth)
+    face.eye_dx = face.width * 0.21
+    face.eye_radius = radius = face.width * (0.085 - 0.03 * face.growth)
+    iris = tuple(int(value) for value in rng.integers(20, 90, 3))
+    for side in (-1, 1):
+        eye_x = face.center_x + side * face.eye_dx
+        draw.ellipse((eye_x - radius * 1.4, face.eye_y - radius, eye_x + radius * 1.4, face.eye_y + radius),
+                     fill=(245, 245, 240))
+        draw.ellipse((eye_x - radius * 0.7, face.eye_y - radius * 0.7, eye_x + radius * 0.7,
+                      face.eye_y + radius * 0.7), fill=iris)
+        draw.line((eye_x - radius * 1.6, face.eye_y - radius * 2.0, eye_x + radius * 1.6, face.eye_y - radius * 2.2),
+                  fill=_mix(face.hair, (0, 0, 0), 0.2), width=int(scale * (1.5 + (not face.female))))
+    face.nose_y = face.eye_y + face.height * (0.12 + 0.06 * face.growth)
+    draw.line((face.center_x, face.eye_y + radius, face.center_x - face.width * 0.04, face.nose_y),
+              fill=_mix(face.skin, (0, 0, 0), 0.3), width=scale * 2)
+    face.mouth_y = face.nose_y + face.height * (0.09 + 0.04 * face.growth)
+    mouth_half = face.width * (0.13 + 0.04 * face.growth)
+    lips = _mix(face.skin, (150, 40, 50), 0.5 if face.female else 0.3)
+    draw.arc((face.center_x - mouth_half, face.mouth_y - face.height * 0.04, face.center_x + mouth_half,
+              face.mouth_y + face.height * 0.04), 10, 170, fill=lips, width=scale * 3)
+
+
+def draw_age_marks(draw: ImageDraw.ImageDraw, face: FaceSketch, age: int, scale: int,
+                   rng: np.random.Generator) -> None:
+    """Forehead lines, nasolabial folds and crow's feet deepening with age, a beard, age spots."""
+    left, top, right, bottom = face.box
+    line_colour = _mix(face.skin, (30, 20, 15), 0.25 + 0.35 * face.wrinkling)
+    line_width = max(1, int(scale * (0.6 + 1.4 * face.wrinkling)))
+    if face.wrinkling > 0:
+        for index in range(round(1 + 4 * face.wrinkling)):  # forehead lines
+            y = top + face.height * (0.18 + 0.05 * index) + face.recession * 0.1 * face.height
+            box = (left + 0.2 * face.width, y - 0.03 * face.height, right - 0.2 * face.width, y + 0.03 * face.height)
+            draw.arc(box, 200, 340, fill=line_colour, width=line_width)
+        for side in (-1, 1):  # nasolabial folds
+            x = face.center_x + side * face.width * 0.12
+            draw.line((x, face.nose_y - 0.02 * face.height, x + side * face.width * 0.08,
+                       face.mouth_y + 0.03 * face.height), fill=line_colour, width=line_width)
+    if age > 38:
+        for side in (-1, 1):  # crow's feet
+            x = face.center_x + side * (face.eye_dx + face.eye_radius * 1.6)
+            for angle in (-0.4, 0.0, 0.4)[: 1 + int(face.wrinkling * 3)]:
+                draw.line((x, face.eye_y, x + side * face.width * 0.07 * math.cos(angle),
+                           face.eye_y + face.width * 0.07 * math.sin(angle)), fill=line_colour, width=line_width)
+    if not face.female and age > 17 and rng.random() < 0.35:  # beard, greying like the hair
+        draw.chord((left + 0.05 * face.width, face.mouth_y - 0.1 * face.height, right - 0.05 * face.width,
+                    bottom + 0.02 * face.height), 0, 180, fill=_mix(face.hair, face.skin, 0.25))
+    if age > 55:  # age spots
+        for _ in range(int(rng.integers(2, 8))):
+            x = rng.uniform(left + 0.15 * face.width, right - 0.15 * face.width)
+            y = rng.uniform(top + 0.3 * face.height, bottom - 0.2 * face.height)
+            radius = rng.uniform(1.0, 2.5) * scale
+            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=_mix(face.skin, (90, 60, 40), 0.35))
+
+
+def photograph(image: Image.Image, background: tuple[int, ...], size: int, wrinkling: float,
+               rng: np.random.Generator) -> Image.Image:
+    """Pose, scale, downsampling, lighting from one side and sensor noise."""
+    canvas = image.width
+    image = image.rotate(rng.normal(0, 6), resample=Image.Resampling.BILINEAR, fillcolor=background,
+                         translate=(rng.normal(0, 0.03) * canvas, rng.normal(0, 0.03) * canvas))
+    image = image.resize((size, size), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
+    pixels = np.asarray(image, dtype=np.float32)
+    gradient = np.linspace(-1, 1, size)[None, :, None] * rng.normal(0, 0.15)  # (1, S, 1)
+    pixels = pixels * rng.uniform(0.75, 1.2) * (1 + gradient) + rng.normal(0, 4 + 6 * wrinkling, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
 def draw_face(
     age: int, gender: str, ethnicity: str, rng: np.random.Generator, size: int = GENERATED_SIZE
 ) -> Image.Image:
     """One synthetic aligned face crop (RGB, size x size) whose look follows age, gender and ethnicity."""
     scale = 4  # draw large, then downsample: smooth edges
-    canvas = size * scale
     background = tuple(int(value) for value in rng.integers(40, 220, 3))
-    image = Image.new("RGB", (canvas, canvas), background)
+    image = Image.new("RGB", (size * scale, size * scale), background)
     draw = ImageDraw.Draw(image)
-    growth = min(age, 20) / 20.0  # 0 at birth, 1 at adulthood
-    greying = 1 / (1 + math.exp(-(age - 48) / 7))  # share of grey hair
-    wrinkling = float(np.clip((age - 28) / 45, 0, 1))  # depth of lines
-
-    skin = _mix(SKIN_TONES[ethnicity], (int(rng.integers(0, 255)),) * 3, 0.08)
-    skin = tuple(int(np.clip(value + rng.normal(0, 8), 0, 255)) for value in skin)
-    hair_options = HAIR_COLOURS[ethnicity]
-    hair = _mix(hair_options[int(rng.integers(len(hair_options)))], (205, 205, 208), greying)
-
-    center_x = canvas * (0.5 + rng.normal(0, 0.02))
-    center_y = canvas * (0.54 + rng.normal(0, 0.02))
-    face_width = canvas * (0.62 - 0.08 * growth + rng.normal(0, 0.015)) * (1.04 if gender == "male" else 0.98)
-    face_height = face_width * (1.02 + 0.30 * growth + rng.normal(0, 0.02))
-    left, right = center_x - face_width / 2, center_x + face_width / 2
-    top, bottom = center_y - face_height / 2, center_y + face_height / 2
-
-    female = gender == "female"
-    if female or age < 4 or rng.random() < 0.15:  # long hair behind the face
-        hair_length = (0.25 + 0.5 * rng.random()) * face_height if female else 0.1 * face_height
-        draw.rounded_rectangle((left - 0.12 * face_width, top - 0.1 * face_height, right + 0.12 * face_width,
-                                bottom + hair_length - 0.2 * face_height), radius=int(face_width * 0.3), fill=hair)
-    draw.ellipse((left, top, right, bottom), fill=skin)
-    if not female and age > 16:  # a squarer jaw
-        draw.rectangle((left + 0.08 * face_width, center_y, right - 0.08 * face_width, bottom - 0.12 * face_height),
-                       fill=skin)
-    # hair on top: men's hairline recedes with age
-    recession = (0.35 * wrinkling + 0.2 * rng.random() * wrinkling) if not female else 0.0
-    if age >= 1:
-        hair_bottom = top + face_height * (0.22 - recession * 0.5 + 0.06 * (1 - growth))
-        draw.chord((left - 0.04 * face_width, top - 0.08 * face_height, right + 0.04 * face_width,
-                    hair_bottom + 0.2 * face_height), 180, 360, fill=hair)
-
-    # eyes: lower and larger in children
-    eye_y = top + face_height * (0.56 - 0.13 * growth)
-    eye_dx = face_width * 0.21
-    eye_radius = face_width * (0.085 - 0.03 * growth)
-    iris = tuple(int(value) for value in rng.integers(20, 90, 3))
-    for side in (-1, 1):
-        eye_x = center_x + side * eye_dx
-        draw.ellipse((eye_x - eye_radius * 1.4, eye_y - eye_radius, eye_x + eye_radius * 1.4, eye_y + eye_radius),
-                     fill=(245, 245, 240))
-        draw.ellipse((eye_x - eye_radius * 0.7, eye_y - eye_radius * 0.7, eye_x + eye_radius * 0.7,
-                      eye_y + eye_radius * 0.7), fill=iris)
-        brow_colour = _mix(hair, (0, 0, 0), 0.2)
-        draw.line((eye_x - eye_radius * 1.6, eye_y - eye_radius * 2.0, eye_x + eye_radius * 1.6,
-                   eye_y - eye_radius * 2.2), fill=brow_colour, width=int(scale * (1.5 + (not female))))
-    # nose and mouth
-    nose_y = eye_y + face_height * (0.12 + 0.06 * growth)
-    draw.line((center_x, eye_y + eye_radius, center_x - face_width * 0.04, nose_y), fill=_mix(skin, (0, 0, 0), 0.3),
-              width=scale * 2)
-    mouth_y = nose_y + face_height * (0.09 + 0.04 * growth)
-    mouth_half = face_width * (0.13 + 0.04 * growth)
-    lips = _mix(skin, (150, 40, 50), 0.5 if female else 0.3)
-    draw.arc((center_x - mouth_half, mouth_y - face_height * 0.04, center_x + mouth_half,
-              mouth_y + face_height * 0.04), 10, 170, fill=lips, width=scale * 3)
-
-    line_colour = _mix(skin, (30, 20, 15), 0.25 + 0.35 * wrinkling)
-    line_width = max(1, int(scale * (0.6 + 1.4 * wrinkling)))
-    if wrinkling > 0:
-        for index in range(round(1 + 4 * wrinkling)):  # forehead lines
-            y = top + face_height * (0.18 + 0.05 * index) + recession * 0.1 * face_height
-            box = (left + 0.2 * face_width, y - 0.03 * face_height, right - 0.2 * face_width, y + 0.03 * face_height)
-            draw.arc(box, 200, 340, fill=line_colour, width=line_width)
-        for side in (-1, 1):  # nasolabial folds
-            x = center_x + side * face_width * 0.12
-            draw.line((x, nose_y - 0.02 * face_height, x + side * face_width * 0.08, mouth_y + 0.03 * face_height),
-                      fill=line_colour, width=line_width)
-    if age > 38:
-        for side in (-1, 1):  # crow's feet
-            x = center_x + side * (eye_dx + eye_radius * 1.6)
-            for angle in (-0.4, 0.0, 0.4)[: 1 + int(wrinkling * 3)]:
-                draw.line((x, eye_y, x + side * face_width * 0.07 * math.cos(angle),
-                           eye_y + face_width * 0.07 * math.sin(angle)), fill=line_colour, width=line_width)
-    if not female and age > 17 and rng.random() < 0.35:  # beard, greying like the hair
-        beard = _mix(hair, skin, 0.25)
-        draw.chord((left + 0.05 * face_width, mouth_y - 0.1 * face_height, right - 0.05 * face_width,
-                    bottom + 0.02 * face_height), 0, 180, fill=beard)
-    if age > 55:  # age spots
-        for _ in range(int(rng.integers(2, 8))):
-            x = rng.uniform(left + 0.15 * face_width, right - 0.15 * face_width)
-            y = rng.uniform(top + 0.3 * face_height, bottom - 0.2 * face_height)
-            radius = rng.uniform(1.0, 2.5) * scale
-            draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=_mix(skin, (90, 60, 40), 0.35))
-
-    # pose, scale, downsample, lighting and noise
-    image = image.rotate(rng.normal(0, 6), resample=Image.Resampling.BILINEAR, fillcolor=background,
-                         translate=(rng.normal(0, 0.03) * canvas, rng.normal(0, 0.03) * canvas))
-    image = image.resize((size, size), Image.Resampling.LANCZOS).filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.6)))
-    pixels = np.asarray(image, dtype=np.float32)
-    gradient = np.linspace(-1, 1, size)[None, :, None] * rng.normal(0, 0.15)  # light from one side
-    pixels = pixels * rng.uniform(0.75, 1.2) * (1 + gradient) + rng.normal(0, 4 + 6 * wrinkling, pixels.shape)
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    face = sketch_face(age, gender, ethnicity, size * scale, rng)
+    draw_head(draw, face, age, rng)
+    draw_features(draw, face, scale, rng)
+    draw_age_marks(draw, face, age, scale, rng)
+    return photograph(image, background, size, face.wrinkling, rng)
 
 
 def generate_dataset(folder: str | Path, count: int, seed: int = 0, size: int = GENERATED_SIZE,
