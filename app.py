@@ -265,51 +265,66 @@ def write_download(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
-    """The gr.Blocks page: photo and clip tabs, the model picker, and the /estimate API endpoint."""
-    import gradio as gr
+class PageHandlers:
+    """What the page's two buttons and the /estimate API do; an InputError becomes the page's message (gr.Error)."""
 
+    def __init__(self, cfg: Config, shelf: ModelShelf, folder: Path):
+        self.cfg, self.shelf, self.folder = cfg, shelf, folder
+
+    @staticmethod
     def page_error(error: Exception) -> Exception:
+        import gradio as gr
+
         return gr.Error(str(error)) if isinstance(error, InputError) else error
 
-    def on_photo(payload: Any, label: str, tta: bool, min_face_size: float):
+    def photo(self, payload: Any, label: str, tta: bool, min_face_size: float) -> tuple:
+        """The Photo tab: annotated image, table, gallery, download, message."""
+        import gradio as gr
+
         try:
-            path = uploaded_photo(payload, folder)
+            path = uploaded_photo(payload, self.folder)
             if path is None:
                 raise InputError("add a photo first: upload one, paste one or take a webcam snapshot")
-            result = estimate_photo(shelf, path, label, tta, int(min_face_size), cfg.max_image_pixels)
+            result = estimate_photo(self.shelf, path, label, tta, int(min_face_size), self.cfg.max_image_pixels)
         except InputError as error:
-            raise page_error(error) from None
+            raise self.page_error(error) from None
         message = (f"{len(result.faces)} face(s) found with {label}." if result.faces else
                    f"No face found (smallest face searched: {int(min_face_size)} px). Try a lower smallest-face "
                    "setting or a photo where the face is larger.")
         if result.faces and not result.gallery:
             message += " (Grad-CAM maps need a .pt checkpoint of a backbone with a Grad-CAM set-up.)"
-        download = write_download(folder, Path(path).stem, result.rows)
+        download = write_download(self.folder, Path(path).stem, result.rows)
         return (result.canvas, table_rows(result.faces, label), gr.update(value=result.gallery,
                 visible=bool(result.gallery)), str(download), message)
 
-    def on_clip(path: str | None, label: str, tta: bool, min_face_size: float):
-        if not path:
-            raise gr.Error("add a clip first")
+    def clip(self, path: str | None, label: str, tta: bool, min_face_size: float) -> tuple[str, str, str]:
+        """The Clip tab: annotated video, download, message."""
         try:
-            video, rows = estimate_clip(cfg, shelf, path, label, tta, int(min_face_size), folder)
+            if not path:
+                raise InputError("add a clip first")
+            video, rows = estimate_clip(self.cfg, self.shelf, path, label, tta, int(min_face_size), self.folder)
         except InputError as error:
-            raise page_error(error) from None
+            raise self.page_error(error) from None
         frames = len({row["frame"] for row in rows})
         message = f"{len(rows)} face detections over {frames} frame(s) with faces, by {label}."
-        return str(video), str(write_download(folder, Path(path).stem, rows)), message
+        return str(video), str(write_download(self.folder, Path(path).stem, rows)), message
 
-    def estimate(photo: str | None, label: str, tta: bool, min_face_size: float) -> list[dict[str, Any]]:
+    def estimate(self, photo: str | None, label: str, tta: bool, min_face_size: float) -> list[dict[str, Any]]:
         """The API: one dict per face (box, landmarks, age, spread, adult_probability, model)."""
-        if not photo:
-            raise gr.Error("send a photo: Client(url).predict(handle_file('photo.jpg'), api_name='/estimate')")
         try:
-            return estimate_photo(shelf, photo, label, tta, int(min_face_size), cfg.max_image_pixels,
+            if not photo:
+                raise InputError("send a photo: Client(url).predict(handle_file('photo.jpg'), api_name='/estimate')")
+            return estimate_photo(self.shelf, photo, label, tta, int(min_face_size), self.cfg.max_image_pixels,
                                   heatmaps=False).rows
         except InputError as error:
-            raise page_error(error) from None
+            raise self.page_error(error) from None
 
+
+def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
+    """The gr.Blocks page: photo and clip tabs, the model picker, and the /estimate API endpoint."""
+    import gradio as gr
+
+    handlers = PageHandlers(cfg, shelf, folder)
     with gr.Blocks(title="Facial age estimation") as page:
         gr.Markdown(f"# Facial age estimation\nEvery face in the photo is found ({cfg.detector}), aligned like the "
                     "training crops and given an age, a spread (the standard deviation of the predicted age "
@@ -345,11 +360,11 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
         # requests would only split the same cores
         shared = {"concurrency_limit": 1, "concurrency_id": "model"}
         settings = [model_picker, tta, min_face]
-        run_photo.click(on_photo, [photo, *settings], [annotated, table, gallery, photo_rows, photo_status],
+        run_photo.click(handlers.photo, [photo, *settings], [annotated, table, gallery, photo_rows, photo_status],
                         api_name="photo", preprocess=False, **shared)
-        run_clip.click(on_clip, [clip, *settings], [annotated_clip, clip_rows, clip_status], api_name="clip",
+        run_clip.click(handlers.clip, [clip, *settings], [annotated_clip, clip_rows, clip_status], api_name="clip",
                        **shared)
-        api_button.click(estimate, [api_photo, *settings], api_faces, api_name="estimate", **shared)
+        api_button.click(handlers.estimate, [api_photo, *settings], api_faces, api_name="estimate", **shared)
     return page
 
 

@@ -655,32 +655,12 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 print(f"{path}: {len(faces)} face(s), age(s) " + ", ".join(_age_text(face.age, 1) for face in faces))
             rows.extend(face_rows(str(path), None, faces))
 
-    import cv2
-
     previous: Done = []
-    threads, detector_threads = torch.get_num_threads(), cv2.getNumThreads()
-    if len(paths) > 1:
-        copies_per_face = predictor.views * (2 if cfg.tta else 1)
-        if copies_per_face == 1:  # the model's share of the cores while the workers detect
-            # with --tta / --tta_views the model does several times the work per face and is the slower half: on
-            # one thread it halved the folder rate (RESULTS.md, "Folder throughput with views"), so it keeps them all
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
-        # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
-        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
-        # throughput again")
-        cv2.setNumThreads(1)
     completed = False
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-            for path, image, found in analysed_photos(paths, predictor, detector):
-                if isinstance(image, Exception):
-                    warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(image, path)})",
-                                  stacklevel=2)
-                    continue
-                if isinstance(found, Exception):
-                    warnings.warn(f"skipping {path}: its faces could not be found ({type(found).__name__}: {found})",
-                                  stacklevel=2)
-                    continue
+        with (folder_threads(predictor, cfg.tta, len(paths)),
+              ThreadPoolExecutor(1, thread_name_prefix="write") as writer):
+            for path, image, found in usable_photos(analysed_photos(paths, predictor, detector)):
                 group.append((path, image, found))
                 if len(group) == PHOTOS_PER_MODEL_CALL:
                     report(previous)
@@ -691,13 +671,47 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             previous = []
         completed = True
     finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(detector_threads)
         if completed:  # results are replaced only by a complete new set
             write_rows(rows_path, rows)
         elif rows:
             _keep_partial_rows(rows_path, rows)
     return rows
+
+
+def usable_photos(photos: Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | Exception | None]],
+                  ) -> Iterator[tuple[Path, np.ndarray, FoundFaces]]:
+    """analysed_photos' photos that decoded and whose faces could be searched; each other one is a warning."""
+    for path, image, found in photos:
+        if isinstance(image, Exception):
+            warnings.warn(f"skipping {path}: not a readable image ({describe_read_error(image, path)})", stacklevel=3)
+        elif isinstance(found, Exception):
+            warnings.warn(f"skipping {path}: its faces could not be found ({type(found).__name__}: {found})",
+                          stacklevel=3)
+        else:
+            yield path, image, found
+
+
+@contextlib.contextmanager
+def folder_threads(predictor: AgePredictor, tta: bool, photos: int) -> Iterator[None]:
+    """The threads of a folder run, restored afterwards: the model's share of the cores while the photo workers
+    detect, and one OpenCV thread per YuNet call."""
+    import cv2
+
+    threads, detector_threads = torch.get_num_threads(), cv2.getNumThreads()
+    if photos > 1:
+        if predictor.views * (2 if tta else 1) == 1:
+            # with --tta / --tta_views the model does several times the work per face and is the slower half: on
+            # one thread it halved the folder rate (RESULTS.md, "Folder throughput with views"), so it keeps them all
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
+        # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
+        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
+        # throughput again")
+        cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(detector_threads)
 
 
 def _keep_partial_rows(rows_path: Path, rows: list[dict[str, Any]]) -> None:
