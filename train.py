@@ -222,6 +222,51 @@ def consistency_weight_for_epoch(weight: float, ramp_epochs: int, epoch: int) ->
     return weight * min(1.0, (epoch - 1) / ramp_epochs) if ramp_epochs > 0 else weight
 
 
+def mixup_batch(images: torch.Tensor, ages: torch.Tensor, alpha: float,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """(images, partner ages, blended ages, mix): with alpha > 0, the batch blended with a shuffled copy of itself
+    by one mix ~ Beta(alpha, alpha); else the batch as it is (mix 1)."""
+    if alpha <= 0:
+        return images, ages, ages, 1.0
+    mix = float(torch.distributions.Beta(alpha, alpha).sample())
+    permutation = torch.randperm(len(images), device=images.device)
+    images = images.lerp(images[permutation], 1 - mix)  # (B, 3, H, W): mix * x + (1 - mix) * x[perm]
+    partner_ages = ages[permutation]
+    return images, partner_ages, ages.lerp(partner_ages, 1 - mix), mix  # blended: what the epoch's MAE is against
+
+
+def batch_loss(head: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, partner_ages: torch.Tensor, mix: float,
+               consistency_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the loss, the outputs of the faces as they are): the head's loss, blended over mixup partners, plus the
+    consistency term when the second half of `outputs` is the same faces moved (consistency_weight > 0)."""
+    if consistency_weight > 0:
+        outputs, moved_outputs = outputs.chunk(2)
+    loss = head.loss(outputs, ages)
+    if mix < 1:
+        loss = mix * loss + (1 - mix) * head.loss(outputs, partner_ages)
+    if consistency_weight > 0:
+        loss = loss + consistency_weight * (head.ages(outputs) - head.ages(moved_outputs)).abs().mean()
+    return loss, outputs
+
+
+def optimiser_step(model: nn.Module, optimisation: Optimisation) -> None:
+    """Unscale, clip, step (through the fp16 scaler when there is one), then the weight average and the schedule."""
+    optimizer, scaler = optimisation.optimizer, optimisation.scaler
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if optimisation.grad_clip_norm > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), optimisation.grad_clip_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    if optimisation.average is not None:
+        optimisation.average.update(model)
+    if optimisation.scheduler is not None:
+        optimisation.scheduler.step()
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -260,13 +305,7 @@ def train_one_epoch(
     batch_format = torch.channels_last if execution.channels_last else torch.contiguous_format
     for step, (images, ages, _, _) in enumerate(progress, start=1):
         images, ages = execution.to_device(images, ages)
-        partner_ages, blended_ages, mix = ages, ages, 1.0
-        if mixup_alpha > 0:
-            mix = float(torch.distributions.Beta(mixup_alpha, mixup_alpha).sample())
-            permutation = torch.randperm(len(images), device=images.device)
-            images = images.lerp(images[permutation], 1 - mix)  # (B, 3, H, W): mix * x + (1 - mix) * x[perm]
-            partner_ages = ages[permutation]
-            blended_ages = ages.lerp(partner_ages, 1 - mix)  # (B,) the age the epoch's MAE is measured against
+        images, partner_ages, blended_ages, mix = mixup_batch(images, ages, mixup_alpha)
         optimizer.zero_grad(set_to_none=True)
         for micro in range(accumulation_steps):
             part = slice(micro, None, accumulation_steps)
@@ -277,14 +316,7 @@ def train_one_epoch(
                     batch = torch.cat([batch, moved_views(batch)]).contiguous(memory_format=batch_format)  # (2b, ...)
                 with execution.autocast():
                     outputs = model(batch, raw_outputs=True)  # float32: (b,), (b, K) or (b, K - 1); twice b
-                if consistency_weight > 0:
-                    outputs, moved_outputs = outputs.chunk(2)
-                loss = head.loss(outputs, ages[part])
-                if mix < 1:
-                    partner_loss = head.loss(outputs, partner_ages[part])
-                    loss = mix * loss + (1 - mix) * partner_loss
-                if consistency_weight > 0:
-                    loss = loss + consistency_weight * (head.ages(outputs) - head.ages(moved_outputs)).abs().mean()
+                loss, outputs = batch_loss(head, outputs, ages[part], partner_ages[part], mix, consistency_weight)
                 if not torch.isfinite(loss):  # stop before the optimiser spreads it into the weights
                     raise DivergedError(
                         f"{description}: the loss became {loss.item()} at step {step} of {len(loader)}; the "
@@ -296,19 +328,7 @@ def train_one_epoch(
                 total_error += (predicted - blended_ages[part]).abs().sum().item()
             total_loss += loss.item() * len(outputs)
             total_images += len(outputs)
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        if optimisation.grad_clip_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), optimisation.grad_clip_norm)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if optimisation.average is not None:
-            optimisation.average.update(model)
-        if optimisation.scheduler is not None:
-            optimisation.scheduler.step()
+        optimiser_step(model, optimisation)
         progress.set_postfix(mae=f"{total_error / total_images:.2f}")
     if distributed:  # sums over every rank's share of the epoch
         totals = torch.tensor([total_loss, total_error, total_images], dtype=torch.float64, device=execution.device)
@@ -692,19 +712,48 @@ def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", device: st
     return evaluate(model, loader, Execution(torch.device(device)))
 
 
-def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
-    is_main = rank == 0  # the one rank that prints, logs and writes files
-    if is_main:  # before the caches and the first epoch: a folder that cannot be written would fail an hour later
-        check_writable_folders(cfg, ("checkpoint_dir", "runs_dir", "pics_dir", "cache_dir"))
-    cfg, resume_state = start_or_resume(cfg, world_size)
-    run_name = cfg.run_name
-    cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
-    if is_main:
-        print_config(cfg, "train.py")
+@dataclass
+class TrainingRun:
+    """One training run's pieces, built by `prepare_run`: the resolved config, where it runs, the model as it trains
+    (placed, wrapped) and the weights that are validated and kept, the loaders, the optimisation, and the face facts
+    (crop geometry, face resolution) stored in every checkpoint beside the weights."""
+
+    cfg: Config
+    rank: int
+    world_size: int
+    execution: Execution
+    model: nn.Module
+    loaders: dict[str, Any]
+    optimisation: Optimisation
+    face_facts: dict[str, Any]
+    train_ages: torch.Tensor
+
+    @property
+    def is_main(self) -> bool:  # the one rank that prints, logs and writes files
+        return self.rank == 0
+
+    @property
+    def evaluated(self) -> nn.Module:  # the weight average when there is one
+        average = self.optimisation.average
+        return average.module if average is not None else self.model
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.cfg.checkpoint_dir) / self.cfg.run_name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.runs_dir) / self.cfg.run_name
+
+
+def prepare_run(cfg: Config, rank: int, world_size: int, device: torch.device,
+                resume_state: dict[str, Any] | None) -> TrainingRun:
+    """The model (from its seed), the loaders (rank 0 builds the decoded caches first), the face facts (measured on
+    a new run's training faces, kept from the checkpoint on resume) and the optimisation."""
+    is_main = rank == 0
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not cfg.deterministic
     execution = Execution.for_config(cfg, device)
-
     seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
     if not is_main:
@@ -714,7 +763,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if is_main:
         _barrier(world_size)
     train_ages = torch.tensor(loaders["train"].dataset.ages)
-    face_facts = {"crop_geometry": None, "face_resolution": None}  # stored in every checkpoint beside the weights
+    face_facts = {"crop_geometry": None, "face_resolution": None}
     if is_main:  # a resumed run keeps what was measured when it started (same training images)
         if resume_state is not None:
             face_facts = {key: resume_state.get(key) for key in face_facts}
@@ -735,65 +784,106 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         torch.amp.GradScaler("cuda") if execution.dtype == torch.float16 else None,
         WeightAverage(model, cfg.ema_decay) if cfg.ema_decay > 0 else None,
         cfg.grad_clip_norm, cfg.accumulation_steps, cfg.mixup_alpha, cfg.consistency_weight)
-    average = optimisation.average
+    return TrainingRun(cfg, rank, world_size, execution, model, loaders, optimisation, face_facts, train_ages)
 
-    checkpoint_dir = Path(cfg.checkpoint_dir) / run_name
-    run_dir = Path(cfg.runs_dir) / run_name
-    best_path, last_path = checkpoint_dir / "best.pt", checkpoint_dir / "last.pt"
+
+def restore_state(run: TrainingRun, resume_state: dict[str, Any]) -> tuple[int, float, list[dict[str, float]]]:
+    """Load a last.pt's weights, optimiser, schedule, scaler and average; returns (next epoch, best valid MAE,
+    history)."""
+    optimisation, average = run.optimisation, run.optimisation.average
+    unwrap(run.model).load_state_dict(resume_state["model"])
+    optimisation.optimizer.load_state_dict(resume_state["optimizer"])
+    optimisation.scheduler.load_state_dict(resume_state["scheduler"])
+    if optimisation.scaler is not None and "scaler" in resume_state:
+        optimisation.scaler.load_state_dict(resume_state["scaler"])
+    if average is not None and "average" in resume_state:
+        average.load_state_dict(resume_state["average"])  # (a run from before ema_decay starts its average here)
+    start_epoch, best_valid_mae = resume_state["epoch"] + 1, resume_state["best_valid_mae"]
+    if run.is_main:
+        print(f"resuming {run.cfg.run_name} from {resume_state['path']} at epoch {start_epoch} "
+              f"(best valid MAE {best_valid_mae:.2f}); every setting comes from the checkpoint but those typed "
+              f"on the command line among {', '.join(RESUME_FROM_COMMAND_LINE)}")
+    return start_epoch, best_valid_mae, resume_state["history"]
+
+
+def run_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
+    """Train one epoch and validate; returns its history row."""
+    cfg, loaders = run.cfg, run.loaders
+    # Shuffling and augmentation of an epoch depend only on (seed, epoch): a run resumed from last.pt continues
+    # exactly as the uninterrupted run would have (with deterministic=true, bit for bit on CPU).
+    torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * run.rank)  # augmentation and dropout draws
+    loaders["train"].sampler.set_epoch(epoch)  # the order: the same permutation on every rank
+    if isinstance(loaders["train"], DataLoader):
+        loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch + 7919 * run.rank)  # worker seeds
+    run.optimisation.consistency_weight = consistency_weight_for_epoch(
+        cfg.consistency_weight, cfg.consistency_ramp_epochs, epoch)
+    epoch_started = time.perf_counter()
+    train_metrics = train_one_epoch(run.model, loaders["train"], run.optimisation, run.execution,
+                                    description=f"epoch {epoch}/{cfg.epochs}", show_progress=run.is_main)
+    valid_metrics = evaluate(run.evaluated, loaders["valid"], run.execution)
+    row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_mae": train_metrics["mae"],
+           "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"],
+           "lr": run.optimisation.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's: x backbone_lr_scale)
+    if run.optimisation.average is not None:
+        row["valid_mae_raw_weights"] = evaluate(run.model, loaders["valid"], run.execution)["mae"]
+    row["seconds"] = time.perf_counter() - epoch_started
+    return row
+
+
+def save_epoch(run: TrainingRun, epoch: int, history: list[dict[str, float]], best_valid_mae: float,
+               improved: bool) -> None:
+    """best.pt (the validated weights) when the epoch improved, and last.pt (everything a resume needs)."""
+    optimisation, average = run.optimisation, run.optimisation.average
+    if improved:
+        save_checkpoint(run.checkpoint_dir / "best.pt", run.evaluated, run.cfg, epoch=epoch, valid_mae=best_valid_mae,
+                        **run.face_facts)
+    save_checkpoint(
+        run.checkpoint_dir / "last.pt", run.model, run.cfg, epoch=epoch, best_valid_mae=best_valid_mae,
+        history=history, **run.face_facts, optimizer=optimisation.optimizer.state_dict(),
+        scheduler=optimisation.scheduler.state_dict(),
+        **({"scaler": optimisation.scaler.state_dict()} if optimisation.scaler is not None else {}),
+        **({"average": average.state_dict()} if average is not None else {}),
+    )
+
+
+def check_checkpoint_space(run: TrainingRun) -> None:
+    """Remove a killed run's checkpoint temporaries, and check the disk holds this run's checkpoints."""
+    remove_stale_temporaries(run.checkpoint_dir)
+    # best.pt (weights) and last.pt (weights, two AdamW moments, the average) at once, each written beside the old
+    # one before the rename: about eight times the weights' bytes, checked before the first epoch
+    weight_bytes = sum(parameter.numel() * 4 for parameter in unwrap(run.model).parameters())
+    check_free_space(run.checkpoint_dir, 8 * weight_bytes + 50_000_000, "this run's checkpoints")
+
+
+def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    is_main = rank == 0
+    if is_main:  # before the caches and the first epoch: a folder that cannot be written would fail an hour later
+        check_writable_folders(cfg, ("checkpoint_dir", "runs_dir", "pics_dir", "cache_dir"))
+    cfg, resume_state = start_or_resume(cfg, world_size)
+    cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
     if is_main:
-        remove_stale_temporaries(checkpoint_dir)  # a run killed during a checkpoint write left its temporary file
-        # best.pt (weights) and last.pt (weights, two AdamW moments, the average) at once, each written beside the
-        # old one before the rename: about eight times the weights' bytes, checked before the first epoch
-        weight_bytes = sum(parameter.numel() * 4 for parameter in unwrap(model).parameters())
-        check_free_space(checkpoint_dir, 8 * weight_bytes + 50_000_000, "this run's checkpoints")
+        print_config(cfg, "train.py")
+    run = prepare_run(cfg, rank, world_size, device, resume_state)
     start_epoch, best_valid_mae, history = 1, math.inf, []
+    if is_main:
+        check_checkpoint_space(run)
     if resume_state is not None:
-        unwrap(model).load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        optimisation.scheduler.load_state_dict(resume_state["scheduler"])
-        if optimisation.scaler is not None and "scaler" in resume_state:
-            optimisation.scaler.load_state_dict(resume_state["scaler"])
-        if average is not None and "average" in resume_state:
-            average.load_state_dict(resume_state["average"])  # (a run from before ema_decay starts its average here)
-        start_epoch = resume_state["epoch"] + 1
-        best_valid_mae, history = resume_state["best_valid_mae"], resume_state["history"]
-        if is_main:
-            print(f"resuming {run_name} from {resume_state['path']} at epoch {start_epoch} "
-                  f"(best valid MAE {best_valid_mae:.2f}); every setting comes from the checkpoint but those typed "
-                  f"on the command line among {', '.join(RESUME_FROM_COMMAND_LINE)}")
-    evaluated = average.module if average is not None else model  # the weights that are validated and kept
+        start_epoch, best_valid_mae, history = restore_state(run, resume_state)
     writer = None
     if is_main:
-        write_json(run_dir / "config.json", config_to_dict(cfg))
+        write_json(run.run_dir / "config.json", config_to_dict(cfg))
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
-        print(f"device {device}, autocast {execution.dtype}, {type(loaders['train']).__name__} "
+        writer = SummaryWriter(log_dir=str(run.run_dir), purge_step=start_epoch)
+        loaders = run.loaders
+        print(f"device {device}, autocast {run.execution.dtype}, {type(loaders['train']).__name__} "
               f"(loading={cfg.loading}), {world_size} process(es), {len(loaders['train'].dataset)} train / "
               f"{len(loaders['valid'].dataset)} valid / {len(loaders['test'].dataset)} test images")
     started = time.perf_counter()
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            # Shuffling and augmentation of an epoch depend only on (seed, epoch): a run resumed from last.pt
-            # continues exactly as the uninterrupted run would have (with deterministic=true, bit for bit on CPU).
-            torch.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # augmentation and dropout draws
-            loaders["train"].sampler.set_epoch(epoch)  # the order: the same permutation on every rank
-            if isinstance(loaders["train"], DataLoader):
-                loaders["train"].generator.manual_seed(cfg.seed * 1000 + epoch + 7919 * rank)  # worker seeds
-            optimisation.consistency_weight = consistency_weight_for_epoch(
-                cfg.consistency_weight, cfg.consistency_ramp_epochs, epoch)
-            epoch_started = time.perf_counter()
-            train_metrics = train_one_epoch(model, loaders["train"], optimisation, execution,
-                                            description=f"epoch {epoch}/{cfg.epochs}", show_progress=is_main)
-            valid_metrics = evaluate(evaluated, loaders["valid"], execution)
-            row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_mae": train_metrics["mae"],
-                   "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["mae"],
-                   "valid_cs5": valid_metrics["cs5"],
-                   "lr": optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's is x backbone_lr_scale)
-            if average is not None:
-                row["valid_mae_raw_weights"] = evaluate(model, loaders["valid"], execution)["mae"]
-            row["seconds"] = time.perf_counter() - epoch_started
+            row = run_epoch(run, epoch)
             history.append(row)
             improved = row["valid_mae"] < best_valid_mae
             best_valid_mae = min(best_valid_mae, row["valid_mae"])
@@ -802,39 +892,37 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             for key, tag in TENSORBOARD_TAGS.items():
                 if key in row:
                     writer.add_scalar(tag, row[key], epoch)
-            if improved:
-                save_checkpoint(best_path, evaluated, cfg, epoch=epoch, valid_mae=best_valid_mae,
-                                **face_facts)
-            save_checkpoint(
-                last_path, model, cfg, epoch=epoch, best_valid_mae=best_valid_mae, history=history,
-                **face_facts, optimizer=optimizer.state_dict(),
-                scheduler=optimisation.scheduler.state_dict(),
-                **({"scaler": optimisation.scaler.state_dict()} if optimisation.scaler is not None else {}),
-                **({"average": average.state_dict()} if average is not None else {}),
-            )
+            save_epoch(run, epoch, history, best_valid_mae, improved)
             print(format_epoch(row, cfg.epochs, improved), flush=True)
     except KeyboardInterrupt:
         if writer is not None:
             writer.close()
+        last_path = run.checkpoint_dir / "last.pt"
         finished = f"{last_path} holds epoch {epoch - 1}" if last_path.is_file() else "no epoch had finished"
         where = "" if cfg.checkpoint_dir == Config().checkpoint_dir else f" --checkpoint_dir={cfg.checkpoint_dir}"
         raise SystemExit(f"\ninterrupted during epoch {epoch}: {finished}; continue with "
-                         f"`python train.py --resume --run_name={run_name}{where}` (the run's data, split files "
+                         f"`python train.py --resume --run_name={cfg.run_name}{where}` (the run's data, split files "
                          "and epochs are stored in it)") from None
     if writer is not None:
         writer.close()
     _barrier(world_size)  # best.pt is complete before any rank reads it
+    return finish_run(run, history, best_valid_mae, time.perf_counter() - started)
 
-    if not best_path.is_file() and is_main:  # epochs=0: evaluate the model as built
-        save_checkpoint(best_path, model, cfg, epoch=0, valid_mae=math.inf, **face_facts)
-    _barrier(world_size)
-    tested = test_best_checkpoint(cfg, model, loaders, best_path, execution, is_main)
+
+def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae: float,
+               seconds: float) -> dict[str, Any]:
+    """Test best.pt (calibrating its temperature, with TTA when asked), write results.json and the learning curves,
+    print the summary; returns the results."""
+    cfg, best_path = run.cfg, run.checkpoint_dir / "best.pt"
+    if not best_path.is_file() and run.is_main:  # epochs=0: evaluate the model as built
+        save_checkpoint(best_path, run.model, cfg, epoch=0, valid_mae=math.inf, **run.face_facts)
+    _barrier(run.world_size)
+    tested = test_best_checkpoint(cfg, run.model, run.loaders, best_path, run.execution, run.is_main)
     test_metrics, calibration, tta_metrics = tested["test"], tested["calibration"], tested["tta"]
-    age_gate = {f"test_{key}": value for key, value in tested["age_gate"].items()}
     test_ages = torch.tensor(test_metrics["targets"])
-    baseline_mae = (test_ages - train_ages.mean()).abs().mean().item()
+    baseline_mae = (test_ages - run.train_ages.mean()).abs().mean().item()
     results = {
-        "run_name": run_name,
+        "run_name": cfg.run_name,
         "recipe": recipe_hash(cfg),  # config.RECIPE_FIELDS hashed: names the experiment, not where it ran
         "test_mae": test_metrics["mae"],
         "test_rmse": test_metrics["rmse"],
@@ -842,23 +930,23 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         "mean_age_baseline_test_mae": baseline_mae,
         "test_mae_by_decade": test_metrics["mae_by_decade"],
         **calibration,
-        **age_gate,
+        **{f"test_{key}": value for key, value in tested["age_gate"].items()},
         **({"test_mae_tta": tta_metrics["mae"], "test_cs5_tta": tta_metrics["cs5"]} if tta_metrics else {}),
         "best_valid_mae": best_valid_mae,
         "epochs": cfg.epochs,
-        "train_seconds": time.perf_counter() - started,
+        "train_seconds": seconds,
         "test_images": len(test_ages),
         "best_checkpoint": str(best_path),
-        "last_checkpoint": str(last_path),
-        "run_dir": str(run_dir),
+        "last_checkpoint": str(run.checkpoint_dir / "last.pt"),
+        "run_dir": str(run.run_dir),
         "history": history,
     }
-    if not is_main:
+    if not run.is_main:
         return results
-    write_json(run_dir / "results.json", results)
+    write_json(run.run_dir / "results.json", results)
     if history:
-        curves_path = Path(cfg.pics_dir) / f"learning_curves_{run_name}.png"
-        plot_learning_curves(history, curves_path, f"{run_name}: {cfg.model_name}, {cfg.image_size}px")
+        curves_path = Path(cfg.pics_dir) / f"learning_curves_{cfg.run_name}.png"
+        plot_learning_curves(history, curves_path, f"{cfg.run_name}: {cfg.model_name}, {cfg.image_size}px")
         results["learning_curves"] = str(curves_path)
     print(f"\ntest set ({len(test_ages)} images), best checkpoint: MAE {test_metrics['mae']:.2f} years, "
           f"CS@5 {test_metrics['cs5']:.3f}, RMSE {test_metrics['rmse']:.2f} "
@@ -869,9 +957,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
               f"with temperature {calibration['temperature']:.2f} fitted on the valid set")
     if tta_metrics:
         print(f"with flip TTA: MAE {tta_metrics['mae']:.2f} years, CS@5 {tta_metrics['cs5']:.3f}")
-    print(f"checkpoints: {checkpoint_dir}/  TensorBoard + results.json: {run_dir}/")
+    print(f"checkpoints: {run.checkpoint_dir}/  TensorBoard + results.json: {run.run_dir}/")
     return results
-
 
 if __name__ == "__main__":
     main(parse_config(sys.argv[1:]))
