@@ -56,7 +56,7 @@ from custom_dataset_dataloader import (
     write_dataset_csv,
 )
 
-MAX_AGE = 120  # ages above this are treated as a malformed name, not a person
+MAX_AGE = 120  # ages above this are treated as a malformed name, not a person (above cfg.max_age: left out, named)
 _UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_[^_]+$")
 _FGNET_NAME = re.compile(r"^(\d{3})A(\d{2})[a-z]?$", re.IGNORECASE)
 _GENDER_WORDS = {"m": "male", "male": "male", "0": "male", "f": "female", "female": "female", "1": "female"}
@@ -414,6 +414,18 @@ def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
     save_figure(figure, path)
 
 
+def without_older_than(frame: pd.DataFrame, max_age: int) -> pd.DataFrame:
+    """`frame` without the images labelled older than max_age, which split_dataset.py and training would refuse:
+    they are named in one warning, with the setting that keeps them."""
+    older = frame["age"] > max_age
+    if older.any():
+        names = frame.loc[older, "image_name"].astype(str).tolist()
+        warnings.warn(f"{len(names)} image(s) labelled older than max_age={max_age} left out ({', '.join(names[:5])}"
+                      f"{', ...' if len(names) > 5 else ''}); pass --max_age={int(frame['age'].max())} to eda.py, "
+                      "split_dataset.py and train.py to keep them", stacklevel=2)
+    return frame.loc[~older].reset_index(drop=True)
+
+
 def main(cfg: Config) -> pd.DataFrame:
     """Scan data_dir, write the data set CSV and the EDA figures; return the data set frame."""
     import matplotlib
@@ -425,6 +437,7 @@ def main(cfg: Config) -> pd.DataFrame:
     claim_dataset_csv(csv_path, cfg.data_dir)
     frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv,
                                                cfg.num_workers)
+    frame = without_older_than(frame, cfg.max_age)
     write_dataset_csv(frame, csv_path)
     write_text(source_record(csv_path), json.dumps({"data_dir": str(Path(cfg.data_dir).resolve())}) + "\n")
     pics = Path(cfg.pics_dir)

@@ -71,3 +71,17 @@ def test_folder_without_usable_images_stops_clearly(tmp_path):
     (tmp_path / "holiday.jpg").write_bytes(b"")
     with pytest.raises(DataError, match="no usable UTKFace images"), pytest.warns(UserWarning):
         eda.scan_folder(str(tmp_path))
+
+
+def test_ages_over_max_age_are_left_out_by_eda_as_the_split_would_refuse_them(tmp_path, face_folder):
+    import split_dataset
+
+    data_dir = tmp_path / "UTKFace"
+    shutil.copytree(face_folder, data_dir)
+    (data_dir / "118_1_0_20170109150557335.jpg.chip.jpg").write_bytes(next(face_folder.iterdir()).read_bytes())
+    cfg = make_config(tmp_path, data_dir)
+    with pytest.warns(UserWarning, match=r"1 image\(s\) labelled older than max_age=116 left out "
+                                         r"\(118_1_0_.*--max_age=118"):
+        frame = eda.main(cfg)
+    assert frame["age"].max() <= 116 and "118_1_0_20170109150557335.jpg.chip.jpg" not in set(frame["image_name"])
+    split_dataset.main(cfg)  # the split accepts what eda wrote
