@@ -152,12 +152,12 @@ class Config:
     detect: bool = False  # analysis.errors: find and align the largest face of each photo as inference.py does
     bootstrap_samples: int = 1000  # analysis.errors: resamples behind each 95 % confidence interval
     heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
-    # --- benchmark_scale.py ---
+    # --- benchmarks.scale ---
     scale_sizes: str = "5000,20000,80000"  # comma-separated data-set sizes (generated faces) to measure
     # --- demo.py ---
     demo_num_images: int = 2400  # synthetic faces demo.py generates
     # --- set by parse_config, not a setting ---
-    # the keys typed on the command line, which analysis/, benchmark_inference.py and tuning keep over a checkpoint's
+    # the keys typed on the command line, which analysis/, benchmarks.inference and tuning keep over a checkpoint's
     # values; not part of the config's identity (compare=False) and never stored
     given_keys: tuple[str, ...] = dataclasses.field(default=(), compare=False)
 

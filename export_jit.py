@@ -144,7 +144,7 @@ INT8_METHODS = ("u8s8", "s8s8", "dynamic")  # tried in this order: the fastest f
 
 
 def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray], method: str = "u8s8") -> None:
-    """Quantise an fp32 ONNX file to int8, leaving the head in float. Used by the export and by benchmark.py.
+    """Quantise an fp32 ONNX file to int8, leaving the head in float. Used by the export and by benchmarks.pipeline.
     u8s8 / s8s8: static QDQ calibrated on `calibration` (batches of (B, 3, S, S) float32 images), unsigned or
     signed-symmetric activations, int8 weights per channel; dynamic: weights only."""
     import onnx

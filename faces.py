@@ -15,7 +15,7 @@ trained weights ship inside the `mtcnn` PyPI package (MIT licence; `assets/weigh
 dependencies are joblib and lz4, so it installs offline and needs no TensorFlow: we read the weight arrays and
 never import that package's TensorFlow code). facenet-pytorch, which ships the same weights, pins torch < 2.3.
 Measured against the previous detector, OpenCV's Haar cascade (README, "Inference on real faces"): on 249 real
-faces pasted into 100 scenes (benchmark_inference.py) MTCNN finds 99.6 % with 2 false detections, and its
+faces pasted into 100 scenes (benchmarks.inference) MTCNN finds 99.6 % with 2 false detections, and its
 aligned crop changes the 128 px model's age by 1.00 year on average, in 25 ms per 640x480 frame; the cascade found
 92.8 % with 13 false detections (at best 96.8 % with 26-53), its box moved the age by 2.1 years, it took 58 ms,
 and it gives no landmarks to align on.
@@ -276,7 +276,7 @@ class FaceDetector(_Detector):
     def _crops(pixels: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
         """(N, 3, size, size): each box resampled, 2 x 2 bilinear samples averaged per output pixel (outside the
         image = 0). Adaptive sampling (more samples for big boxes) gave the same recall and |age difference| on
-        benchmark_inference.py's scenes (99.6 %, 0.97 against 1.00 years) at 32 instead of 25 ms per frame."""
+        benchmarks.inference's scenes (99.6 %, 0.97 against 1.00 years) at 32 instead of 25 ms per frame."""
         from torchvision.ops import roi_align
 
         return roi_align(pixels, [boxes], output_size=size, spatial_scale=1.0, sampling_ratio=2, aligned=True)

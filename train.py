@@ -10,7 +10,7 @@ per age decade; with --tta the test set is also evaluated with flip test-time au
 Speed: channels_last memory layout, bf16 autocast on CPUs with bf16 support (the backbones in CPU_BF16_BACKBONES,
 where it was measured to pay; evaluation computes ages and metrics in fp32 after the forward pass), bf16 (or
 fp16 with loss scaling) autocast on CUDA, fused optimiser steps, and on the CPU the ResNets' convolutions on tiny
-maps computed as matrix products (model.MatmulConv2d). `python benchmark.py` measures them against the seed.
+maps computed as matrix products (model.MatmulConv2d). `python -m benchmarks.pipeline` measures them against the seed.
 
 Resume: `--resume` continues run_name (or the newest run in checkpoint_dir) from its last.pt with the stored
 config; a setting of RESUME_FROM_COMMAND_LINE (data and output folders, epochs, device, workers) replaces the stored

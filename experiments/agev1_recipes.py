@@ -43,6 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {  # in the order they run
     "96px": {**NO_HEAD_START, "image_size": 96},
     "64px_l1": {"head": "l1"},
     "64px_coral": {"head": "coral"},
+    "64px_head_start_20_epochs": {"epochs": 20},
     "128px": {**NO_HEAD_START, "image_size": 128},  # stopped after two epochs here (RESULTS.md)
 }
 OUTPUT = Path("results") / "agev1_recipes.csv"

@@ -16,7 +16,7 @@ For each setting (match_training_resolution false, then true):
   distance to it): what the model reaches on faces like its training faces, the reference for FairFace's figures;
 - FairFace-540: analysis.errors --detect=true (YuNet, alignment, the largest face): share inside the bin, mean
   distance to the bin, photos without a face;
-- crop proof: benchmark_inference.detection_proof on 100 pasted scenes (YuNet), mean |age of the detected crop -
+- crop proof: benchmarks.inference.detection_proof on 100 pasted scenes (YuNet), mean |age of the detected crop -
   age of the original crop|;
 - the setting's own cost: milliseconds per face of change_resolution on a batch of 16 crops (median of 50).
 
@@ -99,7 +99,7 @@ def resolution_cost(image_size: int, side: int, repeats: int = 50) -> float:
 def measure(cfg: Config, checkpoint: Path, match: bool) -> dict[str, Any]:
     """One row of the table: `checkpoint` with match_training_resolution=match."""
     from analysis import errors
-    from benchmark_inference import detection_proof
+    from benchmarks.inference import detection_proof
     from inference import AgePredictor
 
     predictor = AgePredictor(checkpoint, views=cfg.tta_views, match_resolution=match)

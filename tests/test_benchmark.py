@@ -1,4 +1,4 @@
-"""benchmark.py end to end on the tiny generated faces, with every loop cut to one step (the figures themselves
+"""benchmarks.pipeline end to end on the tiny generated faces, with every loop cut to one step (the figures themselves
 are for the README, not for tests)."""
 
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import benchmark
+from benchmarks import pipeline as benchmark
 
 pytestmark = pytest.mark.slow  # whole trainings or subprocesses: left out by -m "not slow"
 
@@ -55,7 +55,7 @@ def test_seed_dataset_reads_jpegs_with_the_seed_transforms(split_config):
 
 
 def test_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path, monkeypatch):
-    import benchmark_scale
+    from benchmarks import scale as benchmark_scale
     from config import folders_under
 
     monkeypatch.setattr(benchmark_scale, "DISTINCT_FACES", 20)  # 20 drawn faces, the rest copies under new names
@@ -79,7 +79,7 @@ def test_scale_benchmark_runs_every_stage_in_its_own_process(tmp_path, monkeypat
 
 
 def test_scale_report_computes_growth_marginal_cost_and_the_extrapolation():
-    import benchmark_scale
+    from benchmarks import scale as benchmark_scale
 
     def size(count: int, seconds: float, memory: float) -> dict:
         stages = {stage: {"seconds": seconds, "anonymous_mib": memory, "resident_mib": 2 * memory}
@@ -98,15 +98,15 @@ def test_scale_report_computes_growth_marginal_cost_and_the_extrapolation():
 
 
 def test_scale_benchmark_refuses_nonsense_sizes(tmp_path):
-    import benchmark_scale
+    from benchmarks import scale as benchmark_scale
 
     with pytest.raises(SystemExit, match="20 faces or more"):
         benchmark_scale.main(replace(benchmark_scale.SCALE_DEFAULTS, scale_sizes="5", runs_dir=str(tmp_path)))
 
 
 def test_gpu_benchmark_times_one_epoch_of_every_contender(split_config, monkeypatch, capsys):
-    """benchmark_gpu.py runs the same code on the CPU (no GPU is lent here): whole epochs, figures and JSON."""
-    import benchmark_gpu
+    """benchmarks.gpu runs the same code on the CPU (no GPU is lent here): whole epochs, figures and JSON."""
+    from benchmarks import gpu as benchmark_gpu
     from custom_dataset_dataloader import read_dataset_csv
 
     monkeypatch.setattr(benchmark_gpu, "WARMUP_STEPS", 1)

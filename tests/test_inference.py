@@ -308,7 +308,7 @@ def test_old_model_files_run_with_mtcnn_and_new_ones_with_their_yunet_geometry(c
 
 @needs_real_faces
 def test_real_faces_pasted_into_scenes_are_found():
-    from benchmark_inference import paste_scene
+    from benchmarks.inference import paste_scene
 
     rng = np.random.default_rng(0)
     paths = sorted(UTK200.glob("*.jpg"))[::400]
@@ -319,7 +319,7 @@ def test_real_faces_pasted_into_scenes_are_found():
         for target in boxes:
             total += 1
             found += max((inference.box_overlap(target, box) for box in detected), default=0) >= 0.4
-    assert total >= 10 and found / total >= 0.9  # 99.6 % of 249 in benchmark_inference.py
+    assert total >= 10 and found / total >= 0.9  # 99.6 % of 249 in benchmarks.inference
 
 
 @needs_real_faces

@@ -2,14 +2,14 @@
 against the seed repository's pipeline, with the GPU's utilisation and the model-only ceiling.
 
 Contenders, each one whole epoch of the data set after WARMUP_STEPS uncounted steps, through the same
-train.train_one_epoch and optimiser (benchmark.measure_training, which benchmark.py times on the CPU):
+train.train_one_epoch and optimiser (pipeline.measure_training, which benchmarks.pipeline times on the CPU):
 - seed: the seed's pipeline (PIL decoding and torchvision transforms per image in DataLoader workers, fp32, NCHW);
 - ours: the decoded uint8 cache resident on the GPU, whole-batch augmentation on the GPU, bf16 autocast,
   channels_last (train.py's default path on a GPU);
 - ours, compiled: the same under torch.compile (--compile=False leaves it out; its compilation is the warm-up's);
 - ceiling: ours with the data path taken away, training on one batch already on the GPU, an epoch's steps.
-Each reports images/s, seconds, the mean GPU utilisation over the timed epoch (NVML, benchmark.GpuUtilisation)
-and peak host memory. ceiling_share = ours / ceiling, as in benchmark.py.
+Each reports images/s, seconds, the mean GPU utilisation over the timed epoch (NVML, pipeline.GpuUtilisation)
+and peak host memory. ceiling_share = ours / ceiling, as in benchmarks.pipeline.
 
 No GPU was lent while this was written: it runs in the tests on the CPU with a tiny data set and ResNet-18, and
 its GPU figures are for whoever has one (record them in RESULTS.md, "Speed").
@@ -18,8 +18,8 @@ Reads:  --data_dir (default ../shared/data/utkface64, UTKFace at 64 px upsampled
         '' = 1,200 generated faces)
 Writes: runs/benchmark/gpu_<date>_<time>.json (every contender's figures); prints the table.
 
-Run:  python benchmark_gpu.py                              # a CUDA machine, a few minutes
-      python benchmark_gpu.py --data_dir=<folder> --batch_size=128 --compile=False
+Run:  python -m benchmarks.gpu                              # a CUDA machine, a few minutes
+      python -m benchmarks.gpu --data_dir=<folder> --batch_size=128 --compile=False
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ from typing import Any
 
 import torch
 
-import benchmark
+from benchmarks import pipeline
 from config import Config, UsageError, atomic_write_path, parse_config, print_config, resolve_device
 
 GPU_DEFAULTS = replace(
-    benchmark.BENCHMARK_DEFAULTS, data_dir="../shared/data/utkface64", model_name="resnet", image_size=128,
+    pipeline.BENCHMARK_DEFAULTS, data_dir="../shared/data/utkface64", model_name="resnet", image_size=128,
     batch_size=256,  # a GPU-sized batch for both contenders (the seed used 100, too few to keep an H200 busy)
     num_workers=8,  # the seed's decoding workers (ours reads its cache and needs none)
     compile=True,
@@ -49,7 +49,7 @@ def main(cfg: Config) -> dict[str, Any]:
     """Every contender's epoch, the table, the JSON; returns {"results": {contender: figures}, "ceiling_share"}."""
     import tempfile
 
-    print_config(cfg, "benchmark_gpu.py")
+    print_config(cfg, "benchmarks.gpu")
     device = resolve_device(cfg.device)
     if device.type != "cuda":
         print(f"warning: no CUDA device ({device}): these figures measure the {device.type}, not a GPU")
@@ -60,10 +60,10 @@ def main(cfg: Config) -> dict[str, Any]:
     contenders["ceiling"] = "ceiling"  # the model-only step of ours as it is uncompiled
     results: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="benchmark_gpu_") as temporary:
-        prepared, csv_path = benchmark.prepare_data(cfg, Path(temporary), models=(cfg.model_name,))
+        prepared, csv_path = pipeline.prepare_data(cfg, Path(temporary), models=(cfg.model_name,))
         for name, contender in contenders.items():
             run_cfg = replace(prepared, compile=name == "ours, compiled")
-            results[name] = benchmark.measure_training(run_cfg, cfg.model_name, contender, csv_path, device,
+            results[name] = pipeline.measure_training(run_cfg, cfg.model_name, contender, csv_path, device,
                                                        steps=(WARMUP_STEPS, 0))
             print(f"{name}: {results[name]['images_per_second']:.0f} img/s", flush=True)
     share = results["ours"]["images_per_second"] / results["ceiling"]["images_per_second"]

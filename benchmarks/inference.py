@@ -21,7 +21,7 @@ consistency, and per-frame latency on the CPU.
 Reads:  --checkpoint (default: newest checkpoints/*/best.pt), --data_dir (default ../shared/data/utkface200).
 Writes: nothing but the exports; prints the tables.
 
-Run:  python benchmark_inference.py --checkpoint=checkpoints/<run>/best.pt [--data_dir=../shared/data/utkface200]
+Run:  python -m benchmarks.inference --checkpoint=checkpoints/<run>/best.pt [--data_dir=../shared/data/utkface200]
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from faces import DETECTORS, build_detector
 from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
 from model import newest_checkpoint
 
-DEFAULT_FACES = Path(__file__).resolve().parent.parent / "shared" / "data" / "utkface200"
+DEFAULT_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface200"
 FOLDER_PHOTOS = 200
 FOLDER_REPEATS = 3  # alternating runs of each contender; the median counts (this machine's noise: +-20 %)
 

@@ -31,8 +31,8 @@ Reads:  --data_dir, a folder of UTKFace-named images (default: 1,200 faces gener
         UTKFace's aligned crops, in a temporary folder). Caches are built in that temporary folder too.
 Writes: runs/benchmark/benchmark_<date>_<time>.json (every repeat of every contender); prints the table.
 
-Run:  python benchmark.py                                   # about 3 minutes on 2 CPU cores
-      python benchmark.py --data_dir=../shared/data/utkface200 --image_size=64 --device=cpu
+Run:  python -m benchmarks.pipeline                                   # about 3 minutes on 2 CPU cores
+      python -m benchmarks.pipeline --data_dir=../shared/data/utkface200 --image_size=64 --device=cpu
 """
 
 from __future__ import annotations
@@ -459,7 +459,7 @@ def _row(name: str, runs: list[dict], baseline: float | None = None, latency: bo
 
 def main(cfg: Config) -> dict[str, Any]:
     """Run every measurement, print the table, write the JSON; returns {section: {contender: [runs]}}."""
-    print_config(cfg, "benchmark.py")
+    print_config(cfg, "benchmarks.pipeline")
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}

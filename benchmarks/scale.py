@@ -30,8 +30,8 @@ faces would take 40 CPU minutes.
 Reads:  nothing (generated data).  Writes: runs/benchmark/scale_<date>_<time>.json (every figure) and
         pics/scale_benchmark.png (log-log: time per image and peak memory against N); prints the table and an
         extrapolation to 500,000 faces.
-Run:    python benchmark_scale.py                                   # 5k, 20k and 80k faces: ~25 min on 2 cores
-        python benchmark_scale.py --scale_sizes=5000,20000          # ~6 min
+Run:    python -m benchmarks.scale                                   # 5k, 20k and 80k faces: ~25 min on 2 cores
+        python -m benchmarks.scale --scale_sizes=5000,20000          # ~6 min
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ EXTRAPOLATE_TO, CACHE_SIZES = 500_000, (64, 128, 224)
 # rounds of (2 workers, then 1) for the image check and the cache build at the largest N: single pairs minutes apart
 # gave 1.48-1.83x for the same code (RESULTS.md, "Scale")
 WORKER_ROUNDS = 3
-SAMPLE_SECONDS = 0.5  # reading smaps_rollup takes the memory-map lock; benchmark.PeakMemory measured 0.5 s harmless
+SAMPLE_SECONDS = 0.5  # reading smaps_rollup takes the memory-map lock; PeakMemory measured 0.5 s harmless
 _EPOCH_LINE = re.compile(r"^epoch\s+1/1 .*?([\d.]+)s", re.MULTILINE)
 
 
@@ -97,12 +97,12 @@ def measure_stage(stage: str, cfg: Config, log: Path) -> dict[str, float]:
     settings = [f"--{name}={getattr(cfg, name)}" for name in (
         "data_dir", "csv_dir", "pics_dir", "cache_dir", "checkpoint_dir", "runs_dir", "num_workers", "image_size",
         "model_name", "pretrained", "epochs", "seed")]
-    command = [sys.executable, "-c", "import sys, benchmark_scale; benchmark_scale.run_stage(sys.argv[1:])", stage,
+    command = [sys.executable, "-c", "import sys; from benchmarks import scale; scale.run_stage(sys.argv[1:])", stage,
                *settings, "--tta=false", "--run_name=scale", "--device=cpu"]
-    from benchmark import PeakMemory  # here, not at the top: the stages' own processes need not import it
+    from benchmarks.pipeline import PeakMemory  # here, not at the top: the stages' own processes need not import it
 
     with log.open("w") as output:
-        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent, stdout=output,
+        child = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, stdout=output,
                                  stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
         with PeakMemory(SAMPLE_SECONDS, str(child.pid), ("Pss_Anon", "Pss")) as memory:
             code = child.wait()
@@ -261,7 +261,7 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main(cfg: Config) -> dict[str, Any]:
     """Measure every size, print the table, write the JSON and the figure; returns the figures."""
-    print_config(cfg, "benchmark_scale.py")
+    print_config(cfg, "benchmarks.scale")
     sizes = sorted({int(value) for value in cfg.scale_sizes.split(",") if value.strip()})
     if not sizes or sizes[0] < 20:
         raise SystemExit(f"error: --scale_sizes={cfg.scale_sizes!r}: give comma-separated sizes of 20 faces or more")
