@@ -400,13 +400,19 @@ RECIPE_FIELDS = (
 )
 
 
+def recipe_dict(cfg: Config) -> dict[str, Any]:
+    """The recipe (RECIPE_FIELDS) as plain values: all that checkpoints, exports and runs/<run>/config.json store
+    of a config (a model file holds no app, benchmark or run setting)."""
+    values = config_to_dict(cfg)
+    return {name: values[name] for name in RECIPE_FIELDS}
+
+
 def recipe_hash(cfg: Config) -> str:
     """12 hex digits naming the recipe (RECIPE_FIELDS) alone: equal for two runs of one experiment wherever and
     however they run; tuning keys its trials on it, results.json records it."""
     import hashlib
 
-    values = config_to_dict(cfg)
-    text = json.dumps({name: values[name] for name in RECIPE_FIELDS}, sort_keys=True)
+    text = json.dumps(recipe_dict(cfg), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

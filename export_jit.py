@@ -43,9 +43,9 @@ from config import (
     Config,
     UsageError,
     check_free_space,
-    config_to_dict,
     parse_config,
     print_config,
+    recipe_dict,
     remove_stale_temporaries,
 )
 from faces import geometries_from_dict
@@ -299,7 +299,7 @@ def main(cfg: Config) -> dict:
     # the model inference.py runs for a .pt file (batch norms folded into the convolutions), so that the export and
     # the checkpoint give the same ages
     fold_batch_norms(model.backbone)
-    metadata = {"config.json": json.dumps(config_to_dict(trained_cfg)),  # resolved: normalisation, filter, head
+    metadata = {"config.json": json.dumps(recipe_dict(trained_cfg)),  # resolved: normalisation, filter, head
                 "crop_geometry.json": json.dumps(checkpoint.get("crop_geometry")),
                 "face_resolution.json": json.dumps(checkpoint.get("face_resolution"))}
     size = trained_cfg.image_size

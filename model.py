@@ -41,9 +41,9 @@ from config import (
     UsageError,
     atomic_write_path,
     config_from_dict,
-    config_to_dict,
     parse_config,
     print_config,
+    recipe_dict,
 )
 
 
@@ -803,8 +803,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: Config, **extra: Any) -> None:
-    """Atomically write {"model": state dict, "config": cfg as dict, **extra} (extra: epoch, metrics, ...)."""
-    checkpoint = {"model": unwrap(model).state_dict(), "config": config_to_dict(cfg), **extra}
+    """Atomically write {"model": state dict, "config": the recipe (config.recipe_dict), **extra} (extra: epoch,
+    metrics, ...)."""
+    checkpoint = {"model": unwrap(model).state_dict(), "config": recipe_dict(cfg), **extra}
     with atomic_write_path(path) as temporary:
         torch.save(checkpoint, temporary)
 
@@ -889,7 +890,7 @@ def load_model(
                               f"values (e.g. {broken[0]}), so every age would be NaN; it comes from a training that "
                               "diverged: train again, e.g. with a lower --lr")
     cfg = config_from_model_file(checkpoint.get("config"), path)
-    checkpoint["config"] = config_to_dict(cfg)  # with what an older file left out filled in (head, interpolation)
+    checkpoint["config"] = recipe_dict(cfg)  # with what an older file left out filled in (head, interpolation)
     model = build_model(replace(cfg, pretrained=False))
     try:
         model.load_state_dict(checkpoint["model"])  # older key names are renamed by the model's load hook

@@ -47,15 +47,16 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from config import (
+    RECIPE_FIELDS,
     Config,
     UsageError,
     atomic_write_path,
     check_free_space,
     check_writable_folders,
     config_from_dict,
-    config_to_dict,
     parse_config,
     print_config,
+    recipe_dict,
     recipe_hash,
     remove_stale_temporaries,
     resolve_device,
@@ -637,6 +638,8 @@ def main(cfg: Config) -> dict[str, Any]:
 # another device); every other setting, the recipe, comes from the checkpoint.
 RESUME_FROM_COMMAND_LINE = ("data_dir", "csv_dir", "runs_dir", "pics_dir", "cache_dir", "epochs", "device",
                             "num_workers")
+# The run's own output folders, which last.pt keeps beside the recipe so that a resume writes where the run wrote
+RESUMED_OUTPUTS = ("runs_dir", "pics_dir", "cache_dir")
 
 
 def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any] | None]:
@@ -652,19 +655,23 @@ def start_or_resume(cfg: Config, world_size: int) -> tuple[Config, dict[str, Any
         raise DivergedError(f"{resume_from} holds NaN or infinite weights ({len(broken)} tensors, e.g. {broken[0]}): "
                             "the run had diverged before this epoch was saved and cannot be continued; start a new "
                             "run, e.g. with a lower --lr")
-    stored = config_from_dict(state["config"], str(resume_from))
+    # the recipe, and the run's output folders (a file from before last.pt kept them apart stores them in its config)
+    values = {**state["config"], **(state.get("run") or {})}
+    stored_cfg = config_from_dict(values, str(resume_from))
+    kept = [name for name in (*RECIPE_FIELDS, *RESUMED_OUTPUTS) if name in values]
+    stored = {name: getattr(stored_cfg, name) for name in kept}
     typed = {name: getattr(cfg, name) for name in RESUME_FROM_COMMAND_LINE if name in cfg.given_keys}
-    replaced = [f"{name}={value!r} (stored: {getattr(stored, name)!r})" for name, value in typed.items()
-                if value != getattr(stored, name)]
+    replaced = [f"{name}={value!r} (stored: {stored[name]!r})" for name, value in typed.items()
+                if name in stored and value != stored[name]]
     if replaced:
         warnings.warn(f"--resume: the command line replaces the stored {', '.join(replaced)}", stacklevel=2)
-    ignored = [name for name in cfg.given_keys if name not in (*RESUME_FROM_COMMAND_LINE, "checkpoint_dir")
-               and name not in ("resume", "run_name") and getattr(cfg, name) != getattr(stored, name)]
+    ignored = [name for name in cfg.given_keys if name in stored and name not in RESUME_FROM_COMMAND_LINE
+               and getattr(cfg, name) != stored[name]]
     if ignored:
         warnings.warn(f"--resume keeps the checkpoint's recipe, so these settings on the command line are ignored: "
                       f"{', '.join(ignored)} (start a new run to change them)", stacklevel=2)
-    cfg = replace(stored, **typed, checkpoint_dir=cfg.checkpoint_dir, resume=True, run_name=resume_from.parent.name,
-                  given_keys=cfg.given_keys)
+    # how this run executes (device, workers, speed settings) comes from this command line, the recipe from the file
+    cfg = replace(cfg, **{**stored, **typed}, resume=True, run_name=resume_from.parent.name)
     state["path"] = str(resume_from)
     return cfg, state
 
@@ -839,7 +846,8 @@ def save_epoch(run: TrainingRun, epoch: int, history: list[dict[str, float]], be
                         **run.face_facts)
     save_checkpoint(
         run.checkpoint_dir / "last.pt", run.model, run.cfg, epoch=epoch, best_valid_mae=best_valid_mae,
-        history=history, **run.face_facts, optimizer=optimisation.optimizer.state_dict(),
+        history=history, **run.face_facts, run={name: getattr(run.cfg, name) for name in RESUMED_OUTPUTS},
+        optimizer=optimisation.optimizer.state_dict(),
         scheduler=optimisation.scheduler.state_dict(),
         **({"scaler": optimisation.scaler.state_dict()} if optimisation.scaler is not None else {}),
         **({"average": average.state_dict()} if average is not None else {}),
@@ -871,7 +879,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
         start_epoch, best_valid_mae, history = restore_state(run, resume_state)
     writer = None
     if is_main:
-        write_json(run.run_dir / "config.json", config_to_dict(cfg))
+        write_json(run.run_dir / "config.json", recipe_dict(cfg))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(log_dir=str(run.run_dir), purge_step=start_epoch)

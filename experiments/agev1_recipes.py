@@ -40,10 +40,12 @@ RECIPES: dict[str, dict[str, Any]] = {  # in the order they run
     "64px_head_start": {},
     "64px_head_start_lr_3e-4": {"lr": 3e-4},
     "64px_backbone_lr_0.3": {**NO_HEAD_START, "backbone_lr_scale": 0.3},
-    "96px": {**NO_HEAD_START, "image_size": 96},
-    "64px_l1": {"head": "l1"},
-    "64px_coral": {"head": "coral"},
-    "64px_head_start_20_epochs": {"epochs": 20},
+    # the backbone at a fraction of the head's rate
+    "64px_head_start_backbone_lr_0.3": {"backbone_lr_scale": 0.3},
+    "64px_backbone_lr_0.1": {**NO_HEAD_START, "backbone_lr_scale": 0.1},
+    "96px_backbone_lr_0.3": {**NO_HEAD_START, "image_size": 96, "backbone_lr_scale": 0.3},
+    "64px_l1_backbone_lr_0.3": {"head": "l1", "backbone_lr_scale": 0.3},
+    "64px_coral_backbone_lr_0.3": {"head": "coral", "backbone_lr_scale": 0.3},
     "128px": {**NO_HEAD_START, "image_size": 128},  # stopped after two epochs here (RESULTS.md)
 }
 OUTPUT = Path("results") / "agev1_recipes.csv"

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import train
+from config import RECIPE_FIELDS
 from custom_dataset_dataloader import build_dataloader
-from model import build_model, load_checkpoint
+from model import build_model, load_checkpoint, resolve_preprocessing
 
 
 @pytest.mark.parametrize(("mixup_alpha", "consistency_weight"), [(0.0, 0.0), (0.4, 0.0), (0.0, 1.0)])
@@ -104,8 +105,12 @@ def test_main_writes_checkpoints_logs_curves_and_test_metrics(split_config):
     assert {"optimizer", "scheduler", "history", "crop_geometry"} <= last.keys()
     assert set(last["crop_geometry"]) == {"yunet", "mtcnn"} and best["crop_geometry"] == last["crop_geometry"]
     assert all(entry["measured_on"] >= 10 for entry in last["crop_geometry"].values())  # of the 98 training faces
-    assert json.loads((run_dir / "config.json").read_text())["run_name"] == "unit"
+    # the recipe alone, in config.json and every checkpoint; last.pt keeps the run's output folders for a resume
+    recipe = json.loads((run_dir / "config.json").read_text())
+    assert set(recipe) == set(RECIPE_FIELDS) and best["config"] == last["config"] == recipe
+    assert last["run"] == {"runs_dir": cfg.runs_dir, "pics_dir": cfg.pics_dir, "cache_dir": cfg.cache_dir}
     stored = json.loads((run_dir / "results.json").read_text())
+    assert stored["run_name"] == "unit"
     assert stored["test_mae"] == pytest.approx(results["test_mae"])
     assert 0 <= results["test_cs5"] <= 1 and results["test_mae"] > 0
     assert results["test_images"] == len(build_dataloader(cfg, "test").dataset)
@@ -141,8 +146,8 @@ def test_resume_continues_from_last_checkpoint(split_config, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_with_nothing_typed_continues_the_stored_run_exactly(split_config):
-    """Only what the resume command line types replaces a stored setting (with a warning naming it): the data
-    folder, split files, epochs and output folders of the run are kept otherwise."""
+    """Only what the resume command line types replaces a stored setting (with a warning naming it): the recipe
+    (data folder, split files, epochs, ...) and the run's output folders are kept otherwise."""
     stored = replace(split_config, epochs=2, run_name="stored", tune_epochs=7)
     train.main(replace(stored, epochs=1))  # one epoch done; its checkpoint stores epochs=1
     path = Path(stored.checkpoint_dir) / "stored" / "last.pt"
@@ -152,9 +157,12 @@ def test_resume_with_nothing_typed_continues_the_stored_run_exactly(split_config
     plain = train.Config(checkpoint_dir=stored.checkpoint_dir, resume=True, run_name="stored",
                          given_keys=("checkpoint_dir", "resume", "run_name"))
     cfg, _ = train.start_or_resume(plain, 1)
-    for name in ("data_dir", "csv_dir", "runs_dir", "pics_dir", "cache_dir", "device", "num_workers", "tune_epochs"):
-        assert getattr(cfg, name) == getattr(stored, name), name
+    resolved = resolve_preprocessing(stored)  # what train.py stores: the normalisation filled in
+    for name in (*RECIPE_FIELDS, "runs_dir", "pics_dir", "cache_dir"):  # the recipe and the run's own folders
+        assert getattr(cfg, name) == getattr(resolved, name) or name == "epochs", name
     assert cfg.epochs == 2 and cfg.checkpoint_dir == stored.checkpoint_dir
+    # how it executes comes from this command line: a resume may move to another device or worker count
+    assert (cfg.device, cfg.num_workers, cfg.tune_epochs) == (plain.device, plain.num_workers, plain.tune_epochs)
     with pytest.warns(UserWarning, match=r"replaces the stored epochs=5 \(stored: 2\)"):
         longer, _ = train.start_or_resume(replace(plain, epochs=5, given_keys=(*plain.given_keys, "epochs")), 1)
     assert longer.epochs == 5 and longer.data_dir == stored.data_dir

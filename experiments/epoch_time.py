@@ -1,0 +1,89 @@
+"""Training cost side by side: agev1_resnet10 at 64 px against config.py's default EfficientNet-Lite0 at 128 px.
+
+Each contender is built and placed as train.py places it (train.place_model, train.Execution: bf16 autocast where
+train.autocast_dtype chooses it, channels_last), with train.build_optimizer, and trains on one batch of 64 random
+images that already sits on the device, so the figure is the model's own step (forward, backward, AdamW),
+data loading excluded. The contenders alternate in every repeat (A, B, A, B, ...), so drift of the machine falls on
+both; each figure is the median over the repeats of the mean step time. The projected epoch is that step time
+times the steps of an epoch of UTKFace's 64 px training split (15,183 faces, 238 steps of 64).
+
+Reads:  nothing (random images).  Writes: results/epoch_time.csv; prints the table.
+Run:    python -m experiments.epoch_time [--device=cpu]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import pandas as pd
+import torch
+
+import train
+from config import Config, parse_config, print_config, resolve_device, write_csv
+from model import build_model, resolve_preprocessing
+
+CONTENDERS = {"agev1_resnet10 64 px": {"model_name": "agev1_resnet10", "image_size": 64},
+              "efficientnet_lite0 128 px (config.py's default)": {"model_name": "efficientnet_lite0",
+                                                                 "image_size": 128}}
+REPEATS, STEPS, WARMUP_STEPS = 5, 10, 3
+EPOCH_STEPS = -(-15_183 // 64)  # UTKFace 64 px training split, batches of 64
+OUTPUT = "results/epoch_time.csv"
+
+
+def step_timer(cfg: Config) -> Callable[[int], float]:
+    """A function running `steps` training steps of cfg's model on one fixed batch; returns seconds per step."""
+    device = resolve_device(cfg.device)
+    model = train.place_model(cfg, build_model(cfg), device)
+    model.set_age_statistics(33.0, 20.0)
+    execution = train.Execution.for_config(cfg, device)
+    optimizer = train.build_optimizer(cfg, model)
+    images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
+    images = images.contiguous(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    ages = torch.rand(cfg.batch_size, device=device) * 80
+    head = model.head
+
+    def run(steps: int) -> float:
+        model.train()
+        started = time.perf_counter()
+        for _ in range(steps):
+            with execution.autocast():
+                outputs = model(images, raw_outputs=True)
+            loss = head.loss(outputs, ages)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - started) / steps
+
+    run(WARMUP_STEPS)
+    return run
+
+
+def main(cfg: Config) -> pd.DataFrame:
+    print_config(cfg, "experiments.epoch_time")
+    timers = {name: step_timer(resolve_preprocessing(replace(cfg, **changes)))
+              for name, changes in CONTENDERS.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    for _ in range(REPEATS):
+        for name, timer in timers.items():
+            seconds[name].append(timer(STEPS))
+    rows = []
+    for name, changes in CONTENDERS.items():
+        step = statistics.median(seconds[name])
+        rows.append({"contender": name, **changes, "ms_per_step": 1000 * step,
+                     "projected_epoch_seconds": step * EPOCH_STEPS,
+                     "autocast": str(train.autocast_dtype(replace(cfg, **changes), resolve_device(cfg.device)))})
+    table = pd.DataFrame(rows)
+    table["relative_cost"] = table["ms_per_step"] / table["ms_per_step"].iloc[0]
+    write_csv(table, OUTPUT, "%.3f")
+    print(table.to_string(index=False, float_format="%.2f"))
+    return table
+
+
+if __name__ == "__main__":
+    main(parse_config(sys.argv[1:]))
