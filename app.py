@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, parse_config, print_config, resolve_device
+from config import PREDICTION_FIELDS, Config, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import describe_read_error, open_rgb_image
 from demo import DEMO_DEFAULTS
 from faces import Detector, build_detector
@@ -368,9 +368,13 @@ def build_app(cfg: Config, shelf: ModelShelf, folder: Path) -> Any:
     return page
 
 
+SETTINGS = (*PREDICTION_FIELDS, "host", "port", "share", "max_upload_megabytes", "max_image_pixels",
+            "max_video_seconds", "smoothing")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> Any:
     """Serve the page until interrupted; returns the gr.Blocks (closed)."""
-    print_config(cfg, "app.py")
+    print_config(cfg, "app.py", SETTINGS)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
     shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector, cfg.tta_views,
                        cfg.match_training_resolution)
@@ -386,4 +390,4 @@ def main(cfg: Config) -> Any:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -4,14 +4,17 @@ Edit the defaults below to change an experiment, or override any field from the 
 
     python train.py --model_name=resnet18 --epochs=5 --lr=3e-4 --pretrained=false
 
-Each script calls `parse_config(sys.argv[1:])`, which converts every `--key=value` by the field's type and
-rejects unknown keys by listing the valid ones. A bare `--key` sets a boolean field to true.
+Each script calls `parse_config(sys.argv[1:], reads=SETTINGS)`, which converts every `--key=value` by the field's
+type and rejects unknown keys by listing the valid ones. A bare `--key` sets a boolean field to true. SETTINGS, next
+to each script's main, names what that script reads: the recipe (RECIPE_FIELDS: what a checkpoint stores), how a run
+executes (RUN_FIELDS) and its own tool settings; its --help lists those alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -20,6 +23,7 @@ import re
 import sys
 import types
 import typing
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -92,7 +96,7 @@ class Config:
     # --- optimisation ---
     epochs: int = 10  # passes over the training set (20 gave the pretrained default no better test MAE: RESULTS.md)
     batch_size: int = 64  # images per step
-    optimizer: Literal["adamw", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (decoupled weight decay) or SGD with momentum
     lr: float = 1e-3  # peak learning rate
     backbone_lr_scale: float = 1.0  # the backbone learns at lr * this (pretrained fine-tuning: < 1), the head at lr
     weight_decay: float = 0.05  # decoupled (adamw) or L2 (sgd) weight decay, on weights only
@@ -337,28 +341,64 @@ def validate(cfg: Config, source: str = "") -> None:
         raise UsageError((f"{source}: its stored config is not usable: " if source else "") + "; ".join(problems))
 
 
-def parse_config(arguments: list[str] | None = None, base: Config | None = None) -> Config:
-    """The one entry point every script uses: defaults from this file, then command-line overrides."""
+def parse_config(arguments: list[str] | None = None, base: Config | None = None,
+                 reads: tuple[str, ...] | None = None) -> Config:
+    """The one entry point every script uses: defaults from this file, then command-line overrides. `reads`: the
+    settings the script reads (its SETTINGS; None = all): --help lists those alone, with their comments, and a
+    typed setting the script does not read is named in a warning."""
     arguments = sys.argv[1:] if arguments is None else arguments
     help_flags = ("-h", "--help")
     cfg = apply_overrides(base or Config(), [argument for argument in arguments if argument not in help_flags])
     if any(argument in help_flags for argument in arguments):
-        print(describe(cfg))  # the settings this line would run with (--preset=long --help shows the preset's)
+        # the settings this line would run with (--preset=long --help shows the preset's)
+        print(f"usage: python {Path(sys.argv[0]).name} [--key=value ...]; the settings it reads, with their values "
+              f"on this line:\n{describe(cfg, reads, comments=True)}")
         raise SystemExit(0)
+    unread = [name for name in cfg.given_keys if reads is not None and name not in reads and name != "preset"]
+    if unread:
+        warnings.warn(f"{', '.join('--' + name for name in unread)}: not read by this script, so without effect "
+                      "here (its --help lists the settings it reads)", stacklevel=2)
     return cfg
 
 
-def describe(cfg: Config | None = None) -> str:
-    """Every setting with its current value, one per line (printed at the start of each script); enumerated
-    settings list their allowed values, taken from their Literal types."""
+@functools.cache
+def field_comments() -> dict[str, str]:
+    """Each setting's comment in this file (the text after '#' on its line and the comment lines that continue
+    it), which --help prints beside it."""
+    import inspect
+
+    comments: dict[str, str] = {}
+    name = None
+    for line in inspect.getsource(Config).splitlines():
+        match = re.match(r"\s{4}(\w+): [^#]*#\s*(.*)$", line)
+        continuation = re.match(r"\s{4}#\s*(.*)$", line)
+        if match:
+            name = match.group(1)
+            comments[name] = match.group(2).strip()
+        elif continuation and name and not continuation.group(1).startswith("---"):
+            comments[name] += " " + continuation.group(1).strip()
+        else:
+            name = None
+    return comments
+
+
+def describe(cfg: Config | None = None, names: tuple[str, ...] | None = None, comments: bool = False) -> str:
+    """The settings `names` (default: all) with their current values, one per line (printed at the start of each
+    script); enumerated settings list their allowed values, taken from their Literal types; with comments=True
+    each line also carries the setting's comment."""
     cfg = cfg or Config()
     types_by_name = _field_types()
-    width = max(map(len, types_by_name))
+    shown = [name for name in types_by_name if names is None or name in names]
+    width = max(map(len, shown))
+    notes = field_comments() if comments else {}
     lines = []
-    for name, annotation in types_by_name.items():
+    for name in shown:
+        annotation = types_by_name[name]
         line = f"  {name:<{width}} = {getattr(cfg, name)!r}"
         if typing.get_origin(annotation) is Literal:
             line += f"  ({' | '.join(value or repr(value) for value in typing.get_args(annotation))})"
+        if notes.get(name):
+            line += f"  # {notes[name]}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -383,8 +423,9 @@ def to_argv(cfg: Config, base: Config | None = None, always: tuple[str, ...] = (
     return arguments
 
 
-def print_config(cfg: Config, script: str) -> None:
-    print(f"{script}: resolved config\n{describe(cfg)}", flush=True)
+def print_config(cfg: Config, script: str, reads: tuple[str, ...] | None = None) -> None:
+    """The resolved settings the script reads (all of them when `reads` is None), printed at its start."""
+    print(f"{script}: resolved config\n{describe(cfg, reads)}", flush=True)
 
 
 # The fields that describe the experiment: data set, split files, model, head, preprocessing, augmentation,
@@ -398,6 +439,16 @@ RECIPE_FIELDS = (
     "label_sigma", "pretrained_head", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale", "weight_decay",
     "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay", "accumulation_steps", "seed",
 )
+
+
+# How one run executes (the runtime: device, workers, speed settings, output folders), read by train.py and the
+# scripts that train; and what every script that loads a model file to predict reads. Each script's SETTINGS (its
+# --help) is built from these and its own tool settings.
+RUN_FIELDS = ("preset", "run_name", "resume", "deterministic", "device", "num_workers", "channels_last",
+              "mixed_precision", "compile", "use_cache", "loading", "sync_batchnorm", "crop_geometry_images", "tta",
+              "checkpoint_dir", "pics_dir", "runs_dir", "cache_dir")
+PREDICTION_FIELDS = ("checkpoint", "checkpoint_dir", "device", "tta", "tta_views", "match_training_resolution",
+                     "detector", "min_face_size")
 
 
 def recipe_dict(cfg: Config) -> dict[str, Any]:

@@ -49,7 +49,16 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from config import Config, UsageError, atomic_write_path, parse_config, print_config, write_csv
+from config import (
+    RECIPE_FIELDS,
+    RUN_FIELDS,
+    Config,
+    UsageError,
+    atomic_write_path,
+    parse_config,
+    print_config,
+    write_csv,
+)
 from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
@@ -865,9 +874,12 @@ def build_dataloader(
     )
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, DataLoader]:
     """Build the three loaders, print their sizes and one batch's shapes and ranges."""
-    print_config(cfg, "custom_dataset_dataloader.py")
+    print_config(cfg, "custom_dataset_dataloader.py", SETTINGS)
     loaders = {split: build_dataloader(cfg, split) for split in SPLITS}
     for split, loader in loaders.items():
         images, ages, _genders, _ethnicities = next(iter(loader))
@@ -879,4 +891,4 @@ def main(cfg: Config) -> dict[str, DataLoader]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from config import Config, folders_under, parse_config
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, folders_under, parse_config
 
 DEMO_ROOT = Path("demo_output")
 DEMO_DEFAULTS = Config(
@@ -233,6 +233,9 @@ def generate_dataset(folder: str | Path, count: int, seed: int = 0, size: int = 
     return paths
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS, "demo_num_images")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict:
     """Generate (once) the demo faces, then eda -> split -> train -> evaluate; returns the test metrics."""
     import eda
@@ -266,4 +269,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:], base=DEMO_DEFAULTS))
+    main(parse_config(sys.argv[1:], base=DEMO_DEFAULTS, reads=SETTINGS))

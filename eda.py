@@ -426,12 +426,16 @@ def without_older_than(frame: pd.DataFrame, max_age: int) -> pd.DataFrame:
     return frame.loc[~older].reset_index(drop=True)
 
 
+SETTINGS = ("data_dir", "dataset_format", "labels_csv", "csv_dir", "pics_dir", "check_images", "num_workers",
+            "max_age", "seed")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> pd.DataFrame:
     """Scan data_dir, write the data set CSV and the EDA figures; return the data set frame."""
     import matplotlib
 
     matplotlib.use("Agg")
-    print_config(cfg, "eda.py")
+    print_config(cfg, "eda.py", SETTINGS)
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))  # before every image is decoded, not after
     csv_path = dataset_csv_path(cfg)
     claim_dataset_csv(csv_path, cfg.data_dir)
@@ -464,4 +468,4 @@ def main(cfg: Config) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

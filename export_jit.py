@@ -278,9 +278,13 @@ def _is_half_checkpoint(path: Path) -> bool:
         return False
 
 
+SETTINGS = ("checkpoint", "checkpoint_dir", "output", "format", "quantize", "device", "data_dir", "csv_dir",
+            "cache_dir")  # what this script reads (its --help; data for the int8 calibration and check)
+
+
 def main(cfg: Config) -> dict:
     """Export, reload and compare; returns {path, format, max_abs_difference}."""
-    print_config(cfg, "export_jit.py")
+    print_config(cfg, "export_jit.py", SETTINGS)
     # torch marks TorchScript and the TorchScript-based ONNX exporter as deprecated in favour of torch.export;
     # both still work and are what inference.py loads without model code, so their notices are silenced here.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
@@ -346,4 +350,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

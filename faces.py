@@ -533,6 +533,9 @@ def measure_crop_geometry(
     return CropGeometry(tuple((float(x), float(y)) for x, y in median), len(measurements))
 
 
+SETTINGS = ("data_dir", "detector", "min_face_size")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> CropGeometry | None:
     """Measure and print the crop geometry cfg.detector gives the images in data_dir (a sample of up to 300)."""
     paths = sorted(path for path in Path(cfg.data_dir).rglob("*") if path.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -542,4 +545,4 @@ def main(cfg: Config) -> CropGeometry | None:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -33,6 +33,8 @@ import torch
 
 import train
 from config import (
+    RECIPE_FIELDS,
+    RUN_FIELDS,
     Config,
     parse_config,
     print_config,
@@ -167,9 +169,13 @@ def plot_grid(rows: list[dict[str, float]], path: Path) -> None:
     save_figure(figure, path)
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS, "tune_learning_rates", "tune_weight_decays", "tune_epochs",
+            "tune_overfit_images", "tune_overfit_epochs")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict:
     """The five steps; returns the step results and the best (lr, weight_decay) by valid MAE."""
-    print_config(cfg, "hyperparameters_tuning.py")
+    print_config(cfg, "hyperparameters_tuning.py", SETTINGS)
     learning_rates = parse_values(cfg.tune_learning_rates, "lr")
     weight_decays = parse_values(cfg.tune_weight_decays, "weight_decay")
     tuning_dir = Path(cfg.runs_dir) / "tuning"
@@ -197,4 +203,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -47,7 +47,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import Config, atomic_write_path, parse_config, print_config, probe_writable, resolve_device
+from config import (
+    PREDICTION_FIELDS,
+    Config,
+    atomic_write_path,
+    parse_config,
+    print_config,
+    probe_writable,
+    resolve_device,
+)
 from custom_dataset_dataloader import (
     IMAGE_SUFFIXES,
     build_transforms,
@@ -793,9 +801,12 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
     return rows
 
 
+SETTINGS = (*PREDICTION_FIELDS, "input", "output", "no_detect", "smoothing", "show", "pics_dir")  # its --help
+
+
 def main(cfg: Config) -> list[dict[str, Any]]:
     """Run the model on --input; returns one dict per face (source, frame, box, age, spread)."""
-    print_config(cfg, "inference.py")
+    print_config(cfg, "inference.py", SETTINGS)
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
     predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device), cfg.tta_views,
@@ -868,4 +879,4 @@ def _check_video_output(output: Path, inputs: list[Path]) -> None:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

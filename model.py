@@ -36,6 +36,7 @@ from torch import nn
 
 from config import (
     INTERPOLATIONS,
+    RECIPE_FIELDS,
     TIMM_PREFIX,
     Config,
     UsageError,
@@ -901,8 +902,11 @@ def load_model(
     return model.to(device).eval(), cfg, checkpoint
 
 
+SETTINGS = RECIPE_FIELDS  # what this script reads (its --help): the model is built from the recipe
+
+
 def main(cfg: Config) -> AgeEstimationModel:
-    print_config(cfg, "model.py")
+    print_config(cfg, "model.py", SETTINGS)
     model = build_model(cfg).eval()
     parameters = sum(parameter.numel() for parameter in model.parameters())
     with torch.no_grad():
@@ -913,4 +917,4 @@ def main(cfg: Config) -> AgeEstimationModel:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

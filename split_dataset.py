@@ -147,9 +147,13 @@ def matched_split(frame: pd.DataFrame, reference: dict[str, pd.DataFrame], cfg: 
     return {name: split.reset_index(drop=True) for name, split in splits.items()}
 
 
+SETTINGS = ("data_dir", "dataset_format", "csv_dir", "pics_dir", "valid_fraction", "test_fraction",
+            "min_images_per_age_bin", "match_split_of", "subject_split", "max_age", "seed")  # its --help
+
+
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
-    print_config(cfg, "split_dataset.py")
+    print_config(cfg, "split_dataset.py", SETTINGS)
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))
     frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
     if is_binned(frame):
@@ -185,4 +189,4 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader
 
 from config import (
     RECIPE_FIELDS,
+    RUN_FIELDS,
     Config,
     UsageError,
     atomic_write_path,
@@ -622,6 +623,9 @@ def _barrier(world_size: int) -> None:
         torch.distributed.barrier()
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help): the recipe and the runtime
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Train, keep best.pt by valid MAE, evaluate it on the test set; returns the final metrics and paths."""
     rank, world_size, device = setup_distributed(cfg)
@@ -870,7 +874,7 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     cfg, resume_state = start_or_resume(cfg, world_size)
     cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
     if is_main:
-        print_config(cfg, "train.py")
+        print_config(cfg, "train.py", SETTINGS)
     run = prepare_run(cfg, rank, world_size, device, resume_state)
     start_epoch, best_valid_mae, history = 1, math.inf, []
     if is_main:
@@ -969,4 +973,4 @@ def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae
     return results
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

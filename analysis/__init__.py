@@ -20,9 +20,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from config import Config, resolve_device
+from config import PREDICTION_FIELDS, Config, resolve_device
 from custom_dataset_dataloader import DataError, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import AgeEstimationModel, load_model, newest_checkpoint
+
+# What every analysis script reads (each adds its own): the model file and how it predicts, the faces to analyse
+# (typed data_dir / csv_dir win over the checkpoint's), how they are loaded, where the tables and figures go.
+ANALYSIS_SETTINGS = (*PREDICTION_FIELDS, "data_dir", "csv_dir", "dataset_format", "labels_csv", "test_csv",
+                     "exclude_csv", "batch_size", "num_workers", "use_cache", "loading", "mixed_precision", "cache_dir",
+                     "pics_dir", "runs_dir", "max_age", "seed")
 
 
 @dataclass

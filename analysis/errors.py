@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from analysis import Evaluation, analysis_dir, prepare_evaluation
+from analysis import ANALYSIS_SETTINGS, Evaluation, analysis_dir, prepare_evaluation
 from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import (
     ETHNICITIES,
@@ -302,13 +302,16 @@ def binned_report(cfg: Config, frame: pd.DataFrame, tag: str) -> dict[str, Any]:
             "images": len(frame), "table_path": str(table_path), "predictions_path": str(predictions_path)}
 
 
+SETTINGS = (*ANALYSIS_SETTINGS, "detect", "bootstrap_samples")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Predict every face of the CSV, tabulate the errors per group, draw the figures; returns the table,
     the overall metrics and the output paths."""
     import matplotlib
 
     matplotlib.use("Agg")
-    print_config(cfg, "analysis.errors")
+    print_config(cfg, "analysis.errors", SETTINGS)
     setup = prepare_evaluation(cfg)
     if cfg.detect or is_binned(read_dataset_csv(setup.csv_path)):
         return main_on_photos(cfg, setup)
@@ -395,4 +398,4 @@ def exact_report(cfg: Config, frame: pd.DataFrame, tag: str) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

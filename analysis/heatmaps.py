@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis import analysis_dir, prepare_evaluation
+from analysis import ANALYSIS_SETTINGS, analysis_dir, prepare_evaluation
 from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import build_dataset
 from model import AgeEstimationModel
@@ -92,6 +92,9 @@ def _group_name(low: int, high: int) -> str:
     return f"{low}+" if high >= 120 else f"{low}-{high}"
 
 
+SETTINGS = (*ANALYSIS_SETTINGS, "heatmap_images")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Maps for up to heatmap_images test faces; examples and per-group averages; returns the band table."""
     import matplotlib
@@ -99,7 +102,7 @@ def main(cfg: Config) -> dict[str, Any]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    print_config(cfg, "analysis.heatmaps")
+    print_config(cfg, "analysis.heatmaps", SETTINGS)
     setup = prepare_evaluation(cfg)
     model_cfg = setup.model_cfg
     dataset = build_dataset(model_cfg, "test", train=False, csv_path=str(setup.csv_path))
@@ -163,4 +166,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis import analysis_dir, prepare_evaluation
+from analysis import ANALYSIS_SETTINGS, analysis_dir, prepare_evaluation
 from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import build_dataset, build_transforms
 from train import Execution, evaluate
@@ -133,12 +133,15 @@ def plot_sensitivity(table: pd.DataFrame, clean_mae: float, path: Path, title: s
     save_figure(figure, path)
 
 
+SETTINGS = ANALYSIS_SETTINGS  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """MAE at every (kind, level) of SEVERITIES and the flip consistency; returns the table and both numbers."""
     import matplotlib
 
     matplotlib.use("Agg")
-    print_config(cfg, "analysis.sensitivity")
+    print_config(cfg, "analysis.sensitivity", SETTINGS)
     setup = prepare_evaluation(cfg)
     model_cfg = setup.model_cfg
     dataset = build_dataset(model_cfg, "test", train=False, csv_path=str(setup.csv_path))
@@ -175,4 +178,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -34,7 +34,16 @@ from typing import Any
 import torch
 
 from benchmarks import pipeline
-from config import Config, UsageError, atomic_write_path, parse_config, print_config, resolve_device
+from config import (
+    RECIPE_FIELDS,
+    RUN_FIELDS,
+    Config,
+    UsageError,
+    atomic_write_path,
+    parse_config,
+    print_config,
+    resolve_device,
+)
 
 GPU_DEFAULTS = replace(
     pipeline.BENCHMARK_DEFAULTS, data_dir="../shared/data/utkface64", model_name="resnet", image_size=128,
@@ -45,11 +54,14 @@ GPU_DEFAULTS = replace(
 WARMUP_STEPS = 5  # cuDNN's algorithm search, worker start-up and (compiled) compilation fall here
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Every contender's epoch, the table, the JSON; returns {"results": {contender: figures}, "ceiling_share"}."""
     import tempfile
 
-    print_config(cfg, "benchmarks.gpu")
+    print_config(cfg, "benchmarks.gpu", SETTINGS)
     device = resolve_device(cfg.device)
     if device.type != "cuda":
         print(f"warning: no CUDA device ({device}): these figures measure the {device.type}, not a GPU")
@@ -89,4 +101,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:], base=GPU_DEFAULTS))
+    main(parse_config(sys.argv[1:], base=GPU_DEFAULTS, reads=SETTINGS))

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from config import Config, parse_config
+from config import PREDICTION_FIELDS, Config, parse_config
 from faces import DETECTORS, build_detector
 from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
 from model import newest_checkpoint
@@ -186,6 +186,9 @@ def folder_throughput(predictor: AgePredictor, face_paths: list[Path], min_face_
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+SETTINGS = (*PREDICTION_FIELDS, "data_dir", "seed")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict:
     import export_jit
 
@@ -244,4 +247,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

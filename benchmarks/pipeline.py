@@ -53,7 +53,16 @@ from typing import Any
 
 import torch
 
-from config import Config, atomic_write_path, parse_config, print_config, resolve_device, seed_everything
+from config import (
+    RECIPE_FIELDS,
+    RUN_FIELDS,
+    Config,
+    atomic_write_path,
+    parse_config,
+    print_config,
+    resolve_device,
+    seed_everything,
+)
 
 BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
     data_dir="", image_size=64, pretrained=False, batch_size=64, optimizer="sgd", lr=5e-4, num_workers=2,
@@ -457,9 +466,12 @@ def _row(name: str, runs: list[dict], baseline: float | None = None, latency: bo
     return text
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Run every measurement, print the table, write the JSON; returns {section: {contender: [runs]}}."""
-    print_config(cfg, "benchmarks.pipeline")
+    print_config(cfg, "benchmarks.pipeline", SETTINGS)
     device = resolve_device(cfg.device)
     started = time.perf_counter()
     results: dict[str, dict[str, list[dict]]] = {}
@@ -528,4 +540,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:], base=BENCHMARK_DEFAULTS))
+    main(parse_config(sys.argv[1:], base=BENCHMARK_DEFAULTS, reads=SETTINGS))

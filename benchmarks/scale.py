@@ -52,7 +52,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from config import Config, atomic_write_path, folders_under, parse_config, print_config, save_figure
+from config import (
+    RECIPE_FIELDS,
+    RUN_FIELDS,
+    Config,
+    atomic_write_path,
+    folders_under,
+    parse_config,
+    print_config,
+    save_figure,
+)
 
 SCALE_DEFAULTS = Config(image_size=64, model_name="resnet18", pretrained=False, epochs=1, num_workers=2)
 DISTINCT_FACES, FACE_SIZE = 5000, 200
@@ -259,9 +268,12 @@ def report(results: list[dict[str, Any]]) -> dict[str, Any]:
             "extrapolation": extrapolation}
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS, "scale_sizes")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> dict[str, Any]:
     """Measure every size, print the table, write the JSON and the figure; returns the figures."""
-    print_config(cfg, "benchmarks.scale")
+    print_config(cfg, "benchmarks.scale", SETTINGS)
     sizes = sorted({int(value) for value in cfg.scale_sizes.split(",") if value.strip()})
     if not sizes or sizes[0] < 20:
         raise SystemExit(f"error: --scale_sizes={cfg.scale_sizes!r}: give comma-separated sizes of 20 faces or more")
@@ -289,4 +301,4 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:], base=SCALE_DEFAULTS))
+    main(parse_config(sys.argv[1:], base=SCALE_DEFAULTS, reads=SETTINGS))

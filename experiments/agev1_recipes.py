@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 import train
-from config import Config, parse_config, recipe_hash, write_csv
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, recipe_hash, write_csv
 from model import config_from_model_file, resolve_preprocessing
 
 BASE = {"data_dir": "../shared/data/utkface64", "model_name": "agev1_resnet10", "image_size": 64, "tta": True}
@@ -111,7 +111,7 @@ def parse_arguments(arguments: list[str]) -> tuple[Config, list[str] | None]:
             rest.append(argument)
     given = {argument.split("=", 1)[0] for argument in rest}
     base = [f"--{key}={value}" for key, value in BASE.items() if f"--{key}" not in given]
-    return parse_config(base + rest), names
+    return parse_config(base + rest, reads=(*RECIPE_FIELDS, *RUN_FIELDS)), names
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 import train
-from config import Config, parse_config, print_config, resolve_device, write_csv
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, print_config, resolve_device, write_csv
 from model import build_model, resolve_preprocessing
 
 CONTENDERS = {"agev1_resnet10 64 px": {"model_name": "agev1_resnet10", "image_size": 64},
@@ -64,8 +64,11 @@ def step_timer(cfg: Config) -> Callable[[int], float]:
     return run
 
 
+SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> pd.DataFrame:
-    print_config(cfg, "experiments.epoch_time")
+    print_config(cfg, "experiments.epoch_time", SETTINGS)
     timers = {name: step_timer(resolve_preprocessing(replace(cfg, **changes)))
               for name, changes in CONTENDERS.items()}
     seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
@@ -86,4 +89,4 @@ def main(cfg: Config) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -138,10 +138,13 @@ def score(name: str, utk: np.ndarray, utk_ages: np.ndarray, fairface: np.ndarray
             "fairface_no_face": int((~found).sum()), "ms_per_face": ms_per_face}
 
 
+SETTINGS = ("checkpoint", "detector")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> pd.DataFrame:
     from inference import AgePredictor
 
-    print_config(cfg, "experiments.peers")
+    print_config(cfg, "experiments.peers", SETTINGS)
     checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or list(DEFAULT_CHECKPOINTS)
     paths, bins = fairface_photos()
     predictions: dict[str, dict[str, Any]] = {}
@@ -181,4 +184,4 @@ def main(cfg: Config) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

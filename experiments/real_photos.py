@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis import ANALYSIS_SETTINGS
 from config import Config, parse_config, print_config, write_csv
 from custom_dataset_dataloader import (
     age_bin_bounds,
@@ -122,9 +123,12 @@ def measure(cfg: Config, checkpoint: Path, match: bool) -> dict[str, Any]:
     return row
 
 
+SETTINGS = (*ANALYSIS_SETTINGS, "bootstrap_samples")  # what this script reads (its --help)
+
+
 def main(cfg: Config) -> pd.DataFrame:
     """Measure every model file with the setting off and on; write and print the table."""
-    print_config(cfg, "experiments.real_photos")
+    print_config(cfg, "experiments.real_photos", SETTINGS)
     checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or [newest_checkpoint(cfg)]
     rows = [measure(cfg, checkpoint, match) for checkpoint in checkpoints for match in (False, True)]
     groups = pd.concat([row.pop("groups") for row in rows], ignore_index=True)
@@ -148,4 +152,4 @@ def merged(fresh: pd.DataFrame, path: Path) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    main(parse_config(sys.argv[1:]))
+    main(parse_config(sys.argv[1:], reads=SETTINGS))

@@ -46,7 +46,8 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
 def parse_arguments(arguments: list[str]) -> Config:
     """parse_config with DEFAULTS for the keys the command line leaves out."""
     given = {argument.split("=", 1)[0] for argument in arguments}
-    return parse_config([f"--{key}={value}" for key, value in DEFAULTS.items() if f"--{key}" not in given] + arguments)
+    return parse_config([f"--{key}={value}" for key, value in DEFAULTS.items() if f"--{key}" not in given] + arguments,
+                        reads=split_dataset.SETTINGS)
 
 
 if __name__ == "__main__":

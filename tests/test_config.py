@@ -1,5 +1,6 @@
 import re
 from dataclasses import FrozenInstanceError, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,8 +110,8 @@ def test_help_prints_the_settings_the_line_would_run_with(capsys):
         parse_config(["--preset=long", "--lr=1e-3", "--help"])
     assert stopped.value.code == 0
     printed = capsys.readouterr().out
-    assert re.search(r"^ +epochs += 40$", printed, re.MULTILINE)
-    assert re.search(r"^ +lr += 0\.001$", printed, re.MULTILINE)
+    assert re.search(r"^ +epochs += 40  #", printed, re.MULTILINE)
+    assert re.search(r"^ +lr += 0\.001  #", printed, re.MULTILINE)
 
 
 def test_to_argv_reproduces_a_config_and_the_parser_records_what_was_typed():
@@ -131,3 +132,33 @@ def test_enumerated_settings_take_their_values_from_their_types(capsys):
     with pytest.raises(SystemExit, match="unknown setting --given_keys"):
         parse_config(["--given_keys=lr"])
     assert "(adamw | sgd)" in describe(Config())
+
+
+def test_every_setting_has_a_comment_for_help():
+    from config import _field_types, field_comments
+
+    comments = field_comments()
+    assert set(_field_types()) == set(comments) and all(comments.values())
+    assert comments["loading"].endswith("image by image, in DataLoader workers")  # a comment over two lines
+
+
+@pytest.mark.parametrize(("script", "reads", "not_read"), [
+    ("eda.py", "check_images", "port"), ("app.py", "port", "lr"), ("train.py", "lr", "port"),
+    ("inference.py", "tta_views", "weight_decay")])
+def test_help_lists_only_what_the_script_reads(script, reads, not_read):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    shown = subprocess.run([sys.executable, script, "--help"], cwd=root, capture_output=True, text=True, check=True,
+                           timeout=120).stdout
+    names = {line.split()[0] for line in shown.splitlines()[1:] if line.startswith("  ")}
+    module = __import__(script[:-3])
+    assert names == set(module.SETTINGS) and reads in names and not_read not in names
+    assert f"{reads} " in shown and "#" in shown  # each with its value and its comment
+
+
+def test_a_typed_setting_the_script_does_not_read_is_named():
+    with pytest.warns(UserWarning, match=r"--port: not read by this script"):
+        cfg = parse_config(["--port=9", "--data_dir=x"], reads=("data_dir",))
+    assert cfg.data_dir == "x"
