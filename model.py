@@ -363,10 +363,11 @@ def agev1_files() -> tuple[Path, dict[str, Any]]:
     return path, entry
 
 
-def agev1_onnx_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
+def agev1_onnx_tensors(path: Path, keep_subnormal: bool = False) -> list[tuple[str, torch.Tensor]]:
     """The network's parameters in graph order, as (ONNX name, tensor): each Conv's weight and bias, each affine's
     scale (Mul) and shift (Add), and the classifier (Gemm, transposed to nn.Linear's layout). Every initializer
-    must be one of these or a Pad's pads, and every tensor finite; subnormal values become 0."""
+    must be one of these or a Pad's pads, and every tensor finite; subnormal values become 0 (keep_subnormal: as
+    stored)."""
     import onnx
     from onnx import numpy_helper
 
@@ -388,7 +389,8 @@ def agev1_onnx_tensors(path: Path) -> list[tuple[str, torch.Tensor]]:
             # Subnormal values (~1e-40; thousands in the convolution kernels) are set to zero: their share of any
             # output is below float precision, and on x86 CPUs they make fp32 convolutions about ten times slower
             # (RESULTS.md, "agev1_resnet10").
-            tensor[tensor.abs() < torch.finfo(torch.float32).tiny] = 0.0
+            if not keep_subnormal:  # kept only to measure what they cost (experiments/epoch_time.py)
+                tensor[tensor.abs() < torch.finfo(torch.float32).tiny] = 0.0
             if node.op_type in ("Mul", "Add"):
                 tensor = tensor.flatten()  # (1, C, 1, 1) -> (C,)
             elif node.op_type == "Gemm" and tensor.ndim == 2:

@@ -7,6 +7,9 @@ data loading excluded. The contenders alternate in every repeat (A, B, A, B, ...
 both; each figure is the median over the repeats of the mean step time. The projected epoch is that step time
 times the steps of an epoch of UTKFace's 64 px training split (15,183 faces, 238 steps of 64).
 
+Also the cost of the subnormal values in agev1's stored weights: its fp32 forward pass (batch 64, eval) with the
+weights as the ONNX file stores them and with those values zeroed (as model.py loads them), alternating.
+
 Reads:  nothing (random images).  Writes: results/epoch_time.csv; prints the table.
 Run:    python -m experiments.epoch_time [--device=cpu]
 """
@@ -67,6 +70,31 @@ def step_timer(cfg: Config) -> Callable[[int], float]:
 SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
 
 
+def subnormal_cost(repeats: int = REPEATS) -> dict[str, float]:
+    """Milliseconds a face of agev1_resnet10's fp32 forward pass (batch 64 at 64 px, eval mode), with the ONNX
+    file's weights as stored and with their subnormal values set to zero (what model.py loads), alternating."""
+    from model import AgeV1ResNet10, agev1_files, agev1_onnx_tensors, map_state_by_order
+
+    path, _ = agev1_files()
+    images = torch.randn(64, 3, 64, 64)
+    networks = {}
+    for name, keep in (("as stored", True), ("subnormals zeroed", False)):
+        network = AgeV1ResNet10(classifier=True)
+        network.load_state_dict(map_state_by_order(dict(agev1_onnx_tensors(path, keep_subnormal=keep)),
+                                                   network.state_dict(), str(path)))
+        networks[name] = network.eval()
+    timings: dict[str, list[float]] = {name: [] for name in networks}
+    with torch.inference_mode():
+        for network in networks.values():
+            network(images)  # warm-up
+        for _ in range(repeats):
+            for name, network in networks.items():
+                started = time.perf_counter()
+                network(images)
+                timings[name].append((time.perf_counter() - started) * 1000 / len(images))
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
 def main(cfg: Config) -> pd.DataFrame:
     print_config(cfg, "experiments.epoch_time", SETTINGS)
     timers = {name: step_timer(resolve_preprocessing(replace(cfg, **changes)))
@@ -83,8 +111,13 @@ def main(cfg: Config) -> pd.DataFrame:
                      "autocast": str(train.autocast_dtype(replace(cfg, **changes), resolve_device(cfg.device)))})
     table = pd.DataFrame(rows)
     table["relative_cost"] = table["ms_per_step"] / table["ms_per_step"].iloc[0]
+    subnormal = subnormal_cost()
+    table["agev1_fp32_inference_ms_per_face_weights_as_stored"] = subnormal["as stored"]
+    table["agev1_fp32_inference_ms_per_face_subnormals_zeroed"] = subnormal["subnormals zeroed"]
     write_csv(table, OUTPUT, "%.3f")
     print(table.to_string(index=False, float_format="%.2f"))
+    print(f"agev1_resnet10 fp32 inference, ms a face: {subnormal['as stored']:.2f} with the weights as stored, "
+          f"{subnormal['subnormals zeroed']:.2f} with their subnormal values zeroed")
     return table
 
 

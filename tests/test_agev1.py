@@ -58,7 +58,8 @@ def test_a_distribution_head_starts_as_the_networks_own_classifier():
 
     paths = sorted(UTKFACE64.glob("*.jpg"))[:32]
     faces = np.stack([np.asarray(Image.open(path).convert("RGB")) for path in paths])  # (32, 64, 64, 3)
-    cfg = model.resolve_preprocessing(Config(model_name=model.AGEV1_NAME, image_size=64, head="dex"))
+    cfg = model.resolve_preprocessing(Config(model_name=model.AGEV1_NAME, image_size=64, head="dex",
+                                             pretrained_head=True))
     started = model.build_model(cfg).eval()
     started.set_age_statistics(30.0, 18.0)  # what training does first: the head start must survive it
     images = torch.from_numpy(faces).permute(0, 3, 1, 2).float() / 255
