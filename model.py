@@ -387,8 +387,8 @@ def agev1_onnx_tensors(path: Path, keep_subnormal: bool = False) -> list[tuple[s
             array = initializers[name]
             tensor = torch.from_numpy(array.copy()).float()
             # Subnormal values (~1e-40; thousands in the convolution kernels) are set to zero: their share of any
-            # output is below float precision, and on x86 CPUs they make fp32 convolutions about ten times slower
-            # (RESULTS.md, "agev1_resnet10").
+            # output is below float precision, and on x86 CPUs they make fp32 convolutions many times slower
+            # (RESULTS.md, "A face-pretrained backbone").
             if not keep_subnormal:  # kept only to measure what they cost (experiments/epoch_time.py)
                 tensor[tensor.abs() < torch.finfo(torch.float32).tiny] = 0.0
             if node.op_type in ("Mul", "Add"):
@@ -765,9 +765,9 @@ def fold_batch_norms(model: nn.Module) -> int:
     weights and bias (torch's fuse_conv_bn_eval), for inference; returns how many were folded.
 
     Why: on the CPU a batch norm is a pass over the whole feature map of its own, and EfficientNet-Lite0 has one after
-    each of its 49 convolutions; folded, a model call takes a fifth to a third less time (RESULTS.md, "Folded batch
-    norms") with the same answers up to float rounding. A timm BatchNormAct2d keeps its activation. The graph
-    is read with torch.fx, so a convolution whose output is also used elsewhere (before its norm) is left alone.
+    each of its 49 convolutions; folded, a model call is cheaper with the same answers up to float rounding. A timm
+    BatchNormAct2d keeps its activation. The graph is read with torch.fx, so a convolution whose output is also used
+    elsewhere (before its norm) is left alone.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 

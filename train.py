@@ -219,8 +219,8 @@ def moved_views(images: torch.Tensor) -> torch.Tensor:
 def consistency_weight_for_epoch(weight: float, ramp_epochs: int, epoch: int) -> float:
     """The consistency term's weight in `epoch` (1-based): `weight` from the start, or with ramp_epochs = r > 0,
     rising linearly from 0 in epoch 1 to `weight` in epoch r + 1, so that the model first learns ages and only then
-    is held to giving a moved face the same one (from the start, w = 0.2 lost most of its first two epochs:
-    RESULTS.md, "A consistency term in training")."""
+    is held to giving a moved face the same one (from the start, a large weight holds every face to one answer
+    before any age is learnt)."""
     return weight * min(1.0, (epoch - 1) / ramp_epochs) if ramp_epochs > 0 else weight
 
 
@@ -289,8 +289,8 @@ def train_one_epoch(
 
     optimisation.consistency_weight = w > 0: every face also goes through the model moved a few pixels
     (moved_views), in the same forward pass, and w times the mean |age difference| between the two views is added to
-    the loss, so the model learns to give a face the same age however a detector frames it (RESULTS.md, "A
-    consistency term in training"); the step costs about twice as much.
+    the loss, so the model learns to give a face the same age however a detector frames it (RESULTS.md,
+    "Inference: detectors, crop consistency, latency"); the step costs about twice as much.
     """
     from tqdm import tqdm
 

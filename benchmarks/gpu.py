@@ -12,7 +12,7 @@ Each reports images/s, seconds, the mean GPU utilisation over the timed epoch (N
 and peak host memory. ceiling_share = ours / ceiling, as in benchmarks.pipeline.
 
 No GPU was lent while this was written: it runs in the tests on the CPU with a tiny data set and ResNet-18, and
-its GPU figures are for whoever has one (record them in RESULTS.md, "Speed").
+its GPU figures are for whoever has one (record them in RESULTS.md, "Training speed").
 
 Reads:  --data_dir (default ../shared/data/utkface64, UTKFace at 64 px upsampled to 128 as a user's run would;
         '' = 1,200 generated faces)

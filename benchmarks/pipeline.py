@@ -70,8 +70,8 @@ BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
 )
 GENERATED_FACES, GENERATED_SIZE = 1200, 200  # the default data: UTKFace-sized JPEGs
 MODELS = ("resnet18", "resnet", "efficientnet_lite0")  # the small backbone, the seed's ResNet-50, the offline one
-# per model: (warm-up, timed steps); 16 timed ResNet-18 steps (3 s) left the ceiling share noisy (90.4 % in one run,
-# 95-116 % between repeats of a throwaway timing); 40 steps and back-to-back pairs steady it (RESULTS.md)
+# per model: (warm-up, timed steps); 16 timed steps (3 s) left the ceiling share noisy, 40 steps and back-to-back
+# pairs steady it (RESULTS.md, "Training speed")
 STEPS = {"resnet18": (3, 40), "resnet": (2, 8), "efficientnet_lite0": (3, 40)}
 DATA_ONLY_BATCHES = 40
 INFERENCE_MODELS = ("resnet18", "efficientnet_lite0")

@@ -2,8 +2,8 @@
 
 The suite runs in one process per core (pytest-xdist, pyproject.toml's addopts); each worker then gets its share of
 the cores as PyTorch/OpenMP threads, set before the tests import torch and inherited by their subprocesses.
-Measured on 2 cores (RESULTS.md, "Demo"): two workers at 2 threads each were slower than one process, because
-OpenMP threads spin while the other worker holds the core; two workers at 1 thread each halve the suite's time.
+Measured on 2 cores (RESULTS.md, "Demo and the test suite"): two workers at 2 threads each were slower than one
+process, because OpenMP threads spin while the other worker holds the core; two at 1 thread each halve its time.
 """
 
 from __future__ import annotations
