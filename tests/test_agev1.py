@@ -139,6 +139,7 @@ def test_a_damaged_wheel_file_is_refused(tmp_path, monkeypatch):
         model.agev1_files()
 
 
+@pytest.mark.slow
 def test_it_trains_exports_with_parity_and_infers(split_config, tmp_path):
     import train
 

@@ -143,8 +143,10 @@ def test_every_setting_has_a_comment_for_help():
 
 
 @pytest.mark.parametrize(("script", "reads", "not_read"), [
-    ("eda.py", "check_images", "port"), ("app.py", "port", "lr"), ("train.py", "lr", "port"),
-    ("inference.py", "tta_views", "weight_decay")])
+    ("train.py", "lr", "port"),  # one script in the quick loop; each case starts a Python process
+    pytest.param("eda.py", "check_images", "port", marks=pytest.mark.slow),
+    pytest.param("app.py", "port", "lr", marks=pytest.mark.slow),
+    pytest.param("inference.py", "tta_views", "weight_decay", marks=pytest.mark.slow)])
 def test_help_lists_only_what_the_script_reads(script, reads, not_read):
     import subprocess
     import sys

@@ -120,7 +120,7 @@ def test_exports_match_eager_and_carry_their_config(checkpoint, tmp_path, export
     assert np.allclose(exported.predict(crops, tta=True), eager.predict(crops, tta=True), atol=1e-3)
 
 
-@pytest.mark.parametrize("model_name", ["efficientnet", "vit"])
+@pytest.mark.parametrize("model_name", ["efficientnet", pytest.param("vit", marks=pytest.mark.slow)])
 def test_every_backbone_traces(tmp_path, model_name):
     cfg = Config(model_name=model_name, pretrained=False, image_size=32, head="l1")
     model = AgeEstimationModel(model_name, image_size=32)

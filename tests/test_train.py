@@ -12,7 +12,8 @@ from custom_dataset_dataloader import build_dataloader
 from model import build_model, load_checkpoint, resolve_preprocessing
 
 
-@pytest.mark.parametrize(("mixup_alpha", "consistency_weight"), [(0.0, 0.0), (0.4, 0.0), (0.0, 1.0)])
+@pytest.mark.parametrize(("mixup_alpha", "consistency_weight"), [
+    (0.0, 0.0), pytest.param(0.4, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow)])
 def test_a_few_steps_lower_the_loss(split_config, mixup_alpha, consistency_weight):
     torch.manual_seed(0)
     # one-hot targets (label_sigma=0), which this test always trained with: a Gaussian target's loss has the
