@@ -271,24 +271,13 @@ class ChannelAffine(nn.Module):
         return features * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def add_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """dlib's add_prev: the sum of two maps of different channel counts or sizes, each zero-padded at its trailing
-    channels, rows and columns to the larger of the two (the top-left origin stays put)."""
-    channels = max(first.shape[1], second.shape[1])
-    height = max(first.shape[2], second.shape[2])
-    width = max(first.shape[3], second.shape[3])
-
-    def padded(features: torch.Tensor) -> torch.Tensor:
-        return F.pad(features, (0, width - features.shape[3], 0, height - features.shape[2],
-                                0, channels - features.shape[1]))
-
-    return padded(first) + padded(second)
-
-
 class AgeV1Block(nn.Module):
     """One residual block: conv 3x3 -> affine -> ReLU -> conv 3x3 -> affine, plus the input, then ReLU. A block
-    that halves the size uses a stride-2 unpadded first convolution and a 2x2 average pool on the shortcut, which
-    add_padded fits together (dlib's ares_down)."""
+    that halves the size uses a stride-2 unpadded first convolution and a 2x2 average pool on the shortcut; dlib's
+    add_prev then sums maps of different sizes, each zero-padded at its trailing channels, rows and columns to the
+    larger (ares_down). Which map is larger is known here, not compared at run time, so a traced export records the
+    padding as arithmetic on the input's size: the pooled shortcut has fewer channels and at least as many rows and
+    columns (n // 2 against (n - 3) // 2 + 1)."""
 
     def __init__(self, in_channels: int, out_channels: int, downsample: bool):
         super().__init__()
@@ -298,10 +287,15 @@ class AgeV1Block(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         self.affine2 = ChannelAffine(out_channels)
         self.shortcut = nn.AvgPool2d(2, 2) if downsample else nn.Identity()
+        self.extra_channels = out_channels - in_channels  # zero channels appended to the shortcut
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C', H', W')
         residual = self.affine2(self.conv2(F.relu(self.affine1(self.conv1(features)))))
-        return F.relu(add_padded(self.shortcut(features), residual))
+        shortcut = self.shortcut(features)
+        if self.extra_channels:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        residual = F.pad(residual, (0, shortcut.shape[3] - residual.shape[3], 0, shortcut.shape[2] - residual.shape[2]))
+        return F.relu(shortcut + residual)
 
 
 class AgeV1ResNet10(nn.Module):
