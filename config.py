@@ -8,6 +8,10 @@ Each script calls `parse_config(sys.argv[1:], reads=SETTINGS)`, which converts e
 type and rejects unknown keys by listing the valid ones. A bare `--key` sets a boolean field to true. SETTINGS, next
 to each script's main, names what that script reads: the recipe (RECIPE_FIELDS: what a checkpoint stores), how a run
 executes (RUN_FIELDS) and its own tool settings; its --help lists those alone.
+
+The parser is ours, not tyro's or jsonargparse's: neither reads every command line the README promises
+(`--pretrained=false`, a bare `--tta`), both take a flag given twice silently, and presets, range checks and the
+per-script --help would be ours anyway (RESULTS.md, "The command-line parser"; `python -m experiments.parsers`).
 """
 
 from __future__ import annotations
