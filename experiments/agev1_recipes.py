@@ -31,6 +31,7 @@ from model import config_from_model_file, resolve_preprocessing
 
 BASE = {"data_dir": "../shared/data/utkface64", "model_name": "agev1_resnet10", "image_size": 64, "tta": True}
 NO_HEAD_START = {"pretrained_head": False}  # the head starts from zeros (predicting about the mean age)
+FACE = {**NO_HEAD_START, "backbone_lr_scale": 0.3}  # --preset=face's changes to BASE
 LIGHT = {"erase_probability": 0.0, "rotation_degrees": 5.0, "color_jitter": 0.1}  # lighter train augmentation
 RECIPES: dict[str, dict[str, Any]] = {  # in the order they run
     # config.py's recipe (AdamW 1e-3, weight decay 0.05, DEX with label_sigma 2, 10 epochs, EMA), head from zeros
@@ -47,6 +48,12 @@ RECIPES: dict[str, dict[str, Any]] = {  # in the order they run
     # (pretrained_head acts on distribution heads only: these two ran with it set, as it then was the default)
     "64px_l1_backbone_lr_0.3": {"pretrained_head": True, "head": "l1", "backbone_lr_scale": 0.3},
     "64px_coral_backbone_lr_0.3": {"pretrained_head": True, "head": "coral", "backbone_lr_scale": 0.3},
+    # around the best (--preset=face): the rate, the batch, mixup, another distribution head, twice the epochs
+    "64px_backbone_lr_0.3_lr_2e-3": {**FACE, "lr": 2e-3},
+    "64px_backbone_lr_0.3_batch_32": {**FACE, "batch_size": 32},
+    "64px_backbone_lr_0.3_mixup_0.2": {**FACE, "mixup_alpha": 0.2},
+    "64px_backbone_lr_0.3_mean_variance": {**FACE, "head": "mean_variance"},
+    "64px_backbone_lr_0.3_20_epochs": {**FACE, "epochs": 20},
 }
 OUTPUT = Path("results") / "agev1_recipes.csv"
 COLUMNS = ("recipe", "changes", "image_size", "epochs", "best_valid_mae", "test_mae", "test_mae_tta", "test_cs5",
