@@ -258,7 +258,7 @@ def main(cfg: Config) -> dict:
     results = train.main(cfg)
 
     print(f"\n=== 4/4 evaluation of the saved best checkpoint ({time.perf_counter() - started:.0f}s) ===")
-    metrics = train.evaluate_checkpoint(results["best_checkpoint"], "test")
+    metrics = train.evaluate_checkpoint(results["best_checkpoint"], "test", cache_dir=cfg.cache_dir)
     print(f"reloaded {results['best_checkpoint']} (architecture and size from its stored config)")
     print(f"test MAE {metrics['mae']:.2f} years, CS@5 {metrics['cs5']:.3f} (fp32); predicting the mean training age "
           f"gives MAE {results['mean_age_baseline_test_mae']:.2f}")

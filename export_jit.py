@@ -192,9 +192,9 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
 
     from custom_dataset_dataloader import build_dataset
 
-    given = {name: getattr(cfg, name) for name in ("data_dir", "csv_dir", "cache_dir", "num_workers")
-             if name in cfg.given_keys}
-    data_cfg = replace(trained_cfg, **given)
+    # the data set and split files are the recipe's unless typed; the cache folder and workers are this run's
+    given = {name: getattr(cfg, name) for name in ("data_dir", "csv_dir") if name in cfg.given_keys}
+    data_cfg = replace(trained_cfg, **given, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers)
     train_set, test_set = build_dataset(data_cfg, "train", train=False), build_dataset(data_cfg, "test")
     picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
     calibration = DataLoader(Subset(train_set, picks.tolist()), batch_size=1)  # equal shapes for every calibrator

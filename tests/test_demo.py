@@ -38,7 +38,16 @@ def test_age_changes_the_face():
     assert np.abs(young - old).mean() > 10
 
 
-def test_demo_runs_every_stage_end_to_end(tmp_path):
+def test_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch):
+    import train
+
+    evaluated_caches, evaluate_checkpoint = [], train.evaluate_checkpoint
+
+    def recorded(*arguments, **keywords):
+        evaluated_caches.append(keywords.get("cache_dir"))
+        return evaluate_checkpoint(*arguments, **keywords)
+
+    monkeypatch.setattr(train, "evaluate_checkpoint", recorded)
     cfg = replace(
         demo.DEMO_DEFAULTS,
         data_dir=str(tmp_path / "UTKFace"), **folders_under(tmp_path), demo_num_images=80, epochs=1, image_size=32,
@@ -48,5 +57,7 @@ def test_demo_runs_every_stage_end_to_end(tmp_path):
     assert Path(results["best_checkpoint"]).is_file()
     assert results["reloaded_test_mae"] == results["test_mae"] or abs(
         results["reloaded_test_mae"] - results["test_mae"]) < 0.05  # reloaded checkpoint gives the same metric
+    # the checkpoint stores the recipe alone: its reloaded evaluation decodes into the demo's cache, not ./cache
+    assert evaluated_caches == [cfg.cache_dir] and list(Path(cfg.cache_dir).glob("test_set_32px_*.npy"))
     assert len(list(Path(cfg.pics_dir).glob("*.png"))) == 6
     assert len(list((tmp_path / "UTKFace").glob("*.jpg"))) == 80

@@ -350,7 +350,8 @@ def test_int8_export_is_checked_in_years_on_the_test_split(split_config, monkeyp
 
     results = train.main(replace(split_config, epochs=1, run_name="int8"))
     checkpoint = Path(results["best_checkpoint"])
-    export = Config(checkpoint=str(checkpoint), format="onnx", quantize="int8", num_workers=0)
+    export = Config(checkpoint=str(checkpoint), format="onnx", quantize="int8", num_workers=0,
+                    cache_dir=split_config.cache_dir)
     monkeypatch.setattr(export_jit, "INT8_TOLERANCE_YEARS", 100.0)  # the pass path, whatever this tiny model does
     result = export_jit.main(export)
     int8_path = Path(result["int8_path"])
