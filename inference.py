@@ -669,8 +669,10 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 group.append((path, image, found))
                 if len(group) == PHOTOS_PER_MODEL_CALL:
                     report(previous)
+                    previous = []  # (reported once, even if the next call stops the run)
                     previous = predict_group(writer)
             report(previous)
+            previous = []
             previous = predict_group(writer) if group else []
             report(previous)
             previous = []
@@ -678,8 +680,13 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
     finally:
         if completed:  # results are replaced only by a complete new set
             write_rows(rows_path, rows)
-        elif rows:
-            _keep_partial_rows(rows_path, rows)
+        else:
+            # the photos already predicted were annotated (the writer finished them as the run stopped): their rows
+            # belong with the partial results
+            with contextlib.suppress(Exception):
+                report(previous)
+            if rows:
+                _keep_partial_rows(rows_path, rows)
     return rows
 
 
