@@ -465,6 +465,14 @@ def recipe_dict(cfg: Config) -> dict[str, Any]:
     return {name: values[name] for name in RECIPE_FIELDS}
 
 
+def stored_recipe_for_run(recipe: Config, cfg: Config, run_settings: tuple[str, ...]) -> Config:
+    """A model file's stored `recipe`, ready to read data in this run: its own data set and split files unless `cfg`
+    typed data_dir / csv_dir, and `run_settings` (how this run reads and executes: cache folder, workers, ...) from
+    `cfg`, since a model file stores none of them."""
+    typed = {name: getattr(cfg, name) for name in ("data_dir", "csv_dir") if name in cfg.given_keys}
+    return replace(recipe, **typed, **{name: getattr(cfg, name) for name in run_settings})
+
+
 def recipe_hash(cfg: Config) -> str:
     """12 hex digits naming the recipe (RECIPE_FIELDS) alone: equal for two runs of one experiment wherever and
     however they run; tuning keys its trials on it, results.json records it."""

@@ -32,7 +32,6 @@ import os
 import sys
 import warnings
 from collections.abc import Iterable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from config import (
     print_config,
     recipe_dict,
     remove_stale_temporaries,
+    stored_recipe_for_run,
 )
 from faces import geometries_from_dict
 from model import SHIPPED_MODEL, fold_batch_norms, half_precision_checkpoint, load_model, newest_checkpoint
@@ -192,9 +192,7 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
 
     from custom_dataset_dataloader import build_dataset
 
-    # the data set and split files are the recipe's unless typed; the cache folder and workers are this run's
-    given = {name: getattr(cfg, name) for name in ("data_dir", "csv_dir") if name in cfg.given_keys}
-    data_cfg = replace(trained_cfg, **given, cache_dir=cfg.cache_dir, num_workers=cfg.num_workers)
+    data_cfg = stored_recipe_for_run(trained_cfg, cfg, ("cache_dir", "num_workers"))
     train_set, test_set = build_dataset(data_cfg, "train", train=False), build_dataset(data_cfg, "test")
     picks = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(0))[:CALIBRATION_IMAGES]
     calibration = DataLoader(Subset(train_set, picks.tolist()), batch_size=1)  # equal shapes for every calibrator

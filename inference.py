@@ -647,8 +647,10 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
         return results
 
     def report(results: Done) -> None:
-        """Once a group's files are written (called a group later, so writing overlaps the next group's work)."""
-        for path, faces, write in results:
+        """Once a group's files are written (called a group later, so writing overlaps the next group's work); each
+        photo is taken out of `results` as it is reported, so a run stopped at any point reports it once."""
+        while results:
+            path, faces, write = results.pop(0)
             error = write.exception()
             if error is not None:  # a name too long for the file system, a full disk, ...
                 warnings.warn(f"skipping {path}: its result could not be written to {targets[path]} "
@@ -669,13 +671,10 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 group.append((path, image, found))
                 if len(group) == PHOTOS_PER_MODEL_CALL:
                     report(previous)
-                    previous = []  # (reported once, even if the next call stops the run)
                     previous = predict_group(writer)
             report(previous)
-            previous = []
             previous = predict_group(writer) if group else []
             report(previous)
-            previous = []
         completed = True
     finally:
         if completed:  # results are replaced only by a complete new set

@@ -716,12 +716,12 @@ def test_best_checkpoint(cfg: Config, model: nn.Module, loaders: dict[str, Any],
 
 
 def evaluate_checkpoint(path: str | os.PathLike, split: str = "test", device: str = "cpu",
-                        cache_dir: str = "") -> dict[str, Any]:
+                        cache_dir: str | None = None) -> dict[str, Any]:
     """evaluate() of a saved checkpoint on one split of its own config (architecture, size, normalisation and
     data paths all from the file), in fp32: what a reader of the checkpoint alone would measure. `cache_dir`: where
-    the decoded images go (a run's folder, not part of the recipe the file stores; '' = config.py's default)."""
+    the decoded images go (a run's folder, not part of the recipe the file stores; None = config.py's default)."""
     model, trained_cfg, _ = load_model(path, device)
-    data_cfg = replace(trained_cfg, num_workers=0, **({"cache_dir": cache_dir} if cache_dir else {}))
+    data_cfg = replace(trained_cfg, num_workers=0, cache_dir=cache_dir or trained_cfg.cache_dir)
     loader = build_dataloader(data_cfg, split, device=torch.device(device))
     return evaluate(model, loader, Execution(torch.device(device)))
 

@@ -14,13 +14,13 @@ stored in it), so a CSV of another data set gives a cross-data-set result: pass 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from config import PREDICTION_FIELDS, Config, resolve_device
+from config import PREDICTION_FIELDS, Config, resolve_device, stored_recipe_for_run
 from custom_dataset_dataloader import DataError, read_dataset_csv, split_csv_path, write_dataset_csv
 from model import AgeEstimationModel, load_model, newest_checkpoint
 
@@ -74,12 +74,8 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
     checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     device = resolve_device(cfg.device)
     model, trained_cfg, _ = load_model(checkpoint, device)
-    data_dir = cfg.data_dir if "data_dir" in cfg.given_keys else trained_cfg.data_dir
-    csv_dir = cfg.csv_dir if "csv_dir" in cfg.given_keys else trained_cfg.csv_dir
-    model_cfg = replace(trained_cfg, data_dir=data_dir, csv_dir=csv_dir, cache_dir=cfg.cache_dir,
-                        use_cache=cfg.use_cache, loading=cfg.loading, batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, device=cfg.device, mixed_precision=cfg.mixed_precision,
-                        seed=cfg.seed)
+    model_cfg = stored_recipe_for_run(trained_cfg, cfg, (
+        "cache_dir", "use_cache", "loading", "batch_size", "num_workers", "device", "mixed_precision", "seed"))
     if cfg.test_csv:
         csv_path = Path(cfg.test_csv)
     elif "dataset_format" in cfg.given_keys and "data_dir" in cfg.given_keys:
@@ -98,5 +94,5 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
         csv_path = analysis_dir(cfg) / f"{tag}.csv"
         write_dataset_csv(kept, csv_path)
     print(f"checkpoint {checkpoint}: {trained_cfg.model_name}, head {trained_cfg.head}, {trained_cfg.image_size} px; "
-          f"analysing {csv_path} with images from {data_dir}")
+          f"analysing {csv_path} with images from {model_cfg.data_dir}")
     return Evaluation(model, model_cfg, csv_path, device, tag, checkpoint)
