@@ -107,7 +107,7 @@ def startup_seconds(template: str, repeats: int = 5) -> str:
     return f"{statistics.median(times):.3f}"
 
 
-def main(cfg: Config | None = None) -> pd.DataFrame:
+def main() -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     for promise, arguments, check in CASES:
         row = {"case": promise, "command_line": " ".join(arguments)}
@@ -118,16 +118,8 @@ def main(cfg: Config | None = None) -> pd.DataFrame:
     rows.append(startup)
     frame = pd.DataFrame(rows)
     write_csv(frame, OUTPUT)
-    print(frame.to_markdown(index=False) if _has_tabulate() else frame.to_string(index=False))
+    print(frame.to_string(index=False))
     return frame
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 if __name__ == "__main__":
