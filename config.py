@@ -37,7 +37,7 @@ from typing import Any, Literal
 MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit", "agev1_resnet10")  # + timm/<name>
 TIMM_PREFIX = "timm/"
 Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
-DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "fairface", "csv"]
+DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "fairface", "aaf", "csv"]
 DATASET_FORMATS: tuple[str, ...] = typing.get_args(DatasetFormat)
 Interpolation = Literal["", "bilinear", "bicubic"]  # '': the backbone's own (model.resolve_preprocessing)
 INTERPOLATIONS: tuple[str, ...] = tuple(name for name in typing.get_args(Interpolation) if name)
@@ -68,7 +68,14 @@ class Config:
     test_fraction: float = 0.1  # share of the data set in test_set.csv
     min_images_per_age_bin: int = 10  # split_dataset.py merges neighbouring ages until each bin has this many
     match_split_of: str = ""  # split_dataset.py: a csv_dir whose split files fix the split of same-named images
+    combine: str = ""  # split_dataset.py: comma-separated csv_dirs whose split files are joined into csv_dir (a mix)
     subject_split: bool = False  # split_dataset.py keeps each subject's images in one split (FG-NET, AgeDB, MORPH)
+    aligned_dir: str = "data/aligned"  # align.py writes each data set's aligned faces under <aligned_dir>/<source>/
+    aligned_csv_dir: str = ""  # align.py's split CSVs of the aligned faces ('' = <csv_dir>/aligned)
+    source_name: str = ""  # align.py: the data set's name in the mix ('' = csv_dir's folder name)
+    alignment_template: Literal["face", "head"] = "face"  # align.py: inner face or whole head (faces.py)
+    align_method: Literal["detect", "chip"] = "detect"  # align.py: detect each face, or map UTKFace-like chips
+    aligned_size: int = 128  # align.py: side of the aligned faces in pixels (the training size or a little above)
     use_cache: bool = True  # decode every image once into a memory-mapped uint8 array, augment from there
     loading: Literal["batch", "sample"] = "batch"  # batch: cached uint8 batches augmented on the device; sample:
     # image by image, in DataLoader workers
@@ -95,6 +102,7 @@ class Config:
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
     head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     label_sigma: float = 2.0  # dex: train on a Gaussian of this std (years) around the true age (0 = one-hot)
+    init_from: str = ""  # start from this model file's weights (same model_name, head and max_age; '' = pretrained)
     pretrained_head: bool = False  # agev1_resnet10 + dex: start the head as the network's age classifier (no gain)
     max_age: int = 116  # dex / mean_variance / coral: the ages 0..max_age are the classes (older labels are refused)
     # --- optimisation ---
@@ -157,6 +165,7 @@ class Config:
     # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
     test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
     exclude_csv: str = ""  # leave out rows whose file name appears in these CSVs (comma-separated; cross-data-set)
+    test_sources: str = ""  # experiments.matrix: comma-separated aligned split folders whose test parts are scored
     detect: bool = False  # analysis.errors: find and align the largest face of each photo as inference.py does
     bootstrap_samples: int = 1000  # analysis.errors: resamples behind each 95 % confidence interval
     heatmap_images: int = 600  # analysis.heatmaps: test faces averaged into the per-age-group maps
@@ -282,7 +291,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
 # before any slow work, instead of crashing later or training on nonsense (a NaN loss, a 30 GB allocation).
 OPEN = "open"  # an exclusive bound: the value may come as close as it likes but not reach it
 RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] = {
-    "image_size": (16, 1024), "valid_fraction": ((OPEN, 0), (OPEN, 1)), "test_fraction": ((OPEN, 0), (OPEN, 1)),
+    "image_size": (16, 1024), "aligned_size": (32, 1024),
+    "valid_fraction": ((OPEN, 0), (OPEN, 1)), "test_fraction": ((OPEN, 0), (OPEN, 1)),
     "min_images_per_age_bin": (1, 10**6), "rotation_degrees": (0, 180), "translate_fraction": (0, 0.5),
     "scale_jitter": (0, 0.9), "color_jitter": (0, 1), "erase_probability": (0, 1), "mixup_alpha": (0, 100),
     "consistency_weight": (0, 100), "consistency_ramp_epochs": (0, 10**5), "resolution_probability": (0, 1),
@@ -443,8 +453,9 @@ RECIPE_FIELDS = (
     "interpolation", "flip", "rotation_degrees", "translate_fraction", "scale_jitter", "color_jitter",
     "erase_probability", "mixup_alpha", "consistency_weight", "consistency_ramp_epochs", "resolution_probability",
     "resolution_min_side", "blur_max_sigma", "jpeg_min_quality", "model_name", "pretrained", "dropout", "head",
-    "label_sigma", "pretrained_head", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale", "weight_decay",
-    "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay", "accumulation_steps", "seed",
+    "label_sigma", "pretrained_head", "init_from", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale",
+    "weight_decay", "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay",
+    "accumulation_steps", "seed",
 )
 
 

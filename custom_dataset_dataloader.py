@@ -65,8 +65,10 @@ GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
 CSV_COLUMNS = ("image_name", "age", "gender", "ethnicity")
 # kept when a data set has them: subject (subject-exclusive split), apparent_age (APPA-REAL), age_bin (FairFace:
-# the label is a range such as "30-39"; its rows have no exact age, and they are scored by age_bin_bounds)
-OPTIONAL_COLUMNS = ("subject", "apparent_age", "age_bin")
+# the label is a range such as "30-39"; its rows have no exact age, and they are scored by age_bin_bounds),
+# official_split (the release's own train/test lists: FairFace, All-Age-Faces; split_dataset.py keeps them),
+# source (which data set a row of a mixed CSV comes from: align.py writes it, training reports each source)
+OPTIONAL_COLUMNS = ("subject", "apparent_age", "age_bin", "official_split", "source")
 SPLITS = ("train", "valid", "test")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}  # what eda.py and inference.py read
 ERASE_AREA = (0.02, 0.33)  # random erasing: share of the image one rectangle covers (torchvision's defaults)
@@ -133,8 +135,30 @@ def distance_to_bins(predicted: np.ndarray, bins: pd.Series) -> np.ndarray:
 
 
 def is_binned(frame: pd.DataFrame) -> bool:
-    """Whether a project CSV's labels are age bins (FairFace) rather than exact ages."""
+    """Whether every label of a project CSV is an age bin (FairFace) rather than an exact age."""
     return "age_bin" in frame.columns and frame["age"].isna().all()
+
+
+def binned_rows(frame: pd.DataFrame) -> np.ndarray:
+    """(N,) bool: the rows labelled by an age bin, not an exact age (a mixed CSV has both kinds)."""
+    if "age_bin" not in frame.columns:
+        return np.zeros(len(frame), dtype=bool)
+    return (frame["age"].isna() & frame["age_bin"].notna()).to_numpy()
+
+
+def age_ranges(frame: pd.DataFrame) -> np.ndarray:
+    """(N, 2) float32 [low, high) per row: an exact age a gives [a, a], a bin its bounds ('30-39' -> [30, 40),
+    'more than 70' -> [70, inf)). What a model is trained and scored on when a data set mixes both kinds."""
+    ranges = np.repeat(frame["age"].to_numpy(dtype=np.float32)[:, None], 2, axis=1)  # (N, 2)
+    binned = binned_rows(frame)
+    if binned.any():
+        ranges[binned] = np.array([age_bin_bounds(label) for label in frame.loc[binned, "age_bin"]], np.float32)
+    return ranges
+
+
+def stratification_ages(frame: pd.DataFrame) -> np.ndarray:
+    """(N,) the age a row is stratified by in a split: its exact age, or its bin's lower bound."""
+    return age_ranges(frame)[:, 0]
 
 
 def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.DataFrame:
@@ -145,7 +169,8 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
     if not path.is_file():
         raise DataError(f"{path} does not exist. Run eda.py and split_dataset.py first (or `python demo.py`).")
     try:
-        frame = read_csv_file(path, dtype={"image_name": str, "gender": str, "ethnicity": str, "subject": str})
+        frame = read_csv_file(path, dtype={"image_name": str, "gender": str, "ethnicity": str, "subject": str,
+                                           "age_bin": str, "official_split": str, "source": str})
     except DataError as error:
         reason = str(error).removeprefix("error: ")
         raise DataError(f"{reason}. Re-run eda.py / split_dataset.py to rewrite it.") from None
@@ -156,13 +181,17 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
         if column not in frame.columns:
             frame[column] = "unknown"
     frame["age"] = pd.to_numeric(frame["age"], errors="coerce")
-    if "age_bin" in frame.columns:  # binned labels (FairFace): the bin must be readable; the exact age stays empty
+    if "age_bin" in frame.columns:  # binned labels (FairFace), alone or mixed with exact ages (a mixed CSV)
+        # a row with a bin is labelled by it (the exact age stays empty: a bin is never turned into an exact age);
+        # a row without one needs an exact age
+        labelled = frame["age_bin"].notna() & (frame["age_bin"].astype(str).str.strip() != "")
         readable = frame["age_bin"].map(_readable_bin)
-        if not readable.any():
+        if not (readable | ~labelled).any() or (labelled.all() and not readable.any()):
             raise DataError(f"{path}: no readable age_bin (expected e.g. '30-39' or 'more than 70')")
-        frame.loc[~readable, "image_name"] = None  # skipped below, counted with the other bad rows
-        frame["age"] = np.nan  # a bin is never turned into an exact age
-        bad_rows = frame["image_name"].isna()
+        frame.loc[labelled & ~readable, "image_name"] = None  # skipped below, counted with the other bad rows
+        frame.loc[labelled, "age"] = np.nan
+        frame.loc[~labelled, "age_bin"] = np.nan
+        bad_rows = frame["image_name"].isna() | (~labelled & frame["age"].isna())
     else:
         bad_rows = frame["age"].isna() | frame["image_name"].isna()
     if bad_rows.any():
@@ -171,7 +200,7 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
                       f"{csv_lines(frame.index[bad_rows])})", stacklevel=2)
         frame = frame[~bad_rows].reset_index(drop=True)
     highest = np.inf if max_age is None else max_age
-    out_of_range = (~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)) & ~is_binned(frame)
+    out_of_range = (~np.isfinite(frame["age"]) | (frame["age"] < 0) | (frame["age"] > highest)) & ~binned_rows(frame)
     if out_of_range.any():
         rows = ", ".join(f"line {index + 2} ({frame.at[index, 'image_name']}: {frame.at[index, 'age']})"
                          for index in frame.index[out_of_range][:5])
@@ -591,7 +620,8 @@ def build_image_cache(
 
 
 class AgeDataset(Dataset):
-    """(image (3, S, S) float, age float32 in years, gender index, ethnicity index); unknown labels are -1.
+    """(image (3, S, S) float, age float32 in years, gender index, ethnicity index); unknown labels are -1. A data set
+    with binned rows (FairFace) gives each label as a range [low, high) (2,) instead, an exact age a as [a, a].
 
     With a cache, `frame`'s index gives each row's position in the cache array. The array is memory-mapped
     lazily in each process (workers never receive a copy of it), so memory does not grow with the data set.
@@ -611,7 +641,10 @@ class AgeDataset(Dataset):
         self.frame = frame.reset_index(drop=True)
         self.data_dir, self.image_size, self.transform, self.cache_path = data_dir, image_size, transform, cache_path
         self._cache: np.ndarray | None = None
-        self.ages = self.frame["age"].to_numpy(dtype=np.float32)
+        self.ages = self.frame["age"].to_numpy(dtype=np.float32)  # (N,) NaN for a binned row
+        # what a model is trained and scored on: the ages (N,), or with any binned row (N, 2) ranges [low, high)
+        self.ranges = age_ranges(self.frame)
+        self.targets = self.ranges if binned_rows(self.frame).any() else self.ages
         self.genders = _label_indices(self.frame["gender"], GENDERS)
         self.ethnicities = _label_indices(self.frame["ethnicity"], ETHNICITIES)
 
@@ -633,7 +666,7 @@ class AgeDataset(Dataset):
             except Exception as error:  # noqa: BLE001 - name the file whatever the decoder raised
                 raise DataError(f"cannot read {path} ({error}); remove its row or run with use_cache=true") from None
         image = self.transform(pixels)  # (3, S, S) float32
-        return image, torch.tensor(self.ages[index]), int(self.genders[index]), int(self.ethnicities[index])
+        return image, torch.tensor(self.targets[index]), int(self.genders[index]), int(self.ethnicities[index])
 
 
 def _label_indices(values: pd.Series, names: tuple[str, ...]) -> np.ndarray:
@@ -657,9 +690,6 @@ def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: 
         raise DataError(f"none of the images listed in {path} can be used from data_dir={cfg.data_dir}; pass the "
                         "folder that eda.py scanned with --data_dir=...")
     train = split == "train" if train is None else train
-    if is_binned(frame) and train:
-        raise DataError(f"{path} has age bins (age_bin), not exact ages: a model is not trained on them. Evaluate "
-                        "on it with python -m analysis.errors --test_csv=... --detect=true")
     cache_path = None
     if cfg.use_cache:
         cache_path, ok = build_image_cache(
@@ -788,7 +818,7 @@ class BatchLoader:
     ):
         self.dataset, self.augmentation, self.batch_size = dataset, augmentation, batch_size
         self.sampler, self.device, self.drop_last = sampler, device, drop_last
-        self.ages = torch.from_numpy(dataset.ages)
+        self.ages = torch.from_numpy(dataset.targets)  # (N,) ages or (N, 2) ranges
         self.genders, self.ethnicities = torch.from_numpy(dataset.genders), torch.from_numpy(dataset.ethnicities)
         self._array: np.ndarray | None = None
         self._resident: torch.Tensor | None = None

@@ -11,6 +11,8 @@ Reads:  data_dir in one of these layouts (--dataset_format), searched recursivel
         fairface   FairFace's release: fairface_label_{train,val}.csv (file, age, gender, race, service_test)
                    beside the train/ and val/ folders, or one labels.csv of the same columns (race optional);
                    the age is a bin ("0-2" ... "more than 70"), kept as the age_bin column, never made exact
+        aaf        All-Age-Faces: "original images/NNNNNAaa.jpg" (person NNNNN, age aa: head crops) with the
+                   release's own lists "image sets/{train,val}.txt" (name gender, 0 female), kept as official_split
         csv        any other set (MORPH II, a plain folder): --labels_csv names a CSV with an image path
                    column (image_name, path or file; relative to data_dir) and age, optionally gender,
                    ethnicity and subject
@@ -95,7 +97,7 @@ def parse_agedb_name(file_name: str) -> tuple[int, str, str, str] | None:
 
 
 DATASET_NAMES = {"utkface": "UTKFace", "fgnet": "FG-NET", "agedb": "AgeDB", "appa_real": "APPA-REAL",
-                 "fairface": "FairFace", "csv": "labelled"}
+                 "fairface": "FairFace", "aaf": "All-Age-Faces", "csv": "labelled"}
 # FairFace's seven race labels onto UTKFace's five ethnicities (Latino/Hispanic and Middle Eastern are UTKFace's
 # "others"; East and Southeast Asian its "asian")
 FAIRFACE_RACES = {"white": "white", "black": "black", "indian": "indian", "east asian": "asian",
@@ -196,7 +198,38 @@ def read_fairface(root: Path, labels_csv: str = "") -> tuple[list[tuple], list[s
                 bad.append(f"{label_file.name} line {line} ({name}: no such image)")
                 continue
             race = FAIRFACE_RACES.get(str(row.get("race", "")).strip().lower(), "unknown")
-            rows.append((name, np.nan, _gender(row.get("gender", "")), race, label))
+            # the release's own split (train / val, where val is never trained on), kept for split_dataset.py
+            official = {"fairface_label_train": "train", "fairface_label_val": "test"}.get(label_file.stem, "")
+            rows.append((name, np.nan, _gender(row.get("gender", "")), race, label, official))
+    return rows, bad
+
+
+_AAF_NAME = re.compile(r"^(\d{5})A(\d{2})\.jpg$", re.IGNORECASE)
+AAF_IMAGES = "original images"  # the head crops (the release's "aglined faces" are aligned to a template of its own)
+
+
+def read_aaf(root: Path) -> tuple[list[tuple], list[str]]:
+    """Rows (image_name, age, gender, ethnicity, subject, official split) of an All-Age-Faces release folder from
+    its lists "image sets/train.txt" and "val.txt" (`name gender`; the release's rule: 0 female, 1 male), and the
+    list lines without an image or a readable name. The age is in the name (00123A45.jpg: person 00123, 45 years).
+    AAF states no ethnicity (its faces are mostly East Asian), so it is "unknown"."""
+    rows, bad = [], []
+    lists = {"train": root / "image sets" / "train.txt", "test": root / "image sets" / "val.txt"}
+    if not all(path.is_file() for path in lists.values()):
+        raise DataError(f"no All-Age-Faces lists in {root}: expected 'image sets/train.txt' and 'image sets/val.txt' "
+                        f"beside '{AAF_IMAGES}/'; pass the release folder (the one extract.sh aaf wrote)")
+    for split, path in lists.items():
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            match = _AAF_NAME.match(parts[0])
+            gender = {"0": "female", "1": "male"}.get(parts[1] if len(parts) > 1 else "", "unknown")
+            image_name = f"{AAF_IMAGES}/{parts[0]}"
+            if match is None or not (root / image_name).exists():
+                bad.append(f"{path.name} line {line_number} ({parts[0]}: no such image or not NNNNNAaa.jpg)")
+                continue
+            rows.append((image_name, int(match[2]), gender, "unknown", match[1], split))
     return rows, bad
 
 
@@ -270,7 +303,10 @@ def scan_folder(
         columns.append("apparent_age")
     elif dataset_format == "fairface":
         labelled, malformed = read_fairface(root, labels_csv)
-        columns.append("age_bin")
+        columns += ["age_bin", "official_split"]
+    elif dataset_format == "aaf":
+        labelled, malformed = read_aaf(root)
+        columns += ["subject", "official_split"]
     elif dataset_format == "csv":
         labelled, malformed = read_labels_csv(root, labels_csv)
         columns.append("subject")
@@ -289,6 +325,8 @@ def scan_folder(
     frame = pd.DataFrame(rows, columns=columns).sort_values("image_name", kind="stable").reset_index(drop=True)
     if "subject" in frame and (frame["subject"] == "").all():
         frame = frame.drop(columns="subject")
+    if "official_split" in frame and (frame["official_split"] == "").all():
+        frame = frame.drop(columns="official_split")
     if malformed:
         expected = {"utkface": "do not follow [age]_[gender]_[race]_[date].jpg", "fgnet": "do not follow 001A02.JPG",
                     "agedb": "do not follow id_name_age_gender.jpg"}.get(

@@ -472,6 +472,21 @@ DEFAULT_CROP_GEOMETRIES = {
 }
 
 
+def widened(geometry: CropGeometry, factor: float) -> CropGeometry:
+    """The same landmarks seen from further away: every point moved towards the crop's centre by `factor` (< 1 shows
+    more around the face)."""
+    points = 0.5 + (np.asarray(geometry.landmarks) - 0.5) * factor  # (5, 2)
+    return CropGeometry(tuple((round(float(x), 4), round(float(y), 4)) for x, y in points), 0)
+
+
+# One alignment for every face (align.py, the training faces of every data set; inference.py, app.py and the exports
+# through the checkpoint's crop geometry): "face" is UTKFace's framing as YuNet sees it (the inner face, eyes at 29 %
+# of the height and 40 % of the side apart); "head" shows 25 % more on each axis (hair, ears, chin). RESULTS.md, "One
+# alignment for every face", measures which gives the lower error.
+ALIGNMENT_TEMPLATES = {"face": DEFAULT_CROP_GEOMETRIES["yunet"],
+                       "head": widened(DEFAULT_CROP_GEOMETRIES["yunet"], 0.8)}
+
+
 def geometries_from_dict(values: dict | None) -> dict[str, CropGeometry]:
     """The crop geometries a model file stores, by detector name: {"mtcnn": {...}, "yunet": {...}} since detectors
     became a choice; a single geometry (files written before) is MTCNN's, the only detector then; an older

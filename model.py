@@ -24,6 +24,7 @@ Print a backbone's size and a forward pass:  python model.py --model_name=effici
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import replace
@@ -485,6 +486,13 @@ class AgeHead(nn.Sequential):
         """The training loss against the true ages (B,) in years; evaluation reports the same loss."""
         raise NotImplementedError
 
+    def range_loss(self, outputs: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """The loss against age ranges [low, high) (B,) each (a binned label: FairFace's '30-39' is [30, 40)):
+        here the predicted age's distance in years to the range, 0 inside it; heads with a distribution learn
+        the probability mass inside it instead."""
+        predicted = self.ages(outputs)  # (B,) years
+        return (F.relu(low - predicted) + F.relu(predicted - high)).mean()
+
     def likelihood_loss(self, outputs: torch.Tensor, ages: torch.Tensor) -> torch.Tensor:
         """The plain negative log-likelihood of the true ages, which the temperature is fitted to minimise."""
         raise ValueError("this head predicts no distribution; use dex, mean_variance or coral")
@@ -562,6 +570,14 @@ class DistributionHead(AgeHead):
         mean_weight, variance_weight = MEAN_VARIANCE_WEIGHTS
         return cross_entropy + mean_weight * 0.5 * (mean - ages).square().mean() + variance_weight * variance.mean()
 
+    def range_loss(self, outputs: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+        """-log P(low <= age < high): a bin label pulls the predicted mass inside the bin, and says nothing about
+        where inside it (ages past max_age count as max_age)."""
+        grid = self.age_grid[None, :]  # (1, K)
+        inside = (grid >= low.clamp(max=self.max_age)[:, None]) & (grid < high[:, None])  # (B, K)
+        log_probabilities = outputs.log_softmax(1)
+        return -torch.logsumexp(log_probabilities.masked_fill(~inside, -math.inf), 1).mean()
+
     def probability_at_least(self, outputs: torch.Tensor, threshold: int) -> torch.Tensor:
         return (outputs / self.temperature).softmax(1)[:, max(threshold, 0):].sum(1)
 
@@ -615,6 +631,30 @@ class OrdinalHead(AgeHead):
             return outputs.new_ones(len(outputs))
         outputs = outputs / self.temperature
         return torch.sigmoid(outputs[:, min(threshold, self.max_age) - 1]) * (threshold <= self.max_age)
+
+
+def label_loss(head: AgeHead, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The head's loss against a batch of labels: exact ages (B,), or (B, 2) age ranges [low, high) from a data set
+    with bins (an exact age a is [a, a]), each row by its kind, averaged over the batch."""
+    if targets.ndim == 1:
+        return head.loss(outputs, targets)
+    low, high = targets.unbind(1)
+    exact = low == high  # (B,)
+    total = outputs.new_zeros(())
+    if exact.any():
+        total = total + head.loss(outputs[exact], low[exact]) * exact.sum()
+    if not exact.all():
+        total = total + head.range_loss(outputs[~exact], low[~exact], high[~exact]) * (~exact).sum()
+    return total / len(targets)
+
+
+def label_error(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) years between predicted ages (B,) and labels: |error| for exact ages (B,) or ranges [a, a]; for a bin
+    [low, high) the distance to it, 0 inside (analysis's distance_to_bins)."""
+    if targets.ndim == 1:
+        return (predicted - targets).abs()
+    low, high = targets.unbind(1)
+    return torch.maximum(torch.maximum(low - predicted, predicted - high), predicted.new_zeros(()))
 
 
 def build_head(head: str, features: int, dropout: float, max_age: int, label_sigma: float = 0.0) -> AgeHead:

@@ -11,8 +11,14 @@ With --subject_split (data sets with identities: FG-NET, AgeDB, MORPH), scikit-l
 keeps each person in one split and stratifies on the same age bins at once. With --match_split_of=<csv_dir>, an
 image whose file name appears in that folder's split files goes to the same split (a second copy of the same
 faces, e.g. UTKFace at 200 px beside the 64 px copy; see matched_split); the others are split as above.
+A data set that comes with its own split (official_split: FairFace's train/val, All-Age-Faces' train/val lists)
+keeps it: the release's test part is the test split, never trained on, and valid is drawn from its train part.
+Binned rows (FairFace) are stratified by their bin's lower bound.
+With --combine=<csv_dir>,<csv_dir>,... the split files of several data sets (align.py's aligned ones, which share
+one data_dir) are concatenated into csv_dir, each row keeping its `source`: one training on a mix of data sets.
 
 Run:  python split_dataset.py [--seed=42] [--valid_fraction=0.1] [--test_fraction=0.1]
+      python split_dataset.py --combine=csv_dataset/utk/aligned,csv_dataset/fairface/aligned --csv_dir=csv_dataset/mix
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ from custom_dataset_dataloader import (
     DataError,
     dataset_csv_path,
     drop_repeated_rows,
-    is_binned,
     read_dataset_csv,
     split_csv_path,
+    stratification_ages,
     write_dataset_csv,
 )
 
@@ -65,7 +71,7 @@ def stratified_split(
     fewer in train than its own 80/10/10 (measured: 712 of 1,500 random age lists broke "every bin within one image
     of 80/10/10", tests/test_properties.py); rounding per bin keeps every bin, including the rare-age ones, exact."""
     frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
-    bins = age_bins(frame["age"].to_numpy(), min_per_bin)
+    bins = age_bins(stratification_ages(frame), min_per_bin)
     generator = np.random.default_rng(seed)
     assignment = np.empty(len(frame), dtype=object)
     for bin_index in np.unique(bins):
@@ -94,7 +100,7 @@ def subject_split(
 
     frame = frame.sort_values("image_name", kind="stable").reset_index(drop=True)
     subjects = frame["subject"].astype(str).to_numpy()
-    bins = age_bins(frame["age"].to_numpy(), min_per_bin)
+    bins = age_bins(stratification_ages(frame), min_per_bin)
 
     def first_fold(rows: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray]:
         """(rows kept, rows held out): the held-out part is one fold of `folds`."""
@@ -120,8 +126,10 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    max_age = max(int(split["age"].max()) for split in splits.values() if len(split))
-    labelled = pd.concat([split.assign(split=f"{name} ({len(split)})") for name, split in splits.items()])
+    # binned rows are drawn at their bin's lower bound
+    labelled = pd.concat([split.assign(split=f"{name} ({len(split)})", age=stratification_ages(split))
+                          for name, split in splits.items()])
+    max_age = int(labelled["age"].max())
     figure, axis = plt.subplots(figsize=(10, 4))
     sns.histplot(data=labelled, x="age", hue="split", bins=np.arange(0, max_age + 2), stat="density",
                  common_norm=False, element="step", fill=False, linewidth=1.5, ax=axis)
@@ -147,21 +155,56 @@ def matched_split(frame: pd.DataFrame, reference: dict[str, pd.DataFrame], cfg: 
     return {name: split.reset_index(drop=True) for name, split in splits.items()}
 
 
+def official_split(frame: pd.DataFrame, cfg: Config) -> dict[str, pd.DataFrame]:
+    """The release's own split kept: its test rows (official_split "test": FairFace's val, AAF's val list) are the
+    test split; valid_fraction of its train rows, stratified on age, are the valid split; the rest train."""
+    is_test = frame["official_split"].astype(str).str.strip().str.lower().eq("test")
+    parts = stratified_split(frame[~is_test], cfg.valid_fraction, 0.0, cfg.seed, cfg.min_images_per_age_bin)
+    # with no test share asked, a bin's one image stratified_split still gives "test" stays in train
+    train = pd.concat([parts["train"], parts["test"]]).sort_values("image_name", kind="stable")
+    return {"train": train.reset_index(drop=True), "valid": parts["valid"],
+            "test": frame[is_test].sort_values("image_name", kind="stable").reset_index(drop=True)}
+
+
+def combined_splits(folders: list[str], max_age: int) -> dict[str, pd.DataFrame]:
+    """The split files of several csv_dirs concatenated split by split, each row with its `source` (the row's own,
+    else the folder's name). Their image names must be relative to one data_dir (align.py's aligned_dir)."""
+    splits = {name: [] for name in SPLITS}
+    for folder in folders:
+        for name in SPLITS:
+            rows = read_dataset_csv(Path(folder) / f"{name}_set.csv", max_age)
+            if "source" not in rows:
+                rows = rows.assign(source=Path(folder).name)
+            splits[name].append(rows)
+    combined = {name: pd.concat(parts, ignore_index=True) for name, parts in splits.items()}
+    seen: dict[str, str] = {}
+    for name, rows in combined.items():  # one image in two splits would be trained on and tested
+        for image_name in rows["image_name"]:
+            if seen.setdefault(image_name, name) != name:
+                raise DataError(f"{image_name} is in the {seen[image_name]} and the {name} split of --combine="
+                                f"{','.join(folders)}; combine split folders of different data sets")
+    return combined
+
+
 SETTINGS = ("data_dir", "dataset_format", "csv_dir", "pics_dir", "valid_fraction", "test_fraction",
-            "min_images_per_age_bin", "match_split_of", "subject_split", "max_age", "seed")  # its --help
+            "min_images_per_age_bin", "match_split_of", "subject_split", "combine", "max_age", "seed")  # its --help
 
 
 def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py", SETTINGS)
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))
-    frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
-    if is_binned(frame):
-        raise DataError(f"{dataset_csv_path(cfg)} has age bins, not exact ages (FairFace): it is an evaluation set, "
-                        "not split for training; score a model on it with python -m analysis.errors --detect=true "
-                        f"--test_csv={dataset_csv_path(cfg)}")
-    frame = drop_repeated_rows(frame, dataset_csv_path(cfg))
-    if cfg.match_split_of:
+    if cfg.combine:
+        splits = combined_splits([folder.strip() for folder in cfg.combine.split(",") if folder.strip()], cfg.max_age)
+        frame = pd.concat(splits.values(), ignore_index=True)
+    else:
+        frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)
+        frame = drop_repeated_rows(frame, dataset_csv_path(cfg))
+    if cfg.combine:
+        pass  # each data set's own split, as its split files have it
+    elif "official_split" in frame and frame["official_split"].notna().any():
+        splits = official_split(frame, cfg)
+    elif cfg.match_split_of:
         reference = {name: read_dataset_csv(Path(cfg.match_split_of) / f"{name}_set.csv") for name in SPLITS}
         splits = matched_split(frame, reference, cfg)
     elif cfg.subject_split:
@@ -182,8 +225,11 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     plot_split_histograms(splits, figure_path)
     total = len(frame)
     for name, split in splits.items():
-        print(f"{name:>5}: {len(split):6d} images ({len(split) / total:5.1%}), mean age {split['age'].mean():.1f}"
-              f" -> {split_csv_path(cfg, name)}")
+        print(f"{name:>5}: {len(split):6d} images ({len(split) / total:5.1%}), mean age (a bin's lower bound for "
+              f"bins) {stratification_ages(split).mean():.1f} -> {split_csv_path(cfg, name)}")
+        if "source" in split:
+            counts = split["source"].value_counts()
+            print("       " + ", ".join(f"{source} {count}" for source, count in counts.items()))
     print(f"wrote {figure_path}")
     return splits
 

@@ -65,10 +65,12 @@ from config import (
     seed_everything,
 )
 from custom_dataset_dataloader import build_dataloader, decade_start, face_resolution
-from faces import DETECTORS, measure_crop_geometry
+from faces import DETECTORS, CropGeometry, measure_crop_geometry
 from model import (
     ADULT_AGE,
     build_model,
+    label_error,
+    label_loss,
     load_checkpoint,
     load_model,
     non_finite_tensors,
@@ -243,9 +245,9 @@ def batch_loss(head: nn.Module, outputs: torch.Tensor, ages: torch.Tensor, partn
     consistency term when the second half of `outputs` is the same faces moved (consistency_weight > 0)."""
     if consistency_weight > 0:
         outputs, moved_outputs = outputs.chunk(2)
-    loss = head.loss(outputs, ages)
+    loss = label_loss(head, outputs, ages)
     if mix < 1:
-        loss = mix * loss + (1 - mix) * head.loss(outputs, partner_ages)
+        loss = mix * loss + (1 - mix) * label_loss(head, outputs, partner_ages)
     if consistency_weight > 0:
         loss = loss + consistency_weight * (head.ages(outputs) - head.ages(moved_outputs)).abs().mean()
     return loss, outputs
@@ -327,7 +329,7 @@ def train_one_epoch(
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             with torch.no_grad():
                 predicted = head.ages(outputs.detach())  # (b,) years
-                total_error += (predicted - blended_ages[part]).abs().sum().item()
+                total_error += label_error(predicted, blended_ages[part]).sum().item()
             total_loss += loss.item() * len(outputs)
             total_images += len(outputs)
         optimiser_step(model, optimisation)
@@ -364,7 +366,7 @@ def evaluate(
         predicted = plain.head.ages(outputs)  # (B,)
         if mirrored is not None:
             predicted = 0.5 * (predicted + plain.head.ages(mirrored.float()))
-        total_loss += plain.head.loss(outputs, ages).item() * len(ages)  # the training loss, label_sigma included
+        total_loss += label_loss(plain.head, outputs, ages).item() * len(ages)  # the training loss
         predictions.append(predicted.float().cpu())
         targets.append(ages.cpu())
         if keep_outputs:
@@ -379,21 +381,63 @@ def evaluate(
         predicted, target = torch.cat([part[1] for part in gathered]), torch.cat([part[2] for part in gathered])
         if keep_outputs:
             outputs = torch.cat([part[3] for part in gathered if part[3] is not None])
-    error = (predicted - target).abs()
-    decades = decade_start(target).long()
-    return {
-        "loss": total_loss / max(len(target), 1),
-        "mae": error.mean().item(),
-        "rmse": error.square().mean().sqrt().item(),
-        "cs5": (error <= CS_THRESHOLD).float().mean().item(),
-        "mae_by_decade": {f"{decade}-{decade + 9}": error[decades == decade].mean().item()
+    return {"loss": total_loss / max(len(target), 1), **label_metrics(predicted, target),
+            **({"outputs": outputs} if keep_outputs else {})}
+
+
+def label_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, Any]:
+    """Metrics of predicted ages (N,) against labels: exact ages (N,), or (N, 2) ranges where binned rows are
+    [low, high). Exact rows: MAE, RMSE, CS@5, MAE per decade; binned rows: the share inside the bin and the mean
+    distance to it; all rows: `error`, the mean of both kinds of error, which picks the best epoch (the MAE when
+    every label is exact). `targets` are the exact ages, NaN for a binned row; `ranges` each label's [low, high)."""
+    ranges = target if target.ndim == 2 else target[:, None].expand(-1, 2)  # (N, 2)
+    exact = ranges[:, 0] == ranges[:, 1]
+    errors = label_error(predicted, ranges)  # (N,)
+    exact_error, exact_age = errors[exact], ranges[exact, 0]
+    decades = decade_start(exact_age).long()
+    mean = lambda values: values.mean().item() if len(values) else math.nan  # noqa: E731 - NaN for no rows
+    metrics = {
+        "mae": mean(exact_error),
+        "rmse": math.sqrt(mean(exact_error.square())) if len(exact_error) else math.nan,
+        "cs5": mean((exact_error <= CS_THRESHOLD).float()),
+        "mae_by_decade": {f"{decade}-{decade + 9}": exact_error[decades == decade].mean().item()
                           for decade in decades.unique().tolist()},
+        "error": mean(errors),
         "predictions": predicted.tolist(),
-        "targets": target.tolist(),
-        **({"outputs": outputs} if keep_outputs else {}),
+        "targets": torch.where(exact, ranges[:, 0], math.nan).tolist(),
     }
+    if not exact.all():
+        metrics.update({"in_bin": mean((errors[~exact] == 0).float()), "bin_distance": mean(errors[~exact]),
+                        "ranges": ranges.tolist()})
+    return metrics
 
 
+def source_metrics(frame: pd.DataFrame, evaluation: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """label_metrics of each data set of a mixed split (its `source` column; {} without one): MAE and CS@5 where
+    the labels are exact ages, share inside the bin and distance where they are bins."""
+    if "source" not in frame or frame["source"].nunique() < 2:
+        return {}
+    predicted = torch.tensor(evaluation["predictions"])
+    ranges = torch.tensor(evaluation.get("ranges") or [[age, age] for age in evaluation["targets"]])
+    report = {}
+    for source in sorted(frame["source"].unique()):
+        rows = torch.from_numpy((frame["source"] == source).to_numpy().copy())
+        metrics = label_metrics(predicted[rows], ranges[rows])
+        report[source] = {key: metrics[key] for key in ("mae", "cs5", "in_bin", "bin_distance") if key in metrics
+                          and not (isinstance(metrics[key], float) and math.isnan(metrics[key]))}
+        report[source]["faces"] = int(rows.sum())
+    return report
+
+
+def format_sources(report: dict[str, dict[str, float]]) -> str:
+    """One line: each source's MAE, or share inside its bins and distance."""
+    parts = []
+    for source, metrics in report.items():
+        if "mae" in metrics:
+            parts.append(f"{source} MAE {metrics['mae']:.2f}")
+        else:
+            parts.append(f"{source} {metrics['in_bin']:.1%} in bin, {metrics['bin_distance']:.2f} y off")
+    return "; ".join(parts)
 
 
 def reliability(probabilities: torch.Tensor, outcomes: torch.Tensor, bins: int = 10) -> dict[str, Any]:
@@ -440,12 +484,17 @@ def calibrate(model: nn.Module, valid: dict[str, Any], test: dict[str, Any]) -> 
     """Fit the model's temperature on the valid set's outputs, set it, and report on the test set the expected
     calibration error of P(age >= ADULT_AGE) before and after (dicts from evaluate(keep_outputs=True))."""
     head = unwrap(model).head
-    temperature = fit_temperature(model, valid["outputs"], torch.tensor(valid["targets"]))
-    outcomes = (torch.tensor(test["targets"]) >= ADULT_AGE).double()
+    valid_ages, test_ages = torch.tensor(valid["targets"]), torch.tensor(test["targets"])
+    valid_exact, test_exact = valid_ages.isfinite(), test_ages.isfinite()  # binned rows have no exact age
+    if not valid_exact.any() or not test_exact.any():
+        return {}
+    temperature = fit_temperature(model, valid["outputs"][valid_exact], valid_ages[valid_exact])
+    outcomes = (test_ages[test_exact] >= ADULT_AGE).double()
     results = {"temperature": temperature}
     for name, value in (("uncalibrated", 1.0), ("calibrated", temperature)):
         head.temperature.fill_(value)
-        results[f"test_ece_adult_{name}"] = expected_calibration_error(adult_probability(model, test), outcomes)
+        probability = adult_probability(model, test)[test_exact]
+        results[f"test_ece_adult_{name}"] = expected_calibration_error(probability, outcomes)
     return results
 
 
@@ -506,7 +555,52 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
 
 
-def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame) -> dict | None:
+def start_from_model_file(model: nn.Module, cfg: Config) -> None:
+    """Load cfg.init_from's weights into `model` (fp16 files are cast back), refusing a file of another
+    architecture, head or age range with both named."""
+    from model import config_from_model_file
+
+    checkpoint = load_checkpoint(cfg.init_from)
+    stored = config_from_model_file(checkpoint.get("config"), cfg.init_from)
+    differing = [name for name in ("model_name", "head", "max_age") if getattr(stored, name) != getattr(cfg, name)]
+    if differing:
+        raise UsageError(f"--init_from={cfg.init_from} holds a model with another {', '.join(differing)} ("
+                         + ", ".join(f"{name}={getattr(stored, name)!r}" for name in differing) + "); pass the same "
+                         "values or another file")
+    reference = model.state_dict()
+    model.load_state_dict({key: value.to(reference[key].dtype) if key in reference else value
+                           for key, value in checkpoint["model"].items()})
+    print(f"starting from the weights of {cfg.init_from}")
+
+
+def typical_ages(ranges: Any) -> torch.Tensor:
+    """(N,) an age per label for the head's starting statistics: the exact age, or the middle of a bin (an open
+    bin such as 70+ as 5 years past its start)."""
+    ranges = torch.as_tensor(ranges)  # (N, 2)
+    high = torch.where(ranges[:, 1].isinf(), ranges[:, 0] + 10, ranges[:, 1])
+    return torch.where(ranges[:, 0] == ranges[:, 1], ranges[:, 0], (ranges[:, 0] + high) / 2)
+
+
+def training_crop_geometry(cfg: Config, frame: pd.DataFrame) -> dict | None:
+    """The crop geometry stored in the checkpoint: faces aligned by align.py (an alignment.json in data_dir) were
+    warped onto its template by YuNet's landmarks, so inference with YuNet aligns to that template exactly; MTCNN's
+    landmarks sit a little apart, so its geometry is measured on the training faces. Other data: both measured."""
+    import json
+
+    marker = Path(cfg.data_dir) / "alignment.json"
+    if not marker.is_file():
+        return measure_training_crop_geometry(cfg, frame)
+    alignment = json.loads(marker.read_text())
+    template = CropGeometry.from_dict({"landmarks": alignment["landmarks"]})
+    print(f"crop geometry for {alignment['detector']}: align.py's {alignment['template']!r} template ({marker})")
+    measured = measure_training_crop_geometry(replace(cfg, crop_geometry_images=min(cfg.crop_geometry_images, 100)),
+                                              frame, detectors=tuple(name for name in DETECTORS
+                                                                     if name != alignment["detector"]))
+    return {**(measured or {}), alignment["detector"]: template.to_dict()}
+
+
+def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame,
+                                   detectors: tuple[str, ...] = tuple(DETECTORS)) -> dict | None:
     """Where each detector's five landmarks sit in the training crops (see faces.py), from up to
     cfg.crop_geometry_images training images: {detector name: geometry}, stored in every checkpoint so that
     inference aligns faces the same way with whichever detector it runs. A detector whose package is missing, or
@@ -516,7 +610,7 @@ def measure_training_crop_geometry(cfg: Config, frame: pd.DataFrame) -> dict | N
         return None
     paths = [Path(cfg.data_dir) / name for name in frame["image_name"]]
     geometries = {}
-    for name in DETECTORS:
+    for name in detectors:
         try:
             geometry = measure_crop_geometry(paths, limit=cfg.crop_geometry_images, detector_name=name)
         except ImportError:  # OpenCV, or the package shipping this detector's weights, is missing
@@ -687,11 +781,17 @@ TENSORBOARD_TAGS = {"train_loss": "loss/train", "valid_loss": "loss/valid", "tra
 
 
 def format_epoch(row: dict[str, float], epochs: int, improved: bool) -> str:
-    """The line printed after an epoch, from its history row."""
+    """The line printed after an epoch, from its history row (and a second line per source of a mix)."""
     raw = f" (raw weights {row['valid_mae_raw_weights']:5.2f})" if "valid_mae_raw_weights" in row else ""
-    return (f"epoch {row['epoch']:3d}/{epochs}  train MAE {row['train_mae']:6.2f}  valid MAE {row['valid_mae']:6.2f}"
+    line = (f"epoch {row['epoch']:3d}/{epochs}  train MAE {row['train_mae']:6.2f}  valid MAE {row['valid_mae']:6.2f}"
             f"{raw}  CS@5 {row['valid_cs5']:.3f}  lr {row['lr']:.2e}  {row['seconds']:5.1f}s"
             f"{'  * best' if improved else ''}")
+    sources = {}
+    for key, value in row.items():
+        for kind in ("mae", "in_bin", "bin_distance"):
+            if key.startswith("valid_") and key.endswith(f"_{kind}") and key != f"valid_{kind}" and "raw" not in key:
+                sources.setdefault(key.removeprefix("valid_").removesuffix(f"_{kind}"), {})[kind] = value
+    return line + (f"\n           valid by source: {format_sources(sources)}" if sources else "")
 
 
 def test_best_checkpoint(cfg: Config, model: nn.Module, loaders: dict[str, Any], best_path: Path,
@@ -776,15 +876,18 @@ def prepare_run(cfg: Config, rank: int, world_size: int, device: torch.device,
                for split in ("train", "valid", "test")}
     if is_main:
         _barrier(world_size)
-    train_ages = torch.tensor(loaders["train"].dataset.ages)
+    train_ages = typical_ages(loaders["train"].dataset.ranges)
     face_facts = {"crop_geometry": None, "face_resolution": None}
     if is_main:  # a resumed run keeps what was measured when it started (same training images)
         if resume_state is not None:
             face_facts = {key: resume_state.get(key) for key in face_facts}
         else:
-            face_facts = {"crop_geometry": measure_training_crop_geometry(cfg, loaders["train"].dataset.frame),
+            face_facts = {"crop_geometry": training_crop_geometry(cfg, loaders["train"].dataset.frame),
                           "face_resolution": face_resolution(loaders["train"].dataset.frame, cfg.data_dir)}
-    model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
+    if cfg.init_from:  # fine-tuning a trained model (e.g. the shipped one on more data): its head stays as it is
+        start_from_model_file(model, cfg)
+    else:
+        model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
     if world_size > 1 and device.type == "cuda" and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = place_model(cfg, model, device)
@@ -835,11 +938,15 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     train_metrics = train_one_epoch(run.model, loaders["train"], run.optimisation, run.execution,
                                     description=f"epoch {epoch}/{cfg.epochs}", show_progress=run.is_main)
     valid_metrics = evaluate(run.evaluated, loaders["valid"], run.execution)
+    # valid_mae picks the best epoch: the MAE, or where some labels are bins, the mean of the exact rows' errors and
+    # the binned rows' distances to their bin (label_metrics' `error`)
     row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_mae": train_metrics["mae"],
-           "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["mae"], "valid_cs5": valid_metrics["cs5"],
+           "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["error"], "valid_cs5": valid_metrics["cs5"],
            "lr": run.optimisation.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's: x backbone_lr_scale)
+    for source, metrics in source_metrics(loaders["valid"].dataset.frame, valid_metrics).items():
+        row.update({f"valid_{source}_{key}": value for key, value in metrics.items() if key != "faces"})
     if run.optimisation.average is not None:
-        row["valid_mae_raw_weights"] = evaluate(run.model, loaders["valid"], run.execution)["mae"]
+        row["valid_mae_raw_weights"] = evaluate(run.model, loaders["valid"], run.execution)["error"]
     row["seconds"] = time.perf_counter() - epoch_started
     return row
 
@@ -907,6 +1014,8 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
             for key, tag in TENSORBOARD_TAGS.items():
                 if key in row:
                     writer.add_scalar(tag, row[key], epoch)
+            for key in row.keys() - TENSORBOARD_TAGS.keys() - {"epoch", "seconds"}:  # a mix: each source's figures
+                writer.add_scalar(f"sources/{key}", row[key], epoch)
             save_epoch(run, epoch, history, best_valid_mae, improved)
             print(format_epoch(row, cfg.epochs, improved), flush=True)
     except KeyboardInterrupt:
@@ -934,8 +1043,10 @@ def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae
     _barrier(run.world_size)
     tested = test_best_checkpoint(cfg, run.model, run.loaders, best_path, run.execution, run.is_main)
     test_metrics, calibration, tta_metrics = tested["test"], tested["calibration"], tested["tta"]
-    test_ages = torch.tensor(test_metrics["targets"])
-    baseline_mae = (test_ages - run.train_ages.mean()).abs().mean().item()
+    test_ages = torch.tensor(test_metrics["targets"])  # NaN for binned rows
+    baseline_mae = (test_ages - run.train_ages.mean()).abs().nanmean().item()
+    by_source = source_metrics(run.loaders["test"].dataset.frame, test_metrics)
+    bins = {key: test_metrics[key] for key in ("in_bin", "bin_distance") if key in test_metrics}
     results = {
         "run_name": cfg.run_name,
         "recipe": recipe_hash(cfg),  # config.RECIPE_FIELDS hashed: names the experiment, not where it ran
@@ -943,6 +1054,10 @@ def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae
         "test_rmse": test_metrics["rmse"],
         "test_cs5": test_metrics["cs5"],
         "mean_age_baseline_test_mae": baseline_mae,
+        **{f"test_{key}": value for key, value in bins.items()},
+        "test_by_source": by_source,
+        **({"test_by_source_tta": source_metrics(run.loaders["test"].dataset.frame, tta_metrics)}
+           if tta_metrics and by_source else {}),
         "test_mae_by_decade": test_metrics["mae_by_decade"],
         **calibration,
         **{f"test_{key}": value for key, value in tested["age_gate"].items()},
@@ -966,6 +1081,10 @@ def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae
     print(f"\ntest set ({len(test_ages)} images), best checkpoint: MAE {test_metrics['mae']:.2f} years, "
           f"CS@5 {test_metrics['cs5']:.3f}, RMSE {test_metrics['rmse']:.2f} "
           f"(predicting the mean training age: MAE {baseline_mae:.2f})")
+    if bins:
+        print(f"binned test labels: {bins['in_bin']:.1%} inside the bin, {bins['bin_distance']:.2f} years from it")
+    if by_source:
+        print(f"test by source: {format_sources(by_source)}")
     if calibration:
         print(f"P(age >= {ADULT_AGE}) on the test set: expected calibration error "
               f"{calibration['test_ece_adult_uncalibrated']:.3f} -> {calibration['test_ece_adult_calibrated']:.3f} "
