@@ -216,6 +216,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# A backbone whose weights were trained at one input size gets it with --model_name, as it gets their normalisation
+# (agev1_resnet10 at 128 px was 10.4 y after 3 epochs on 2,400 faces against 7.9 at 64); a typed --image_size wins.
+NATIVE_IMAGE_SIZES = {"agev1_resnet10": 64}
+
+
 def _convert(text: str, annotation: Any, key: str) -> Any:
     """Convert one command-line string to the type of a Config field."""
     origin = typing.get_origin(annotation)
@@ -281,6 +286,8 @@ def apply_overrides(cfg: Config, arguments: list[str]) -> Config:
             changes[key] = _convert(value, types_by_name[key], key)
         except ValueError as error:
             raise SystemExit(f"error: {error}") from None
+    if "model_name" in changes and "image_size" not in changes and changes["model_name"] in NATIVE_IMAGE_SIZES:
+        changes["image_size"] = NATIVE_IMAGE_SIZES[changes["model_name"]]  # comes with the weights; typed wins
     given = tuple(dict.fromkeys((*cfg.given_keys, *changes, *(("preset",) if presets else ()))))
     cfg = replace(cfg, **changes, given_keys=given)
     validate(cfg)

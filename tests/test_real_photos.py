@@ -20,7 +20,6 @@ import eda
 import split_dataset
 from custom_dataset_dataloader import (
     BatchAugmentation,
-    DataError,
     ResolutionDegradation,
     age_bin_bounds,
     build_dataloader,
@@ -176,15 +175,17 @@ def test_fairface_release_reads_as_bins_never_exact_ages(tmp_path, face_folder):
     assert reread["age"].isna().all() and list(reread["age_bin"]) == list(frame["age_bin"])
 
 
-def test_a_binned_csv_is_refused_for_training(tmp_path, face_folder, split_config):
+def test_a_binned_csv_gives_age_ranges_to_train_on(tmp_path, face_folder, split_config):
+    """Bins are labels a model learns from (the DEX head: the mass inside the bin), never made exact ages."""
     release = tmp_path / "fairface"
     _fairface_release(release, face_folder)
     frame, _, _ = eda.scan_folder(str(release), check_images=False, dataset_format="fairface")
     csv_dir = tmp_path / "binned"
     for name in split_dataset.SPLITS:
         write_dataset_csv(frame, csv_dir / f"{name}_set.csv")
-    with pytest.raises(DataError, match="age bins"):
-        build_dataloader(replace(split_config, data_dir=str(release), csv_dir=str(csv_dir)), "train")
+    loader = build_dataloader(replace(split_config, data_dir=str(release), csv_dir=str(csv_dir)), "train")
+    _, ranges, _, _ = next(iter(loader))
+    assert ranges.ndim == 2 and ranges.shape[1] == 2 and (ranges[:, 0] < ranges[:, 1]).all()
 
 
 def test_a_data_set_folder_is_analysed_in_its_own_layout_with_no_csv(tmp_path, face_folder):

@@ -73,7 +73,7 @@ def test_aaf_reader_and_its_own_split(tmp_path: Path, face_folder: Path) -> None
 
 def test_aaf_reader_names_a_folder_without_its_lists(tmp_path: Path) -> None:
     (tmp_path / "original images").mkdir()
-    with pytest.raises(DataError, match="image sets/train.txt"):
+    with pytest.raises(DataError, match=r"image sets/train\.txt"):
         eda.scan_folder(str(tmp_path), check_images=False, dataset_format="aaf")
 
 
@@ -148,7 +148,7 @@ def test_combined_splits_keep_each_source_and_refuse_a_face_in_two_splits(tmp_pa
     test_file = tmp_path / "fairface" / "test_set.csv"
     test = read_dataset_csv(test_file)
     write_dataset_csv(test.assign(image_name=["fairface/train_0.jpg", *test["image_name"][1:]]), test_file)
-    with pytest.raises(DataError, match="fairface/train_0.jpg is in the train and the test split"):
+    with pytest.raises(DataError, match=r"fairface/train_0\.jpg is in the train and the test split"):
         split_dataset.main(cfg)
 
 
@@ -211,3 +211,11 @@ def test_alignment_puts_real_faces_on_the_template(tmp_path: Path) -> None:
     assert align.main(cfg)["aligned"] == counts["aligned"]
     with pytest.raises(SystemExit, match="another template"):
         align.main(replace(cfg, alignment_template="head"))
+
+
+def test_a_backbone_brings_its_native_input_size_and_a_typed_size_wins() -> None:
+    from config import parse_config
+
+    assert parse_config(["--model_name=agev1_resnet10"]).image_size == 64
+    assert parse_config(["--model_name=agev1_resnet10", "--image_size=96"]).image_size == 96
+    assert parse_config(["--model_name=resnet18"]).image_size == 128  # no native size: config.py's
