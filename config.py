@@ -92,6 +92,7 @@ class Config:
     mixup_alpha: float = 0.0  # train: blend each batch with a shuffled copy of itself, weight ~ Beta(x, x) (0 = off)
     consistency_weight: float = 0.0  # train: + x * |age - age of the face moved a few px| (0 = off; RESULTS.md: 0.05)
     consistency_ramp_epochs: int = 0  # consistency_weight rises linearly from 0 over the first x epochs (0 = no ramp)
+    grey_probability: float = 0.0  # train augmentation: share of faces turned grey (scanned black-and-white prints)
     resolution_probability: float = 0.0  # train augmentation: share of faces shrunk, blurred and JPEG re-encoded
     resolution_min_side: int = 24  # resolution augmentation: smallest side a face is shrunk to (log-uniform up to S)
     blur_max_sigma: float = 1.0  # resolution augmentation: Gaussian blur sigma drawn in [0, x] pixels of the input
@@ -303,6 +304,7 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
     "min_images_per_age_bin": (1, 10**6), "rotation_degrees": (0, 180), "translate_fraction": (0, 0.5),
     "scale_jitter": (0, 0.9), "color_jitter": (0, 1), "erase_probability": (0, 1), "mixup_alpha": (0, 100),
     "consistency_weight": (0, 100), "consistency_ramp_epochs": (0, 10**5), "resolution_probability": (0, 1),
+    "grey_probability": (0, 1),
     "resolution_min_side": (4, 1024), "blur_max_sigma": (0, 20), "jpeg_min_quality": (1, 95),
     "dropout": (0, (OPEN, 1)), "label_sigma": (0, 50), "max_age": (1, 200), "epochs": (0, 10**5),
     "batch_size": (1, 2**16), "lr": ((OPEN, 0), 10), "backbone_lr_scale": (0, 100), "weight_decay": (0, 10),
@@ -458,7 +460,8 @@ def print_config(cfg: Config, script: str, reads: tuple[str, ...] | None = None)
 RECIPE_FIELDS = (
     "data_dir", "dataset_format", "labels_csv", "csv_dir", "image_size", "max_age", "normalize_mean", "normalize_std",
     "interpolation", "flip", "rotation_degrees", "translate_fraction", "scale_jitter", "color_jitter",
-    "erase_probability", "mixup_alpha", "consistency_weight", "consistency_ramp_epochs", "resolution_probability",
+    "erase_probability", "mixup_alpha", "consistency_weight", "consistency_ramp_epochs", "grey_probability",
+    "resolution_probability",
     "resolution_min_side", "blur_max_sigma", "jpeg_min_quality", "model_name", "pretrained", "dropout", "head",
     "label_sigma", "pretrained_head", "init_from", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale",
     "weight_decay", "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay",

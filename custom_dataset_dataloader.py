@@ -9,7 +9,8 @@ Writes: cache/<csv>_<size>px_<key>.npy, every image decoded and resized once int
 Preprocessing is the same with and without the cache (`load_image`): EXIF orientation applied, converted to
 RGB (grayscale, CMYK, RGBA and palette images all work), centre-cropped to a square, resized to image_size.
 Augmentation (train only, the seed's recipe plus crop jitter): optionally a worse camera (resolution_probability:
-the face shrunk to a random side, blurred and JPEG re-encoded, ResolutionDegradation), random horizontal flip,
+the face shrunk to a random side, blurred and JPEG re-encoded, ResolutionDegradation) and a grey print
+(grey_probability), random horizontal flip,
 small rotation with a small shift and zoom (a detector's box at inference is never exactly the training crop),
 colour jitter; then
 scaling to [0, 1] and the backbone's normalisation (model.resolve_preprocessing: the mean, std and resize filter
@@ -463,6 +464,8 @@ def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     degradation = resolution_degradation(cfg, train)
     if degradation is not None:
         steps.append(degradation)  # first, on the uint8 face, as in BatchAugmentation
+    if train and cfg.grey_probability:
+        steps.append(v2.RandomGrayscale(cfg.grey_probability))  # ITU-R 601 luminance in all three channels
     # a step set to nothing is left out, not run at strength 0: it would still draw random numbers, and the faces
     # of both loading paths must come from the same draws
     if train and cfg.flip:
@@ -725,6 +728,7 @@ class BatchAugmentation:
         self.color = cfg.color_jitter if train else 0.0
         self.erase = cfg.erase_probability if train else 0.0
         self.degradation = resolution_degradation(cfg, train)
+        self.grey = cfg.grey_probability if train else 0.0
         cfg = resolve_preprocessing(cfg)
         self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
 
@@ -732,6 +736,10 @@ class BatchAugmentation:
         if self.degradation is not None:
             pixels = self.degradation(pixels)  # (B, 3, S, S) uint8, the same draws as the plain path
         images = pixels.float()  # (B, 3, S, S) in [0, 255]
+        if self.grey:  # a scanned black-and-white print: the luminance (ITU-R 601, as RandomGrayscale) everywhere
+            chosen = (torch.rand(len(images), device=images.device) < self.grey).view(-1, 1, 1, 1)
+            luminance = (0.299 * images[:, 0:1] + 0.587 * images[:, 1:2] + 0.114 * images[:, 2:3]).round()
+            images = torch.where(chosen, luminance.expand_as(images), images)
         if self.rotation or self.translate or self.scale:
             images = self._affine(images)
         elif self.flip:

@@ -197,3 +197,14 @@ def test_random_erasing_is_in_the_per_image_path_too(split_config):
     loader = build_dataloader(cfg, "train")
     images, _, _, _ = next(iter(loader))
     assert (images == 0).all(1).flatten(1).any(1).all()  # every face has erased (mean-colour) pixels
+
+
+@pytest.mark.parametrize("loading", ["batch", "sample"])
+def test_grey_augmentation_turns_the_chosen_share_of_faces_grey(split_config, loading):
+    cfg = replace(split_config, **{**NO_AUGMENTATION, "grey_probability": 0.5, "loading": loading, "batch_size": 32})
+    images = torch.cat([images for images, _, _, _ in build_dataloader(cfg, "train")])  # (N, 3, S, S)
+    pixels = images * torch.tensor(resolve_preprocessing(cfg).normalize_std).view(1, 3, 1, 1)
+    pixels = pixels + torch.tensor(resolve_preprocessing(cfg).normalize_mean).view(1, 3, 1, 1)  # back to [0, 1]
+    grey = (pixels - pixels.mean(1, keepdim=True)).abs().amax((1, 2, 3)) < 1e-5  # (N,) equal channels
+    assert 0.25 < grey.float().mean() < 0.75  # the generated faces are coloured: only the chosen ones are grey
+    assert grey.any() and not grey.all()
