@@ -783,13 +783,17 @@ TENSORBOARD_TAGS = {"train_loss": "loss/train", "valid_loss": "loss/valid", "tra
 def format_epoch(row: dict[str, float], epochs: int, improved: bool) -> str:
     """The line printed after an epoch, from its history row (and a second line per source of a mix)."""
     raw = f" (raw weights {row['valid_mae_raw_weights']:5.2f})" if "valid_mae_raw_weights" in row else ""
-    line = (f"epoch {row['epoch']:3d}/{epochs}  train MAE {row['train_mae']:6.2f}  valid MAE {row['valid_mae']:6.2f}"
-            f"{raw}  CS@5 {row['valid_cs5']:.3f}  lr {row['lr']:.2e}  {row['seconds']:5.1f}s"
-            f"{'  * best' if improved else ''}")
+    # with bins among the labels the "MAE" is the mean error over exact ages and distances to bins (label_metrics)
+    error = "MAE" if "valid_in_bin" not in row else "error"
+    bins = f"  in bin {row['valid_in_bin']:.1%}" if "valid_in_bin" in row else ""
+    line = (f"epoch {row['epoch']:3d}/{epochs}  train {error} {row['train_mae']:6.2f}  valid {error} "
+            f"{row['valid_mae']:6.2f}{raw}  CS@5 {row['valid_cs5']:.3f}{bins}  lr {row['lr']:.2e}  "
+            f"{row['seconds']:5.1f}s{'  * best' if improved else ''}")
     sources = {}
     for key, value in row.items():
         for kind in ("mae", "in_bin", "bin_distance"):
-            if key.startswith("valid_") and key.endswith(f"_{kind}") and key != f"valid_{kind}" and "raw" not in key:
+            if (key.startswith("valid_") and key.endswith(f"_{kind}") and key not in (f"valid_{kind}", "valid_in_bin")
+                    and "raw" not in key):
                 sources.setdefault(key.removeprefix("valid_").removesuffix(f"_{kind}"), {})[kind] = value
     return line + (f"\n           valid by source: {format_sources(sources)}" if sources else "")
 
@@ -943,6 +947,8 @@ def run_epoch(run: TrainingRun, epoch: int) -> dict[str, float]:
     row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_mae": train_metrics["mae"],
            "valid_loss": valid_metrics["loss"], "valid_mae": valid_metrics["error"], "valid_cs5": valid_metrics["cs5"],
            "lr": run.optimisation.optimizer.param_groups[-1]["lr"]}  # the head's (the backbone's: x backbone_lr_scale)
+    if "in_bin" in valid_metrics:  # binned labels: the share inside the bin and the distance to it
+        row.update(valid_in_bin=valid_metrics["in_bin"], valid_bin_distance=valid_metrics["bin_distance"])
     for source, metrics in source_metrics(loaders["valid"].dataset.frame, valid_metrics).items():
         row.update({f"valid_{source}_{key}": value for key, value in metrics.items() if key != "faces"})
     if run.optimisation.average is not None:
