@@ -134,8 +134,11 @@ def exported_outputs(path: Path, export_format: str, images: torch.Tensor) -> to
 
 
 def onnx_mae(session: Any, loader: Any) -> float:
-    """Mean absolute error in years of an ONNX Runtime session over a loader of (images, ages, ...) batches."""
-    errors = [np.abs(session.run(None, {"images": images.numpy()})[0] - ages.numpy())
+    """Mean error in years of an ONNX Runtime session over a loader of (images, labels, ...) batches: |error| for
+    exact ages, the distance to the bin for binned labels (model.label_error)."""
+    from model import label_error
+
+    errors = [label_error(torch.from_numpy(session.run(None, {"images": images.numpy()})[0]), ages).numpy()
               for images, ages, *_ in loader]
     return float(np.concatenate(errors).mean())
 

@@ -1084,9 +1084,11 @@ def finish_run(run: TrainingRun, history: list[dict[str, float]], best_valid_mae
         curves_path = Path(cfg.pics_dir) / f"learning_curves_{cfg.run_name}.png"
         plot_learning_curves(history, curves_path, f"{cfg.run_name}: {cfg.model_name}, {cfg.image_size}px")
         results["learning_curves"] = str(curves_path)
-    print(f"\ntest set ({len(test_ages)} images), best checkpoint: MAE {test_metrics['mae']:.2f} years, "
-          f"CS@5 {test_metrics['cs5']:.3f}, RMSE {test_metrics['rmse']:.2f} "
-          f"(predicting the mean training age: MAE {baseline_mae:.2f})")
+    print(f"\ntest set ({len(test_ages)} images), best checkpoint", end="")
+    if math.isfinite(test_metrics["mae"]):  # a test split of bins alone has no exact age to score
+        print(f": MAE {test_metrics['mae']:.2f} years, CS@5 {test_metrics['cs5']:.3f}, RMSE "
+              f"{test_metrics['rmse']:.2f} (predicting the mean training age: MAE {baseline_mae:.2f})", end="")
+    print()
     if bins:
         print(f"binned test labels: {bins['in_bin']:.1%} inside the bin, {bins['bin_distance']:.2f} years from it")
     if by_source:

@@ -42,7 +42,9 @@ from config import Config, parse_config, print_config, save_figure, write_csv
 from custom_dataset_dataloader import (
     ETHNICITIES,
     GENDERS,
+    DataError,
     age_bin_bounds,
+    binned_rows,
     build_dataloader,
     decade_start,
     describe_read_error,
@@ -313,7 +315,12 @@ def main(cfg: Config) -> dict[str, Any]:
     matplotlib.use("Agg")
     print_config(cfg, "analysis.errors", SETTINGS)
     setup = prepare_evaluation(cfg)
-    if cfg.detect or is_binned(read_dataset_csv(setup.csv_path)):
+    labels = read_dataset_csv(setup.csv_path)
+    if binned_rows(labels).any() and not is_binned(labels):
+        raise DataError(f"{setup.csv_path} mixes exact ages and age bins (a mix of data sets): analyse one source at "
+                        "a time (--test_csv=<its aligned split>/test_set.csv), or score every source with python -m "
+                        "experiments.matrix")
+    if cfg.detect or is_binned(labels):
         return main_on_photos(cfg, setup)
     loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
     probabilistic = setup.model.head.has_probabilities

@@ -219,3 +219,17 @@ def test_a_backbone_brings_its_native_input_size_and_a_typed_size_wins() -> None
     assert parse_config(["--model_name=agev1_resnet10"]).image_size == 64
     assert parse_config(["--model_name=agev1_resnet10", "--image_size=96"]).image_size == 96
     assert parse_config(["--model_name=resnet18"]).image_size == 128  # no native size: config.py's
+
+
+def test_analysis_names_a_mixed_csv_and_what_to_run_instead(tmp_path: Path, face_folder: Path) -> None:
+    from analysis import errors
+    from model import SHIPPED_MODEL
+
+    names = sorted(path.name for path in face_folder.glob("*.jpg"))[:4]
+    mixed = pd.DataFrame({"image_name": names, "age": [20.0, np.nan, 30.0, np.nan], "gender": "male",
+                          "ethnicity": "white", "age_bin": [np.nan, "20-29", np.nan, "30-39"]})
+    write_dataset_csv(mixed, tmp_path / "mixed.csv")
+    cfg = replace(make_config(tmp_path, face_folder), checkpoint=str(SHIPPED_MODEL),
+                  test_csv=str(tmp_path / "mixed.csv"), given_keys=("data_dir",))
+    with pytest.raises(DataError, match="mixes exact ages and age bins"):
+        errors.main(cfg)
