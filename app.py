@@ -2,7 +2,7 @@
 
 Reads:  the model files found under --checkpoint_dir and demo_output/checkpoints/ (<run>/best.pt,
         <run>/model.torchscript, <run>/model.onnx), --checkpoint if given, and the shipped model
-        (models/age_lite0_utkface.pt, offered last, so the page works on a fresh clone); photos and clips sent to
+        (models/age_lite0_mix.pt, offered last, so the page works on a fresh clone); photos and clips sent to
         the page.
 Writes: nothing in the repository: annotated images, clips and JSON lines go to a temporary folder the page serves
         (files older than an hour are removed, the folder itself when the app stops).

@@ -22,7 +22,7 @@ by at most INT8_TOLERANCE_YEARS, or it is not written. It needs the training ima
 checkpoint's own by default).
 
 Run:  python export_jit.py [--checkpoint=checkpoints/<run>/best.pt] [--format=onnx [--quantize=int8]]
-      python export_jit.py --checkpoint=checkpoints/<run>/best.pt --format=half --output=models/age_lite0_utkface.pt
+      python export_jit.py --checkpoint=checkpoints/<run>/best.pt --format=half --output=models/age_lite0_mix.pt
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit.py (model.torchscript runs with
         torch alone, model.onnx with onnxruntime alone: no model code needed); '' = the newest
-        checkpoints/*/best.pt, or with none the shipped model models/age_lite0_utkface.pt (its card:
+        checkpoints/*/best.pt, or with none the shipped model models/age_lite0_mix.pt (its card:
         models/README.md), so a fresh clone estimates ages with no training. --input: an image, a folder of images,
         a video file, or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a

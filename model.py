@@ -866,7 +866,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 # The model that ships with the repository (models/README.md is its card): what inference.py, app.py, export_jit.py
 # and analysis/ use when no --checkpoint is given and no checkpoint_dir/*/best.pt exists.
-SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "age_lite0_utkface.pt"
+SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "age_lite0_mix.pt"
 
 
 def newest_checkpoint(cfg: Config) -> Path:

@@ -20,7 +20,7 @@ For each setting (match_training_resolution false, then true):
   age of the original crop|;
 - the setting's own cost: milliseconds per face of change_resolution on a batch of 16 crops (median of 50).
 
-Run:  python -m experiments.real_photos --checkpoint=checkpoints/<run>/best.pt[,models/age_lite0_utkface.pt] [--tta]
+Run:  python -m experiments.real_photos --checkpoint=checkpoints/<run>/best.pt[,models/age_lite0_mix.pt] [--tta]
 """
 
 from __future__ import annotations
