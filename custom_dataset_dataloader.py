@@ -187,7 +187,7 @@ def read_dataset_csv(path: str | os.PathLike, max_age: int | None = None) -> pd.
         # a row without one needs an exact age
         labelled = frame["age_bin"].notna() & (frame["age_bin"].astype(str).str.strip() != "")
         readable = frame["age_bin"].map(_readable_bin)
-        if not (readable | ~labelled).any() or (labelled.all() and not readable.any()):
+        if labelled.all() and not readable.any():
             raise DataError(f"{path}: no readable age_bin (expected e.g. '30-39' or 'more than 70')")
         frame.loc[labelled & ~readable, "image_name"] = None  # skipped below, counted with the other bad rows
         frame.loc[labelled, "age"] = np.nan

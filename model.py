@@ -648,13 +648,19 @@ def label_loss(head: AgeHead, outputs: torch.Tensor, targets: torch.Tensor) -> t
     return total / len(targets)
 
 
-def label_error(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B,) years between predicted ages (B,) and labels: |error| for exact ages (B,) or ranges [a, a]; for a bin
-    [low, high) the distance to it, 0 inside (analysis's distance_to_bins)."""
+def signed_label_error(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) years from the label to the prediction: predicted - age for exact ages (B,) or ranges [a, a]; for a bin
+    [low, high) the signed distance to it (negative: younger than the bin), 0 inside."""
     if targets.ndim == 1:
-        return (predicted - targets).abs()
+        return predicted - targets
     low, high = targets.unbind(1)
-    return torch.maximum(torch.maximum(low - predicted, predicted - high), predicted.new_zeros(()))
+    return torch.where(predicted < low, predicted - low, torch.where(predicted > high, predicted - high, 0.0))
+
+
+def label_error(predicted: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(B,) years between predicted ages (B,) and labels: |error| for exact ages, the distance to a bin (0 inside;
+    analysis's distance_to_bins)."""
+    return signed_label_error(predicted, targets).abs()
 
 
 def build_head(head: str, features: int, dropout: float, max_age: int, label_sigma: float = 0.0) -> AgeHead:

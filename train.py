@@ -69,6 +69,7 @@ from faces import DETECTORS, CropGeometry, measure_crop_geometry
 from model import (
     ADULT_AGE,
     build_model,
+    config_from_model_file,
     label_error,
     label_loss,
     load_checkpoint,
@@ -395,7 +396,10 @@ def label_metrics(predicted: torch.Tensor, target: torch.Tensor) -> dict[str, An
     errors = label_error(predicted, ranges)  # (N,)
     exact_error, exact_age = errors[exact], ranges[exact, 0]
     decades = decade_start(exact_age).long()
-    mean = lambda values: values.mean().item() if len(values) else math.nan  # noqa: E731 - NaN for no rows
+
+    def mean(values: torch.Tensor) -> float:  # NaN where no row has that kind of label
+        return values.mean().item() if len(values) else math.nan
+
     metrics = {
         "mae": mean(exact_error),
         "rmse": math.sqrt(mean(exact_error.square())) if len(exact_error) else math.nan,
@@ -558,8 +562,6 @@ def build_scheduler(
 def start_from_model_file(model: nn.Module, cfg: Config) -> None:
     """Load cfg.init_from's weights into `model` (fp16 files are cast back), refusing a file of another
     architecture, head or age range with both named."""
-    from model import config_from_model_file
-
     checkpoint = load_checkpoint(cfg.init_from)
     stored = config_from_model_file(checkpoint.get("config"), cfg.init_from)
     differing = [name for name in ("model_name", "head", "max_age") if getattr(stored, name) != getattr(cfg, name)]
@@ -593,9 +595,8 @@ def training_crop_geometry(cfg: Config, frame: pd.DataFrame) -> dict | None:
     alignment = json.loads(marker.read_text())
     template = CropGeometry.from_dict({"landmarks": alignment["landmarks"]})
     print(f"crop geometry for {alignment['detector']}: align.py's {alignment['template']!r} template ({marker})")
-    measured = measure_training_crop_geometry(replace(cfg, crop_geometry_images=min(cfg.crop_geometry_images, 100)),
-                                              frame, detectors=tuple(name for name in DETECTORS
-                                                                     if name != alignment["detector"]))
+    measured = measure_training_crop_geometry(cfg, frame, detectors=tuple(name for name in DETECTORS
+                                                                           if name != alignment["detector"]))
     return {**(measured or {}), alignment["detector"]: template.to_dict()}
 
 

@@ -60,19 +60,14 @@ def predict(model: Any, loader: Any, grey: bool, model_cfg: Config) -> tuple[tor
     return torch.cat(predictions), torch.cat(labels)
 
 
-def signed_error(predicted: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
-    """(N,) years from the label to the prediction: predicted - age, or for a bin the signed distance to it."""
-    low, high = ranges.unbind(1)
-    return torch.where(predicted < low, predicted - low, torch.where(predicted > high, predicted - high, 0.0))
-
-
 def score(predicted: torch.Tensor, ranges: torch.Tensor) -> dict[str, float]:
     """MAE / CS@5 (exact labels) or share inside the bin / distance (bins), and the bias of 0-9 and 10-19."""
+    from model import signed_label_error
     from train import label_metrics
 
     metrics = label_metrics(predicted, ranges)
     row = {key: metrics.get(key, np.nan) for key in ("mae", "cs5", "in_bin", "bin_distance")}
-    signed, start = signed_error(predicted, ranges), ranges[:, 0]
+    signed, start = signed_label_error(predicted, ranges), ranges[:, 0]
     for low, high in ((0, 10), (10, 20)):
         rows = (start >= low) & (start < high)
         row[f"bias_{low}_{high - 1}"] = signed[rows].mean().item() if rows.any() else np.nan
@@ -83,9 +78,10 @@ def groups(frame: pd.DataFrame, predicted: torch.Tensor, ranges: torch.Tensor) -
     """Per age group (the bin, or the decade of an exact age) and per ethnicity: faces, MAE or share inside the
     bin, distance, bias."""
     from custom_dataset_dataloader import decade_start
+    from model import signed_label_error
 
     frame = frame.reset_index(drop=True).assign(
-        error=(predicted - ranges[:, 0]).abs().numpy(), signed=signed_error(predicted, ranges).numpy())
+        error=(predicted - ranges[:, 0]).abs().numpy(), signed=signed_label_error(predicted, ranges).numpy())
     binned = bool((ranges[:, 0] != ranges[:, 1]).any())
     frame["distance"] = frame["signed"].abs()
     frame["age_group"] = frame["age_bin"] if binned else [f"{int(d)}-{int(d) + 9}"
