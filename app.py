@@ -19,6 +19,7 @@ found at start, and a request can name nothing else, so no request makes the ser
 
 Run:  python app.py                       (then open http://127.0.0.1:7860)
       python app.py --checkpoint=checkpoints/<run>/model.onnx --port=8080
+      python app.py --checkpoint=models/age_lite0_mix.pt,checkpoints/<run>/best.pt   (their mean, and each alone)
 API:  from gradio_client import Client, handle_file
       faces = Client("http://127.0.0.1:7860/").predict(handle_file("photo.jpg"), api_name="/estimate")
       # a list with one dict per face: box, landmarks, age, spread, adult_probability, model
@@ -42,7 +43,18 @@ from config import PREDICTION_FIELDS, Config, parse_config, print_config, resolv
 from custom_dataset_dataloader import describe_read_error, open_rgb_image
 from demo import DEMO_DEFAULTS
 from faces import Detector, build_detector
-from inference import AgePredictor, Face, draw_faces, estimate_faces, face_rows, run_on_video, write_rows
+from inference import (
+    AgeEnsemble,
+    AgePredictor,
+    Face,
+    draw_faces,
+    estimate_faces,
+    face_rows,
+    load_predictor,
+    model_files,
+    run_on_video,
+    write_rows,
+)
 from model import ADULT_AGE, SHIPPED_MODEL
 
 DEMO_CHECKPOINTS = Path(DEMO_DEFAULTS.checkpoint_dir)  # where demo.py leaves its model
@@ -56,15 +68,20 @@ class InputError(ValueError):
     """A photo or clip the app cannot use; its message is shown on the page as it is."""
 
 
-def find_model_files(cfg: Config) -> dict[str, Path]:
-    """Label -> model file: --checkpoint first, then checkpoint_dir's and demo_output's model files, newest first,
-    then the shipped model (model.SHIPPED_MODEL). Stops with one sentence when there is none."""
-    found: dict[str, Path] = {}
+def find_model_files(cfg: Config) -> dict[str, Path | tuple[Path, ...]]:
+    """Label -> model file (or an ensemble's files, --checkpoint=a.pt,b.pt, then each of them): --checkpoint first,
+    then checkpoint_dir's and demo_output's model files, newest first, then the shipped model (model.SHIPPED_MODEL).
+    Stops with one sentence when there is none."""
+    found: dict[str, Path | tuple[Path, ...]] = {}
     if cfg.checkpoint:
-        path = Path(cfg.checkpoint)
-        if not path.is_file():
-            raise SystemExit(f"error: --checkpoint={cfg.checkpoint} does not exist")
-        found[str(path)] = path.resolve()
+        paths = model_files(cfg.checkpoint)
+        for path in paths:
+            if not path.is_file():
+                raise SystemExit(f"error: --checkpoint={cfg.checkpoint}: {path} does not exist")
+        if len(paths) > 1:  # an ensemble, offered first, and each of its members after it
+            found[" + ".join(str(path) for path in paths)] = tuple(path.resolve() for path in paths)
+        for path in paths:
+            found[str(path)] = path.resolve()
     candidates = {path.resolve(): path for folder in (Path(cfg.checkpoint_dir), DEMO_CHECKPOINTS)
                   for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
     for resolved, path in sorted(candidates.items(), key=lambda item: -item[0].stat().st_mtime):
@@ -85,22 +102,22 @@ class ModelShelf:
     path. detector: the detector asked for (cfg.detector); a model file from before YuNet gets MTCNN. views: the
     crops averaged per face (cfg.tta_views, see inference.jittered_views)."""
 
-    def __init__(self, files: dict[str, Path], device: str | torch.device = "cpu", detector: str = "yunet",
-                 views: int = 1, match_resolution: bool = True):
+    def __init__(self, files: dict[str, Path | tuple[Path, ...]], device: str | torch.device = "cpu",
+                 detector: str = "yunet", views: int = 1, match_resolution: bool = True):
         self.files, self.device, self.detector_name, self.views = files, device, detector, views
         self.match_resolution = match_resolution  # cfg.match_training_resolution (see AgePredictor)
-        self.predictors: dict[str, AgePredictor] = {}
+        self.predictors: dict[str, AgePredictor | AgeEnsemble] = {}
         self.detectors: dict[tuple[str, int], Detector] = {}
 
     @property
     def labels(self) -> list[str]:
         return list(self.files)
 
-    def predictor(self, label: str) -> AgePredictor:
+    def predictor(self, label: str) -> AgePredictor | AgeEnsemble:
         if label not in self.files:
             raise InputError(f"unknown model {label!r}; choose one of: {', '.join(self.files)}")
         if label not in self.predictors:
-            self.predictors[label] = AgePredictor(self.files[label], self.device, self.views, self.match_resolution)
+            self.predictors[label] = load_predictor(self.files[label], self.device, self.views, self.match_resolution)
         return self.predictors[label]
 
     def detector(self, label: str, min_face_size: int) -> Detector:
@@ -172,12 +189,14 @@ def table_rows(faces: list[Face], label: str) -> list[list[Any]]:
             for index, face in enumerate(faces)]
 
 
-def heatmap_gallery(predictor: AgePredictor, image: np.ndarray, faces: list[Face],
+def heatmap_gallery(predictor: AgePredictor | AgeEnsemble, image: np.ndarray, faces: list[Face],
                     detector_name: str) -> list[tuple[np.ndarray, str]]:
     """Each face's aligned crop beside its Grad-CAM map, (crop | overlay) uint8 RGB, with a caption; empty for an
     exported model (no gradients) or a backbone without a Grad-CAM set-up."""
     from analysis.heatmaps import cam_setup, compute_heatmaps
 
+    if isinstance(predictor, AgeEnsemble):  # the map of the member whose alignment the ensemble uses
+        predictor = predictor.members[0]
     if predictor.kind != "checkpoint" or not faces:
         return []
     try:

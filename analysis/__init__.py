@@ -40,7 +40,8 @@ class Evaluation:
     csv_path: Path  # the CSV of the faces analysed (after --exclude_csv)
     device: torch.device
     tag: str  # <run>__<csv stem>: names every output file
-    checkpoint: Path  # the model file analysed
+    checkpoint: Path  # the model file analysed (of an ensemble, its first member, whose model and data these are)
+    members: tuple[Path, ...] = ()  # every model file of an ensemble (--checkpoint=a.pt,b.pt), else just checkpoint
 
 
 def analysis_dir(cfg: Config) -> Path:
@@ -68,10 +69,17 @@ def scanned_csv(cfg: Config) -> Path:
     return path
 
 
-def prepare_evaluation(cfg: Config) -> Evaluation:
+def prepare_evaluation(cfg: Config, ensemble: bool = False) -> Evaluation:
     """Load the checkpoint and resolve the CSV: data_dir and csv_dir come from the command line when given,
-    otherwise from the checkpoint (its own test split)."""
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
+    otherwise from the checkpoint (its own test split). With ensemble=True --checkpoint may name several model files
+    (a,b): the first one's data and test split are used, and the tag names them all."""
+    from inference import model_files
+
+    members = model_files(cfg.checkpoint) if cfg.checkpoint else [newest_checkpoint(cfg)]
+    if len(members) > 1 and not ensemble:
+        raise SystemExit(f"error: this analysis takes one model file; --checkpoint={cfg.checkpoint} names "
+                         f"{len(members)} (ensembles: python -m analysis.errors)")
+    checkpoint = members[0]
     device = resolve_device(cfg.device)
     model, trained_cfg, _ = load_model(checkpoint, device)
     model_cfg = stored_recipe_for_run(trained_cfg, cfg, (
@@ -82,8 +90,8 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
         csv_path = scanned_csv(cfg)  # a data set folder in its own layout, read as eda.py reads it
     else:
         csv_path = split_csv_path(model_cfg, "test")
-    run = checkpoint.parent.name if checkpoint.name == "best.pt" else checkpoint.stem  # the shipped model: its name
-    tag = f"{run}__{csv_path.stem}"
+    runs = [path.parent.name if path.name == "best.pt" else path.stem for path in members]  # shipped: its name
+    tag = f"{'+'.join(runs)}__{csv_path.stem}"
     if cfg.exclude_csv:
         frame = read_dataset_csv(csv_path, model_cfg.max_age)
         kept = exclude_rows(frame, cfg.exclude_csv)
@@ -95,4 +103,4 @@ def prepare_evaluation(cfg: Config) -> Evaluation:
         write_dataset_csv(kept, csv_path)
     print(f"checkpoint {checkpoint}: {trained_cfg.model_name}, head {trained_cfg.head}, {trained_cfg.image_size} px; "
           f"analysing {csv_path} with images from {model_cfg.data_dir}")
-    return Evaluation(model, model_cfg, csv_path, device, tag, checkpoint)
+    return Evaluation(model, model_cfg, csv_path, device, tag, checkpoint, tuple(members))

@@ -20,7 +20,11 @@ to the bin in years (0 inside), overall, per bin, per gender and per ethnicity, 
 (<tag>_bins.csv) and a figure of the predicted age per bin over the bin's range (pics/errors_<tag>_bins.png). A
 bin is never turned into an exact age.
 
+Ensembles (--checkpoint=a.pt,b.pt): the mean of the files' ages (inference.AgeEnsemble), each image through
+inference.py's path (whole, or with --detect through the detector); the first file decides the default test split.
+
 Run:  python -m analysis.errors --checkpoint=checkpoints/<run>/best.pt
+      python -m analysis.errors --checkpoint=models/age_lite0_mix.pt,checkpoints/<run>/best.pt
       python -m analysis.errors --checkpoint=... --data_dir=../shared/data/utkface200 \\
           --test_csv=csv_dataset/utk200/utkface_dataset.csv --exclude_csv=csv_dataset/train_set.csv
       python -m analysis.errors --detect=true --dataset_format=fairface --data_dir=../shared/data/fairface540
@@ -197,16 +201,20 @@ PHOTOS_PER_CALL = 256  # --detect: photos whose largest faces go through the mod
 
 def predict_photos(cfg: Config, setup: Evaluation) -> tuple[pd.DataFrame, pd.DataFrame]:
     """--detect: every photo of the CSV through inference.py's own path (decoding, the detector, alignment to the
-    model's crop geometry, its resolution setting, TTA), keeping the largest face of each photo. Returns (the rows
-    with a face, with `predicted` and the face's box; the rows without one, with the reason)."""
-    from inference import AgePredictor, analysed_photos
+    model's crop geometry, its resolution setting, TTA), keeping the largest face of each photo; without --detect
+    (an ensemble on a split of face crops) each image whole is the face. The model is inference.load_predictor's:
+    one file, or an ensemble's mean. Returns (the rows with a face, with `predicted` and the face's box; the rows
+    without one, with the reason)."""
+    from inference import analysed_photos, load_predictor
 
     frame = read_dataset_csv(setup.csv_path, setup.model_cfg.max_age)
     frame, files = screen_rows(frame, setup.model_cfg.data_dir, setup.csv_path)
     frame = frame.reset_index(drop=True)
-    predictor = AgePredictor(setup.checkpoint, setup.device, cfg.tta_views, cfg.match_training_resolution)
-    detector = build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
-    print(f"detecting faces with {detector.name}, {predictor.describe_resolution()}"
+    predictor = load_predictor(list(setup.members) or [setup.checkpoint], setup.device, cfg.tta_views,
+                               cfg.match_training_resolution)
+    detector = build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size) if cfg.detect else None
+    print(f"{f'detecting faces with {detector.name}' if detector else 'each image whole'}, "
+          f"{predictor.describe_resolution()}"
           f"{', flip TTA' if cfg.tta else ''}{f', {cfg.tta_views} views' if cfg.tta_views > 1 else ''}")
     paths = [Path(file.path) for file in files]
     predicted, boxes, missing, pending = np.full(len(frame), np.nan), [None] * len(frame), {}, []
@@ -314,13 +322,13 @@ def main(cfg: Config) -> dict[str, Any]:
 
     matplotlib.use("Agg")
     print_config(cfg, "analysis.errors", SETTINGS)
-    setup = prepare_evaluation(cfg)
+    setup = prepare_evaluation(cfg, ensemble=True)
     labels = read_dataset_csv(setup.csv_path)
     if binned_rows(labels).any() and not is_binned(labels):
         raise DataError(f"{setup.csv_path} mixes exact ages and age bins (a mix of data sets): analyse one source at "
                         "a time (--test_csv=<its aligned split>/test_set.csv), or score every source with python -m "
                         "experiments.matrix")
-    if cfg.detect or is_binned(labels):
+    if cfg.detect or is_binned(labels) or len(setup.members) > 1:
         return main_on_photos(cfg, setup)
     loader = build_dataloader(setup.model_cfg, "test", csv_path=str(setup.csv_path))
     probabilistic = setup.model.head.has_probabilities
@@ -357,10 +365,11 @@ def main(cfg: Config) -> dict[str, Any]:
 
 
 def main_on_photos(cfg: Config, setup: Evaluation) -> dict[str, Any]:
-    """--detect (or a CSV of age bins): photos through the detector, scored by bin or by exact age."""
-    if cfg.detect:
+    """--detect (or a CSV of age bins, or an ensemble): photos through inference.py's path (with --detect, the
+    detector), scored by bin or by exact age."""
+    if cfg.detect or len(setup.members) > 1:
         frame, no_face = predict_photos(cfg, setup)
-        tag = f"{setup.tag}__detected"
+        tag = f"{setup.tag}__detected" if cfg.detect else setup.tag
         no_face_path = analysis_dir(cfg) / f"{tag}_no_face.csv"
         write_csv(no_face, no_face_path)
         print(f"\n{len(no_face)} of {len(frame) + len(no_face)} photos without a usable face (listed in "

@@ -59,6 +59,8 @@ def cam_setup(model: AgeEstimationModel, model_name: str) -> tuple[list[nn.Modul
         return [backbone.features[-1]], None
     if model_name == "vit":
         return [backbone.encoder.layers[-1].ln_1], _token_grid
+    if model_name == "dlib_face_resnet":  # the 128-channel stage's last block: 8 x 8 at 150 px, where the 256-channel
+        return [backbone.blocks[9]], None  # stages leave 4 x 4 and 2 x 2 maps, too coarse to show a face's parts
     feature_info = getattr(backbone, "feature_info", None)  # timm models name their feature stages
     if feature_info:
         layer = backbone.get_submodule(feature_info[-1]["module"])  # the last stage: the deepest spatial map

@@ -60,10 +60,11 @@ COLUMNS = ("recipe", "changes", "image_size", "epochs", "best_valid_mae", "test_
            "seconds_per_epoch", "recipe_hash", "run_name")
 
 
-def run_recipe(cfg: Config, name: str) -> dict[str, Any]:
-    """Train one recipe (or read its finished run back) and return its row."""
-    changes = {**RECIPES[name]}
-    recipe_cfg = replace(cfg, **changes, run_name=f"utk64_agev1_{name}")
+def run_recipe(cfg: Config, name: str, recipes: dict[str, dict[str, Any]] = RECIPES,
+               prefix: str = "utk64_agev1_") -> dict[str, Any]:
+    """Train one recipe of `recipes` (or read its finished run back) into run <prefix><name>; returns its row."""
+    changes = {**recipes[name]}
+    recipe_cfg = replace(cfg, **changes, run_name=f"{prefix}{name}")
     run_dir = Path(recipe_cfg.runs_dir) / recipe_cfg.run_name
     results_path = run_dir / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else None
@@ -82,13 +83,14 @@ def run_recipe(cfg: Config, name: str) -> dict[str, Any]:
             "recipe_hash": recipe_hash(resolve_preprocessing(recipe_cfg)), "run_name": recipe_cfg.run_name}
 
 
-def write_rows(rows: list[dict[str, Any]], path: Path = OUTPUT) -> pd.DataFrame:
-    """Merge `rows` into the CSV by recipe name (other recipes' rows are kept), in RECIPES' order."""
+def write_rows(rows: list[dict[str, Any]], path: Path = OUTPUT,
+               recipes: dict[str, dict[str, Any]] = RECIPES) -> pd.DataFrame:
+    """Merge `rows` into the CSV by recipe name (other recipes' rows are kept), in `recipes`' order."""
     fresh = pd.DataFrame(rows, columns=COLUMNS)
     if path.is_file():
         earlier = pd.read_csv(path, dtype={"recipe_hash": str})
         fresh = pd.concat([earlier[~earlier["recipe"].isin(fresh["recipe"])], fresh], ignore_index=True)
-    order = {name: index for index, name in enumerate(RECIPES)}
+    order = {name: index for index, name in enumerate(recipes)}
     table = fresh.sort_values("recipe", key=lambda names: names.map(order)).reset_index(drop=True)
     write_csv(table, path)
     return table
