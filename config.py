@@ -352,7 +352,7 @@ def validate(cfg: Config, source: str = "") -> None:
     elif cfg.model_name not in MODEL_NAMES:
         problems.append(f"model_name={cfg.model_name!r} is not one of {', '.join(MODEL_NAMES)} or "
                         f"{TIMM_PREFIX}<timm architecture>")
-    elif cfg.image_size < MIN_IMAGE_SIZES.get(cfg.model_name, 0):
+    elif cfg.model_name in MIN_IMAGE_SIZES and cfg.image_size < MIN_IMAGE_SIZES[cfg.model_name]:
         problems.append(f"image_size={cfg.image_size} is too small for {cfg.model_name}: give "
                         f"--image_size={MIN_IMAGE_SIZES[cfg.model_name]} or more")
     for name in ("normalize_mean", "normalize_std"):

@@ -9,7 +9,8 @@ Contenders:
   `AgeAndGender().age(crop)` on each UTKFace test crop, `.predict(photo)` on each FairFace photo, largest face;
 - peer, its ONNX file on our aligned crops: age-v1.onnx through onnxruntime on the 64 px crops the first of our
   models sees (the UTKFace crops as training decodes them; FairFace: our YuNet + alignment), its softmax @ its ages;
-- ensembles: the mean age of two or three of the above (each model on its own crop of the same face).
+- ensembles: the mean age of two or three of the above (each model on its own crop of the same face), and all the
+  --checkpoint files as a user runs them (inference.AgeEnsemble: one alignment, the first file's, for all).
 
 Scores: MAE and CS@5 on UTKFace (1,899 faces, exact ages); on FairFace-540 the share of predictions inside the
 labelled ten-year bin and the mean distance to it (photos where a contender finds no face are counted, and the
@@ -142,7 +143,7 @@ SETTINGS = ("checkpoint", "detector")  # what this script reads (its --help)
 
 
 def main(cfg: Config) -> pd.DataFrame:
-    from inference import AgePredictor
+    from inference import AgePredictor, load_predictor
 
     print_config(cfg, "experiments.peers", SETTINGS)
     checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or list(DEFAULT_CHECKPOINTS)
@@ -176,6 +177,13 @@ def main(cfg: Config) -> pd.DataFrame:
             fairface = np.mean([predictions[member]["fairface"] for member in members], axis=0)  # NaN if any missed
             rows.append(score("mean of " + " + ".join(members), utk, utk_ages, fairface, bins,
                               sum(predictions[member]["ms_per_face"] for member in members)))
+    if len(checkpoints) > 1:  # the user's feature itself: inference.AgeEnsemble, the first member's alignment
+        ensemble = load_predictor(checkpoints)
+        crops, _ = utkface_crops(ensemble.image_size, ensemble.cfg.interpolation)
+        utk, milliseconds = timed(ensemble.predict, crops)
+        fairface = predict_found(ensemble.predict, fairface_crops(ensemble, paths, cfg.detector))
+        rows.append(score(f"--checkpoint={','.join(map(str, checkpoints))} (inference.AgeEnsemble)", utk, utk_ages,
+                          fairface, bins, milliseconds))
     table = pd.DataFrame(rows)
     write_csv(table, OUTPUT, "%.4f")
     print(table.to_string(index=False, float_format="%.3f"))
