@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, UsageError, atomic_write_path, parse_config, print_config, write_csv
+from config import Config, UsageError, parse_config, print_config
 from custom_dataset_dataloader import SPLITS, DataError, read_dataset_csv, screen_rows, split_csv_path
 from faces import ALIGNMENT_TEMPLATES, DEFAULT_CROP_GEOMETRIES, CropGeometry
+from files import atomic_write_path, write_csv
 
 MARKER = "alignment.json"  # in aligned_dir: written by this script, so it only ever writes into its own folder
 PADDING = 0.5  # black border added on each side, as a share of the photo's longer side, before detection

@@ -16,7 +16,6 @@ per-script --help would be ours anyway (RESULTS.md, "The command-line parser"; `
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
@@ -28,7 +27,6 @@ import sys
 import types
 import typing
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -333,10 +331,18 @@ def range_problem(name: str, value: float) -> str | None:
     return f"{name}={value} must lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,3})?"  # what resolve_device accepts (torch.device takes more: meta, ...)
+
+
 def validate(cfg: Config, source: str = "") -> None:
     """Stop with a clear message if a setting is out of range or settings contradict each other; `source` names
     the file a stored config came from."""
     problems = [problem for name in RANGES if (problem := range_problem(name, getattr(cfg, name)))]
+    if not re.fullmatch(DEVICE_PATTERN, cfg.device):
+        problems.append(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:<index>, mps")
+    if cfg.run_name and (not re.fullmatch(r"[\w.+=-]+", cfg.run_name) or cfg.run_name.strip(".") == ""):
+        problems.append(f"run_name={cfg.run_name!r} is a folder name, not a path: use letters, digits and - _ . + = "
+                        "(no / or ..)")
     types_by_name = _field_types()
     for name, annotation in types_by_name.items():  # every enumerated setting, from its Literal type
         if typing.get_origin(annotation) is Literal and getattr(cfg, name) not in typing.get_args(annotation):
@@ -559,9 +565,17 @@ def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch is
     import torch
 
     if name != "auto":
+        if not re.fullmatch(DEVICE_PATTERN, name):
+            raise UsageError(f"device={name!r} is not one of auto, cpu, cuda, cuda:<index>, mps")
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit(f"error: device={name} was asked for but CUDA is not available; use --device=cpu")
+            raise UsageError(f"device={name} was asked for but CUDA is not available; use --device=cpu")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s); give "
+                             "--device=cuda:0 or another index below that")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise UsageError(f"device={name} was asked for but MPS (Apple's GPU) is not available; use --device=cpu")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -582,97 +596,3 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-
-
-
-@contextlib.contextmanager
-def atomic_write_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
-
-    An interrupted or failed write therefore never leaves a half-written checkpoint, CSV or figure.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-# the temporary names this project writes: atomic_write_path's .<name>.<pid>.tmp, the exports' .<stem>.<pid>.checking
-_TEMPORARY_NAME = re.compile(r"^\..+\.(\d+)\.(?:tmp|checking)(?:\.[^.]+)?$")
-
-
-def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files of ours in `folder` whose writing process is gone (a SIGKILL or a crash during a
-    write left them, e.g. a 150 MB .last.pt.<pid>.tmp); a live process's are left alone. Returns what was removed."""
-    removed = []
-    folder = Path(folder)
-    if not folder.is_dir():
-        return removed
-    for path in folder.iterdir():
-        match = _TEMPORARY_NAME.match(path.name)
-        if not match or not path.is_file() or int(match[1]) == os.getpid():
-            continue
-        try:
-            os.kill(int(match[1]), 0)  # the writer still runs (or belongs to another user): keep it
-            continue
-        except ProcessLookupError:
-            pass
-        except (OSError, OverflowError):  # not ours to judge (another user's process, a pid out of range)
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def probe_writable(folder: str | os.PathLike) -> None:
-    """Create `folder` and write and remove a probe file in it (the only sure test of a path under a file, a name
-    too long, a read-only or full file system); OSError when that fails."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / f".write_check.{os.getpid()}.tmp"
-    probe.write_bytes(b"")
-    probe.unlink()
-
-
-def check_writable_folders(cfg: Config, names: tuple[str, ...]) -> None:
-    """Stop before any slow work when one of the output folder settings `names` cannot be written (probe_writable)."""
-    for name in names:
-        folder = Path(getattr(cfg, name))
-        try:
-            probe_writable(folder)
-        except OSError as error:
-            raise UsageError(f"--{name}={folder} cannot be written ({type(error).__name__}: "
-                             f"{error.strerror or error}); choose another folder") from None
-
-
-def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) -> None:
-    """Stop before slow work when `folder`'s file system has less room than `needed_bytes` for `what`."""
-    import shutil
-
-    folder = Path(folder)
-    existing = next((parent for parent in (folder, *folder.parents) if parent.exists()), Path("."))
-    free = shutil.disk_usage(existing).free
-    if free < needed_bytes:
-        raise UsageError(f"not enough free space for {what} in {folder}: about {needed_bytes / 1e6:.0f} MB needed, "
-                         f"{free / 1e6:.0f} MB free; free some space or choose another folder")
-
-
-def write_csv(frame: Any, path: str | os.PathLike, float_format: str | None = None) -> None:
-    """Write a pandas DataFrame as CSV atomically, without the index and with "\n" line ends, so equal frames give
-    equal bytes on every platform (every CSV this project writes goes through here)."""
-    with atomic_write_path(path) as temporary:
-        frame.to_csv(temporary, index=False, float_format=float_format, lineterminator="\n")
-
-
-def save_figure(figure: Any, path: str | os.PathLike) -> None:
-    """Write a matplotlib figure as PNG atomically, then close it."""
-    import matplotlib.pyplot as plt
-
-    with atomic_write_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110, bbox_inches="tight")
-    plt.close(figure)

@@ -50,16 +50,8 @@ from PIL import Image, ImageOps
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from config import (
-    RECIPE_FIELDS,
-    RUN_FIELDS,
-    Config,
-    UsageError,
-    atomic_write_path,
-    parse_config,
-    print_config,
-    write_csv,
-)
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, UsageError, parse_config, print_config
+from files import atomic_write_path, write_csv
 from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
@@ -239,9 +231,19 @@ def drop_repeated_rows(frame: pd.DataFrame, source: str | os.PathLike) -> pd.Dat
     return frame[~repeated].reset_index(drop=True)
 
 
-def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Write atomically (temp file + rename), so equal frames give equal bytes."""
-    write_csv(frame, path)
+def check_disjoint_splits(splits: dict[str, pd.DataFrame], where: str) -> None:
+    """Stop when one image is in two splits: it would be trained on and tested (or chosen on) at once."""
+    seen: dict[str, str] = {}
+    for name, rows in splits.items():
+        for image_name in rows["image_name"]:
+            if seen.setdefault(image_name, name) != name:
+                raise DataError(f"{image_name} is in both the {seen[image_name]} and the {name} split of {where}; "
+                                "make the split files again with python split_dataset.py")
+
+
+def write_dataset_csv(frame: pd.DataFrame, path: str | os.PathLike, record: bool = False) -> None:
+    """Write atomically (temp file + rename), so equal frames give equal bytes; `record`: as ours (files.py)."""
+    write_csv(frame, path, record=record)
 
 
 class ImageFile(NamedTuple):

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, atomic_write_path, check_writable_folders, parse_config, print_config, save_figure
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import (
     CSV_COLUMNS,
     ETHNICITIES,
@@ -57,6 +57,7 @@ from custom_dataset_dataloader import (
     read_csv_file,
     write_dataset_csv,
 )
+from files import atomic_write_path, check_writable_folders, claim_outputs, folder_lock, save_figure
 
 MAX_AGE = 120  # ages above this are treated as a malformed name, not a person (above cfg.max_age: left out, named)
 _UTKFACE_NAME = re.compile(r"^(\d+)_(\d+)_(\d+)_[^_]+$")
@@ -395,7 +396,7 @@ def plot_samples(frame: pd.DataFrame, data_dir: str, path: Path, seed: int, coun
         age = f"{row.age_bin} y" if pd.isna(row.age) else f"{row.age} y"
         axis.set_title(f"{age}, {row.gender}\n{row.ethnicity}", fontsize=9)
     figure.suptitle("Random samples with their labels")
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def plot_histograms(frame: pd.DataFrame, path: Path) -> None:
@@ -415,7 +416,7 @@ def plot_histograms(frame: pd.DataFrame, path: Path) -> None:
         counts = frame[column].value_counts().reindex(names, fill_value=0)
         axis.bar(counts.index, counts.values, color="tab:orange")
         axis.set(title=column.capitalize(), ylabel="images")
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def gender_ethnicity_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -433,7 +434,7 @@ def plot_crosstab(table: pd.DataFrame, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(1.6 * values.shape[1] + 2, 1.2 * values.shape[0] + 1.5))
     sns.heatmap(values, annot=True, fmt="d", cmap="viridis", cbar_kws={"label": "images"}, ax=axis)
     axis.set(title="Gender x ethnicity", xlabel="", ylabel="")
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
@@ -449,7 +450,7 @@ def plot_age_by_group(frame: pd.DataFrame, path: Path) -> None:
         sns.violinplot(data=frame[frame[column].isin(present)], x=column, y="age", order=present, inner="box",
                        cut=0, color="tab:blue", ax=axis)
         axis.set(title=f"Age by {column} (violin + box)", xlabel="", ylabel="age (years)")
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def without_older_than(frame: pd.DataFrame, max_age: int) -> pd.DataFrame:
@@ -468,6 +469,9 @@ SETTINGS = ("data_dir", "dataset_format", "labels_csv", "csv_dir", "pics_dir", "
             "max_age", "seed")  # what this script reads (its --help)
 
 
+FIGURES = ("eda_samples.png", "eda_histograms.png", "eda_gender_ethnicity.png", "eda_age_by_group.png")  # in pics_dir
+
+
 def main(cfg: Config) -> pd.DataFrame:
     """Scan data_dir, write the data set CSV and the EDA figures; return the data set frame."""
     import matplotlib
@@ -477,12 +481,15 @@ def main(cfg: Config) -> pd.DataFrame:
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))  # before every image is decoded, not after
     csv_path = dataset_csv_path(cfg)
     claim_dataset_csv(csv_path, cfg.data_dir)
-    frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format, cfg.labels_csv,
-                                               cfg.num_workers)
-    frame = without_older_than(frame, cfg.max_age)
-    write_dataset_csv(frame, csv_path)
-    write_text(source_record(csv_path), json.dumps({"data_dir": str(Path(cfg.data_dir).resolve())}) + "\n")
     pics = Path(cfg.pics_dir)
+    # a user's own CSV or figure of the same name is never replaced (files.py)
+    claim_outputs([csv_path, *(pics / name for name in FIGURES)], [], "eda.py")
+    with folder_lock(cfg.csv_dir, "eda.py"):
+        frame, malformed, unreadable = scan_folder(cfg.data_dir, cfg.check_images, cfg.dataset_format,
+                                                   cfg.labels_csv, cfg.num_workers)
+        frame = without_older_than(frame, cfg.max_age)
+        write_dataset_csv(frame, csv_path, record=True)
+        write_text(source_record(csv_path), json.dumps({"data_dir": str(Path(cfg.data_dir).resolve())}) + "\n")
     table = gender_ethnicity_table(frame)
     plot_samples(frame, cfg.data_dir, pics / "eda_samples.png", cfg.seed)
     plot_histograms(frame, pics / "eda_histograms.png")

@@ -28,7 +28,6 @@ Run:  python export_jit.py [--checkpoint=checkpoints/<run>/best.pt] [--format=on
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from collections.abc import Iterable
@@ -38,17 +37,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from config import (
-    Config,
-    UsageError,
-    check_free_space,
-    parse_config,
-    print_config,
-    recipe_dict,
-    remove_stale_temporaries,
-    stored_recipe_for_run,
-)
+from config import Config, UsageError, parse_config, print_config, recipe_dict, stored_recipe_for_run
 from faces import geometries_from_dict
+from files import atomic_write_path, check_free_space, claim_outputs, file_sha256, folder_lock, temporary_path
 from model import SHIPPED_MODEL, fold_batch_norms, half_precision_checkpoint, load_model, newest_checkpoint
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
@@ -92,31 +83,12 @@ def store_onnx_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(graph, str(path))
 
 
-def is_export(path: Path) -> bool:
-    """Whether a file is an export this script wrote (TorchScript with config.json, or ONNX with "config")."""
-    import zipfile
-
-    if not path.is_file():  # a FIFO would block, a device be read for ever: only regular files are opened
-        return False
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                return any(name.endswith("/extra/config.json") for name in archive.namelist())
-        import onnx
-
-        return any(entry.key == "config" for entry in onnx.load(str(path), load_external_data=False).metadata_props)
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
-
-
 def claim_output(path: Path, checkpoint_path: Path) -> None:
-    """Stop before exporting if the output is the checkpoint itself or an existing file that is not an export."""
+    """Stop before exporting if the output is the checkpoint itself, or exists and is not ours (files.py)."""
     if path.resolve() == checkpoint_path.resolve():
         raise SystemExit(f"error: --output={path} is the checkpoint being exported; choose another name (e.g. "
                          f"{checkpoint_path.with_name('model.torchscript')})")
-    if path.is_dir() or (path.exists() and not is_export(path)):
-        raise SystemExit(f"error: --output={path} exists and is not an export written by export_jit.py; choose "
-                         "another name, it is never replaced")
+    claim_outputs([path], [checkpoint_path], "export_jit.py")
 
 
 def _session(path: Path) -> Any:
@@ -168,7 +140,7 @@ def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray],
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
-    prepared = output.with_name(f".{output.stem}.{os.getpid()}.prepared.onnx")
+    prepared = temporary_path(output.with_name("prepared.onnx"))  # in files.py's hidden folder, removed below
     try:
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + folding: what quantisation expects
         # the head stays in float: the age is an expectation over 100+ logits (or a de-standardised regression),
@@ -202,11 +174,11 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
 
     final = fp32_path.with_name(f"{fp32_path.stem}.int8.onnx")
     claim_output(final, fp32_path)
-    candidate = final.with_name(f".{final.stem}.{os.getpid()}.checking.onnx")
     test_loader = DataLoader(test_set, batch_size=64)
-    try:
-        fp32_mae = onnx_mae(_session(fp32_path), test_loader)
-        results = {}
+    fp32_mae = onnx_mae(_session(fp32_path), test_loader)
+    results = {}
+    # every form is written to one temporary, renamed into place only once one passes the check
+    with atomic_write_path(final, record=True) as candidate:
         for method in INT8_METHODS:
             write_int8(fp32_path, candidate, (images.numpy() for images, *_ in calibration), method)
             try:
@@ -220,37 +192,23 @@ def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: d
                   f"(tolerance {INT8_TOLERANCE_YEARS})")
             if abs(int8_mae - fp32_mae) <= INT8_TOLERANCE_YEARS:
                 store_onnx_metadata(candidate, metadata)
-                os.replace(candidate, final)
-                print(f"wrote {final} ({final.stat().st_size / 1e6:.1f} MB, {method} int8)")
-                return {"int8_path": str(final), "int8_method": method, "fp32_test_mae": fp32_mae,
-                        "int8_test_mae": int8_mae}
-        raise ExportError(f"int8 quantisation changes the test MAE of {fp32_path} by more than "
-                          f"{INT8_TOLERANCE_YEARS} years (fp32 {fp32_mae:.3f}; " + ", ".join(
-                              f"{method} {mae:.3f}" for method, mae in results.items()) + "); nothing was written")
-    finally:
-        candidate.unlink(missing_ok=True)
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+                break
+        else:
+            raise ExportError(f"int8 quantisation changes the test MAE of {fp32_path} by more than "
+                              f"{INT8_TOLERANCE_YEARS} years (fp32 {fp32_mae:.3f}; " + ", ".join(
+                                  f"{name} {mae:.3f}" for name, mae in results.items()) + "); nothing was written")
+    print(f"wrote {final} ({final.stat().st_size / 1e6:.1f} MB, {method} int8)")
+    return {"int8_path": str(final), "int8_method": method, "fp32_test_mae": fp32_mae, "int8_test_mae": int8_mae}
 
 
 def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size: int) -> dict:
     """--format=half: the checkpoint as fp16 weights (model.write_half_precision_checkpoint), checked against the
     fp32 model on a random batch before it is renamed into place; prints its SHA-256 (the model card's)."""
     final_path = Path(cfg.output) if cfg.output else checkpoint_path.with_name(f"{checkpoint_path.stem}.half.pt")
-    if final_path.resolve() == checkpoint_path.resolve():
-        raise SystemExit(f"error: --output={final_path} is the checkpoint being exported; choose another name")
-    if final_path.is_dir() or (final_path.exists() and not _is_half_checkpoint(final_path)):
-        raise SystemExit(f"error: --output={final_path} exists and is not an fp16 checkpoint written by "
-                         "export_jit.py; choose another name, it is never replaced")
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final_path.parent)
+    claim_output(final_path, checkpoint_path)
     check_free_space(final_path.parent, 2 * sum(p.numel() for p in model.parameters()) + 20_000_000, "the fp16 copy")
-    path = final_path.with_name(f".{final_path.stem}.{os.getpid()}.checking{final_path.suffix}")
-    try:
+    # renamed into place only once the check passes
+    with folder_lock(final_path.parent, "export_jit.py"), atomic_write_path(final_path, record=True) as path:
         torch.save(half_precision_checkpoint(checkpoint_path), path)
         half_model, _, _ = load_model(path, "cpu")
         fold_batch_norms(half_model.backbone)
@@ -262,21 +220,9 @@ def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size
         if not difference <= TOLERANCE["half"]:
             raise ExportError(f"fp16 weights of {checkpoint_path} move an age by {difference:.2e} years; nothing "
                               "was written")
-        os.replace(path, final_path)
-    finally:
-        path.unlink(missing_ok=True)
     digest = file_sha256(final_path)
     print(f"wrote {final_path} ({final_path.stat().st_size / 1e6:.1f} MB, sha256 {digest})")
     return {"path": str(final_path), "format": "half", "max_abs_difference": difference, "sha256": digest}
-
-
-def _is_half_checkpoint(path: Path) -> bool:
-    if not path.is_file():  # never open a FIFO or a device
-        return False
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("weights_dtype") == "float16"
-    except Exception:  # noqa: BLE001 - anything unreadable is not ours
-        return False
 
 
 SETTINGS = ("checkpoint", "checkpoint_dir", "output", "format", "quantize", "device", "data_dir", "csv_dir",
@@ -320,18 +266,14 @@ def main(cfg: Config) -> dict:
     folder = (Path(cfg.checkpoint_dir) / SHIPPED_MODEL.stem if checkpoint_path.resolve() == SHIPPED_MODEL.resolve()
               else checkpoint_path.parent)
     final_path = Path(cfg.output) if cfg.output else folder / f"model.{suffix}"
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final_path.parent)  # an export killed midway left its .checking file
     # the weights in fp32 plus the graph: twice the parameters' bytes and a margin is what a write may need
     check_free_space(final_path.parent, 2 * 4 * sum(p.numel() for p in model.parameters()) + 50_000_000,
                      f"the {cfg.format} export")
     claim_output(final_path, checkpoint_path)
-    # exported under a temporary name and renamed only once the parity check passes: a failed export leaves an
-    # earlier good one in place
-    path = final_path.with_name(f".{final_path.stem}.{os.getpid()}.checking{final_path.suffix}")
-    try:
+    # exported to a temporary, renamed into place only once the parity check passes: a failed export leaves an
+    # earlier good one as it was
+    with folder_lock(final_path.parent, "export_jit.py"), atomic_write_path(final_path, record=True) as path:
         (export_onnx if cfg.format == "onnx" else export_torchscript)(model, example, path, metadata)
-
         check = torch.randn(5, 3, size, size)  # another batch size: the batch axis must be dynamic
         with torch.no_grad():
             expected = model(check)
@@ -341,15 +283,13 @@ def main(cfg: Config) -> dict:
         if not difference <= TOLERANCE[cfg.format]:
             raise ExportError(f"{cfg.format} export of {checkpoint_path} differs from the eager model by "
                               f"{difference:.2e} years; nothing was written")
-        os.replace(path, final_path)
-    finally:
-        path.unlink(missing_ok=True)  # the temporary file, if anything above failed
     path = final_path
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); run it with "
           f"python inference.py --checkpoint={path} --input=...")
     result = {"path": str(path), "format": cfg.format, "max_abs_difference": difference}
     if cfg.quantize == "int8":
-        result |= quantize_int8(path, cfg, trained_cfg, metadata)
+        with folder_lock(path.parent, "export_jit.py"):
+            result |= quantize_int8(path, cfg, trained_cfg, metadata)
     return result
 
 

@@ -40,12 +40,11 @@ from config import (
     print_config,
     range_problem,
     recipe_hash,
-    save_figure,
     seed_everything,
     to_argv,
-    write_csv,
 )
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
+from files import save_figure, write_csv
 from model import build_model
 
 # recipe: config.recipe_hash of the trial (its lr, weight decay and epochs included), which marks it done

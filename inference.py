@@ -50,15 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from config import (
-    PREDICTION_FIELDS,
-    Config,
-    atomic_write_path,
-    parse_config,
-    print_config,
-    probe_writable,
-    resolve_device,
-)
+from config import PREDICTION_FIELDS, Config, parse_config, print_config, resolve_device
 from custom_dataset_dataloader import (
     IMAGE_SUFFIXES,
     build_transforms,
@@ -68,6 +60,15 @@ from custom_dataset_dataloader import (
     resize_square,
 )
 from faces import DEFAULT_CROP_GEOMETRIES, CropGeometry, Detector, build_detector, geometries_from_dict
+from files import (
+    atomic_write_path,
+    claim_outputs,
+    folder_lock,
+    record_written,
+    remove_ours,
+    temporary_path,
+    written_by_us,
+)
 from model import ADULT_AGE, config_from_model_file, fold_batch_norms, load_model, newest_checkpoint
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
@@ -97,90 +98,9 @@ class Predictions:
 
 
 IMAGE_OUTPUT_SUFFIXES = (".jpg", ".jpeg", ".png")  # what an annotated photo is written as
-# written into every annotated photo (JPEG comment, PNG text), so a rerun may replace our own outputs and never a
-# user's file of the same name
+# written into every annotated photo (JPEG comment, PNG text) to say where it comes from; whether a rerun may replace
+# a file is decided by files.written_by_us alone (the record of what we wrote), as for every output
 OUTPUT_MARK = "annotated by inference.py (facial age estimation)"
-
-
-# beside the JSON-lines files and videos inference.py writes, in their folder: file name -> sha256 of what was written.
-# Those formats hold no mark of their own, and a file's content (empty, or rows that look like ours) proves nothing.
-OUTPUT_MANIFEST = ".inference_outputs.json"
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _manifest(folder: Path) -> dict[str, str]:
-    path = folder / OUTPUT_MANIFEST
-    try:
-        values = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except (OSError, ValueError):
-        return {}
-    return values if isinstance(values, dict) else {}
-
-
-def record_written(path: Path) -> None:
-    """Note `path` (just written by us) in its folder's OUTPUT_MANIFEST, so a rerun may replace it, and only it."""
-    entries = _manifest(path.parent)
-    entries[path.name] = _sha256(path)
-    with atomic_write_path(path.parent / OUTPUT_MANIFEST) as temporary:
-        temporary.write_text(json.dumps(entries, indent=1, sort_keys=True))
-
-
-def written_by_us(path: Path) -> bool:
-    """Whether an existing file is one inference.py wrote: an annotated photo carries OUTPUT_MARK; a JSON-lines file
-    or a video is listed, with the same content, in its folder's OUTPUT_MANIFEST. Only a regular file is opened."""
-    from PIL import Image
-
-    suffix = path.suffix.lower()
-    if not path.is_file():  # only a regular file is ever opened: a FIFO would block, a device be read for ever
-        return False
-    try:
-        if suffix in IMAGE_OUTPUT_SUFFIXES:
-            with Image.open(path) as image:
-                return OUTPUT_MARK in (image.info.get("comment", b"").decode(errors="replace"),
-                                       image.info.get("Software", ""))
-        if suffix == ".jsonl" or suffix in VIDEO_SUFFIXES:
-            return _manifest(path.parent).get(path.name) == _sha256(path)
-    except Exception:  # noqa: BLE001 - a file we cannot read (or a decompression bomb) is not one of ours
-        return False
-    return False
-
-
-def claim_outputs(outputs: list[Path], inputs: list[Path]) -> None:
-    """Stop before any work if an output is an input of this run, a folder, or an existing file inference.py did
-    not write (it would be replaced), or if two outputs coincide."""
-    sources = {path.resolve() for path in inputs}
-    seen = set()
-    for output in outputs:
-        try:  # before any photo is read: a folder under a file, a name too long, a read-only or full disk
-            probe_writable(output.parent)
-            output.is_dir()  # a file name too long for the file system raises here
-        except OSError as error:
-            raise SystemExit(f"error: --output {output} cannot be written ({type(error).__name__}: "
-                             f"{error.strerror or error}); choose another path") from None
-        resolved = output.resolve()
-        if resolved in sources:
-            raise SystemExit(f"error: --output {output} is also an input of this run; choose another path (nothing "
-                             "was written)")
-        if resolved in seen:
-            raise SystemExit(f"error: two results would both be written to {output}; choose another --output")
-        seen.add(resolved)
-        if output.is_dir():
-            raise SystemExit(f"error: {output} is a folder; give a file name for --output")
-        if output.exists() and not output.is_file():
-            raise SystemExit(f"error: --output {output} is not a regular file (a FIFO, a device...); give the name of "
-                             "a new file")
-        if output.exists() and not written_by_us(output):
-            raise SystemExit(f"error: {output} exists and was not written by inference.py; choose another --output "
-                             "(or move that file), it is never replaced")
 
 
 def folder_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
@@ -193,6 +113,7 @@ def folder_targets(paths: list[Path], folder: Path) -> dict[Path, Path]:
     targets, taken = {}, set()
     for path in paths:
         base = path.stem if stems[path.stem] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        base = base[:200]  # a photo named near the file system's 255-byte limit still gets an annotated copy
         target, number = folder / f"{base}_age.jpg", 1
         while (target.resolve() in sources or target in taken
                or (target.exists() and not written_by_us(target))):
@@ -635,12 +556,12 @@ def face_rows(source: str, frame: int | None, faces: list[Face]) -> list[dict[st
     return rows
 
 
-def _write_image(path: Path, canvas: np.ndarray) -> None:
-    """Write a BGR canvas as JPEG or PNG, marked as ours (OUTPUT_MARK), atomically."""
+def write_image(path: Path, canvas: np.ndarray) -> None:
+    """Write a BGR canvas as JPEG or PNG atomically, marked (OUTPUT_MARK) and recorded as ours."""
     from PIL import Image, PngImagePlugin
 
     image = Image.fromarray(np.ascontiguousarray(canvas[:, :, ::-1]))  # BGR (OpenCV's drawing) -> RGB
-    with atomic_write_path(path) as temporary:
+    with atomic_write_path(path, record=True) as temporary:
         if path.suffix.lower() == ".png":
             text = PngImagePlugin.PngInfo()
             text.add_text("Software", OUTPUT_MARK)
@@ -653,9 +574,8 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """The face rows as JSON lines (one dict per line), written atomically and recorded as ours. A write that fails
     (a full disk, a read-only folder) stops with the reason; the file that was there stays as it was."""
     try:
-        with atomic_write_path(path) as temporary:
+        with atomic_write_path(path, record=True) as temporary:
             temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        record_written(path)
     except OSError as error:
         raise SystemExit(f"error: the face rows could not be written to {path} ({type(error).__name__}: "
                          f"{error.strerror or error}); nothing there was replaced") from None
@@ -703,12 +623,14 @@ def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detect
 
 
 def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], rows_path: Path,
-                  predictor: AgePredictor, detector: Detector | None) -> list[dict[str, Any]]:
-    """Annotate each photo into targets[photo]. Worker threads decode the photos and find their faces ahead
-    (analysed_photos), the faces of PHOTOS_PER_MODEL_CALL photos share one model call, and a writer thread draws
-    and encodes the annotated files; the rows come in the order of `paths`, as from one photo at a time. One photo
-    that fails is a warning, never the end of the others, and the face rows of every photo done are written to
-    rows_path whatever happens."""
+                  predictor: AgePredictor, detector: Detector | None) -> tuple[list[dict[str, Any]], int]:
+    """Annotate each photo into targets[photo]; returns (the face rows, the number of annotated photos written).
+    Worker threads decode the photos and find their faces ahead (analysed_photos), the faces of
+    PHOTOS_PER_MODEL_CALL photos share one model call, and a writer thread draws and encodes the annotated files;
+    the rows come in the order of `paths`, as from one photo at a time. One photo that fails is a warning, never the
+    end of the others. A complete run writes rows_path (when a photo was written at all: a single photo that failed
+    leaves no empty rows file) and removes an earlier run's partial rows; a run stopped midway keeps the rows of
+    every photo done in <rows_path>.partial.jsonl and leaves the earlier complete rows as they were."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     rows: list[dict[str, Any]] = []
@@ -724,7 +646,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             faces = faces_with_ages(found, predictions, start)
             start += len(faces)
             results.append((path, faces, writer.submit(
-                lambda target, image, faces: _write_image(target, draw_faces(image, faces)), targets[path], image,
+                lambda target, image, faces: write_image(target, draw_faces(image, faces)), targets[path], image,
                 faces)))
         group.clear()
         return results
@@ -739,6 +661,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
                 warnings.warn(f"skipping {path}: its result could not be written to {targets[path]} "
                               f"({type(error).__name__}: {error})", stacklevel=3)
                 continue
+            written.append(path)
             if not faces:
                 print(f"{path}: no face found")
             else:
@@ -746,6 +669,7 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             rows.extend(face_rows(str(path), None, faces))
 
     previous: Done = []
+    written: list[Path] = []
     completed = False
     try:
         with (folder_threads(predictor, cfg.tta, len(paths)),
@@ -760,16 +684,17 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
             report(previous)
         completed = True
     finally:
-        if completed:  # results are replaced only by a complete new set
+        if completed and written:  # results are replaced only by a complete new set
             write_rows(rows_path, rows)
-        else:
+            remove_ours(partial_rows_path(rows_path))  # an earlier stopped run's rows are superseded
+        elif not completed:
             # the photos already predicted were annotated (the writer finished them as the run stopped): their rows
             # belong with the partial results
             with contextlib.suppress(Exception):
                 report(previous)
             if rows:
                 _keep_partial_rows(rows_path, rows)
-    return rows
+    return rows, len(written)
 
 
 def usable_photos(photos: Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | Exception | None]],
@@ -807,10 +732,14 @@ def folder_threads(predictor: AgePredictor, tta: bool, photos: int) -> Iterator[
         cv2.setNumThreads(detector_threads)
 
 
+def partial_rows_path(rows_path: Path) -> Path:
+    return rows_path.with_name(f"{rows_path.stem}.partial.jsonl")
+
+
 def _keep_partial_rows(rows_path: Path, rows: list[dict[str, Any]]) -> None:
     """A run that stopped early: its rows go to <name>.partial.jsonl (if that is free or ours), and the complete
     results of an earlier run at rows_path stay as they were. Never raises: the error that stopped the run goes on."""
-    partial = rows_path.with_name(f"{rows_path.stem}.partial.jsonl")
+    partial = partial_rows_path(rows_path)
     if partial.exists() and not written_by_us(partial):
         print(f"stopped early; the {len(rows)} face rows done are not written ({partial} is not ours)")
         return
@@ -834,13 +763,15 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
     writer, rows, tracker = None, [], FaceTracker(cfg.smoothing)
     show = cfg.show and _display_available()
     frame_index, started, fps = 0, time.perf_counter(), None
-    temporary = output.with_name(f".{output.stem}.{os.getpid()}.tmp{output.suffix}") if output else None
+    temporary = temporary_path(output) if output else None  # files.py's: renamed over output once complete
     keep = False  # the video is renamed into place only after the loop ends normally (or Ctrl-C stops a stream)
+    read_any = False
     try:
         while True:
             ok, frame = capture.read()
             if not ok:
                 break
+            read_any = True
             frame_started = time.perf_counter()
             image = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             faces = tracker.update(estimate_faces(image, predictor, detector, cfg.tta), frame_index)
@@ -872,13 +803,16 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
         capture.release()
         if writer is not None:
             writer.release()
-            if keep:
-                os.replace(temporary, output)
-                record_written(output)
-            else:  # a failure midway: no half-written video under the output name
-                temporary.unlink(missing_ok=True)
+        if writer is not None and keep:
+            os.replace(temporary, output)
+            record_written(output)
+        elif temporary is not None:  # a failure midway, or no frame: no half-written video under the output name
+            temporary.unlink(missing_ok=True)
         if show:
             cv2.destroyAllWindows()
+    if not read_any:
+        raise SystemExit(f"error: no frame could be read from {source!r} (an empty or damaged video, or a camera "
+                         "that gives no picture); nothing was written")
     seconds = time.perf_counter() - started
     print(f"{frame_index} frames in {seconds:.1f}s ({frame_index / max(seconds, 1e-9):.1f} FPS), {len(rows)} face rows")
     if output is not None:
@@ -914,9 +848,11 @@ def main(cfg: Config) -> list[dict[str, Any]]:
                          f"{error.strerror or error})") from None
     if cfg.input.isascii() and cfg.input.isdigit():  # a camera index ('²'.isdigit() is true, int('²') fails)
         output = Path(cfg.output) if cfg.output else None
-        if output is not None:
-            _check_video_output(output, [])
-        return run_on_video(cfg, int(cfg.input), output, predictor, detector)
+        if output is None:
+            return run_on_video(cfg, int(cfg.input), output, predictor, detector)
+        _check_video_output(output, [])
+        with folder_lock(output.parent, "inference.py"):
+            return run_on_video(cfg, int(cfg.input), output, predictor, detector)
     if source.is_dir():
         paths = sorted(path for path in source.iterdir() if path.is_file() and not path.name.startswith(".")
                        and path.suffix.lower() in IMAGE_SUFFIXES)
@@ -932,25 +868,32 @@ def main(cfg: Config) -> list[dict[str, Any]]:
         if folder.exists() and not folder.is_dir():
             raise SystemExit(f"error: --output={folder} is a file, but a folder input needs an output folder")
         rows_path = folder / "predictions.jsonl"
-        claim_outputs([rows_path], paths)
-        targets = folder_targets(paths, folder)
-        rows = run_on_images(cfg, paths, targets, rows_path, predictor, detector)
-        print(f"wrote {len(targets)} annotated image(s) and {rows_path} to {folder}")
+        claim_outputs([rows_path], paths, "inference.py")
+        with folder_lock(folder, "inference.py"):  # two runs into one folder would mix their images and rows
+            targets = folder_targets(paths, folder)
+            rows, written = run_on_images(cfg, paths, targets, rows_path, predictor, detector)
+        skipped = f" ({len(paths) - written} photo(s) skipped, named above)" if written < len(paths) else ""
+        if not written:
+            raise SystemExit(f"error: none of the {len(paths)} photo(s) in {source} could be annotated (see the "
+                             "warnings above); nothing was written")
+        print(f"wrote {written} annotated image(s){skipped} and {rows_path} to {folder}")
         return rows
     if not source.is_file():
         raise SystemExit(f"error: --input={cfg.input} is neither a file, a folder nor a camera index")
     if source.suffix.lower() in VIDEO_SUFFIXES:
         output = Path(cfg.output) if cfg.output else default_folder / f"{source.stem}_age.mp4"
         _check_video_output(output, [source])
-        return run_on_video(cfg, str(source), output, predictor, detector)
+        with folder_lock(output.parent, "inference.py"):
+            return run_on_video(cfg, str(source), output, predictor, detector)
     output = Path(cfg.output) if cfg.output else default_folder / f"{source.stem}_age.jpg"
     if output.suffix.lower() not in IMAGE_OUTPUT_SUFFIXES:
         raise SystemExit(f"error: --output={output}: an annotated photo is written as "
                          f"{' or '.join(IMAGE_OUTPUT_SUFFIXES)}; give one of those suffixes")
-    claim_outputs([output, output.with_suffix(".jsonl")], [source])
-    before = output.stat().st_mtime_ns if output.is_file() else None
-    rows = run_on_images(cfg, [source], {source: output}, output.with_suffix(".jsonl"), predictor, detector)
-    if not output.is_file() or output.stat().st_mtime_ns == before:  # the warning above says why
+    claim_outputs([output, output.with_suffix(".jsonl")], [source], "inference.py")
+    with folder_lock(output.parent, "inference.py"):
+        rows, written = run_on_images(cfg, [source], {source: output}, output.with_suffix(".jsonl"), predictor,
+                                      detector)
+    if not written:  # the warning above says why
         raise SystemExit(f"error: no annotated photo was written for {source} (see the warning above)")
     print(f"wrote {output} and {output.with_suffix('.jsonl')}")
     return rows
@@ -961,7 +904,7 @@ def _check_video_output(output: Path, inputs: list[Path]) -> None:
     if output.suffix.lower() not in WRITABLE_VIDEO_SUFFIXES:
         raise SystemExit(f"error: --output={output}: an annotated video is written as "
                          f"{', '.join(WRITABLE_VIDEO_SUFFIXES)}; give one of those suffixes")
-    claim_outputs([output, output.with_suffix(".jsonl")], inputs)
+    claim_outputs([output, output.with_suffix(".jsonl")], inputs, "inference.py")
     output.parent.mkdir(parents=True, exist_ok=True)
 
 

@@ -41,12 +41,12 @@ from config import (
     TIMM_PREFIX,
     Config,
     UsageError,
-    atomic_write_path,
     config_from_dict,
     parse_config,
     print_config,
     recipe_dict,
 )
+from files import atomic_write_path
 
 
 class PretrainedWeightsError(UsageError):

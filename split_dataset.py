@@ -30,17 +30,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from config import Config, check_writable_folders, parse_config, print_config, save_figure
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import (
     SPLITS,
     DataError,
+    check_disjoint_splits,
     dataset_csv_path,
     drop_repeated_rows,
     read_dataset_csv,
     split_csv_path,
     stratification_ages,
-    write_dataset_csv,
 )
+from files import check_writable_folders, claim_outputs, folder_lock, save_figure, write_csvs
 
 
 def age_bins(ages: np.ndarray, min_count: int) -> np.ndarray:
@@ -134,7 +135,7 @@ def plot_split_histograms(splits: dict[str, pd.DataFrame], path: Path) -> None:
     sns.histplot(data=labelled, x="age", hue="split", bins=np.arange(0, max_age + 2), stat="density",
                  common_norm=False, element="step", fill=False, linewidth=1.5, ax=axis)
     axis.set(title="Age distribution per split (density)", xlabel="age (years)", ylabel="share of images")
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def matched_split(frame: pd.DataFrame, reference: dict[str, pd.DataFrame], cfg: Config) -> dict[str, pd.DataFrame]:
@@ -177,12 +178,7 @@ def combined_splits(folders: list[str], max_age: int) -> dict[str, pd.DataFrame]
                 rows = rows.assign(source=Path(folder).name)
             splits[name].append(rows)
     combined = {name: pd.concat(parts, ignore_index=True) for name, parts in splits.items()}
-    seen: dict[str, str] = {}
-    for name, rows in combined.items():  # one image in two splits would be trained on and tested
-        for image_name in rows["image_name"]:
-            if seen.setdefault(image_name, name) != name:
-                raise DataError(f"{image_name} is in the {seen[image_name]} and the {name} split of --combine="
-                                f"{','.join(folders)}; combine split folders of different data sets")
+    check_disjoint_splits(combined, f"--combine={','.join(folders)} (combine split folders of different data sets)")
     return combined
 
 
@@ -194,6 +190,30 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     """Write the three split CSVs and their histogram figure; return the splits."""
     print_config(cfg, "split_dataset.py", SETTINGS)
     check_writable_folders(cfg, ("csv_dir", "pics_dir"))
+    outputs = [split_csv_path(cfg, name) for name in SPLITS]
+    figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"
+    # a user's own train_set.csv or figure of the same name is never replaced (files.py)
+    inputs = [dataset_csv_path(cfg), *(Path(folder.strip()) / f"{name}_set.csv" for folder in cfg.combine.split(",")
+                                       if folder.strip() for name in SPLITS)]
+    claim_outputs([*outputs, figure_path], inputs, "split_dataset.py")
+    with folder_lock(cfg.csv_dir, "split_dataset.py"):
+        splits = make_splits(cfg)
+        check_disjoint_splits(splits, f"the splits made for {cfg.csv_dir}")
+        write_csvs(list(splits.values()), outputs, record=True)  # the three files as one: all or none
+    plot_split_histograms(splits, figure_path)
+    total = sum(len(split) for split in splits.values())
+    for name, split in splits.items():
+        print(f"{name:>5}: {len(split):6d} images ({len(split) / total:5.1%}), mean age (a bin's lower bound for "
+              f"bins) {stratification_ages(split).mean():.1f} -> {split_csv_path(cfg, name)}")
+        if "source" in split:
+            counts = split["source"].value_counts()
+            print("       " + ", ".join(f"{source} {count}" for source, count in counts.items()))
+    print(f"wrote {figure_path}")
+    return splits
+
+
+def make_splits(cfg: Config) -> dict[str, pd.DataFrame]:
+    """The three splits of the data set CSV (or of --combine's split files), by the rule the settings choose."""
     if cfg.combine:
         splits = combined_splits([folder.strip() for folder in cfg.combine.split(",") if folder.strip()], cfg.max_age)
         frame = pd.concat(splits.values(), ignore_index=True)
@@ -219,18 +239,6 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     if empty:
         raise DataError(f"{dataset_csv_path(cfg)} has {len(frame)} usable image(s), too few for a non-empty "
                         f"{' and '.join(empty)} split; add images or raise --valid_fraction/--test_fraction")
-    for name, split in splits.items():
-        write_dataset_csv(split, split_csv_path(cfg, name))
-    figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"
-    plot_split_histograms(splits, figure_path)
-    total = len(frame)
-    for name, split in splits.items():
-        print(f"{name:>5}: {len(split):6d} images ({len(split) / total:5.1%}), mean age (a bin's lower bound for "
-              f"bins) {stratification_ages(split).mean():.1f} -> {split_csv_path(cfg, name)}")
-        if "source" in split:
-            counts = split["source"].value_counts()
-            print("       " + ", ".join(f"{source} {count}" for source, count in counts.items()))
-    print(f"wrote {figure_path}")
     return splits
 
 

@@ -51,21 +51,32 @@ from config import (
     RUN_FIELDS,
     Config,
     UsageError,
-    atomic_write_path,
-    check_free_space,
-    check_writable_folders,
     config_from_dict,
     parse_config,
     print_config,
     recipe_dict,
     recipe_hash,
-    remove_stale_temporaries,
     resolve_device,
-    save_figure,
     seed_everything,
 )
-from custom_dataset_dataloader import build_dataloader, decade_start, face_resolution
+from custom_dataset_dataloader import (
+    SPLITS,
+    build_dataloader,
+    check_disjoint_splits,
+    decade_start,
+    face_resolution,
+    read_dataset_csv,
+    split_csv_path,
+)
 from faces import DETECTORS, CropGeometry, measure_crop_geometry
+from files import (
+    atomic_write_path,
+    check_free_space,
+    check_writable_folders,
+    remove_empty_folder,
+    save_figure,
+    sweep_temporaries,
+)
 from model import (
     ADULT_AGE,
     build_model,
@@ -650,7 +661,7 @@ def new_run_name(cfg: Config, claim: bool = True) -> str:
     """run_name, or <model>_<date>_<time>, with a suffix where that run exists. With `claim` its checkpoint folder
     is created here, atomically (mkdir without exist_ok): of two trainings started with one run_name at once, one
     gets the name and the other the next suffix, so no folder ever mixes two runs."""
-    base = cfg.run_name or f"{cfg.model_name}_{datetime.now():%Y%m%d_%H%M%S}"
+    base = cfg.run_name or f"{cfg.model_name.replace('/', '_')}_{datetime.now():%Y%m%d_%H%M%S}"
     Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
     name, suffix = base, 1
     while True:
@@ -693,7 +704,7 @@ def plot_learning_curves(history: list[dict[str, float]], path: Path, title: str
     axes[1].legend()
     figure.suptitle(title)
     figure.tight_layout()
-    save_figure(figure, path)
+    save_figure(figure, path, record=True)
 
 
 def setup_distributed(cfg: Config) -> tuple[int, int, torch.device]:
@@ -886,6 +897,9 @@ def prepare_run(cfg: Config, rank: int, world_size: int, device: torch.device,
     execution = Execution.for_config(cfg, device)
     seed_everything(cfg.seed, cfg.deterministic)  # the model's initial weights depend on the seed alone
     model = build_model(cfg)  # first: a failed weight download stops the run before any slow work
+    # an image in two splits would be trained on and tested: checked before any cache is built
+    check_disjoint_splits({split: read_dataset_csv(split_csv_path(cfg, split), cfg.max_age) for split in SPLITS},
+                          f"the split files in {cfg.csv_dir}")
     if not is_main:
         _barrier(world_size)  # under torchrun rank 0 builds the decoded caches first; the others then find them
     loaders = {split: build_dataloader(cfg, split, device=device, rank=rank, world_size=world_size)
@@ -989,7 +1003,7 @@ def save_epoch(run: TrainingRun, epoch: int, history: list[dict[str, float]], be
 
 def check_checkpoint_space(run: TrainingRun) -> None:
     """Remove a killed run's checkpoint temporaries, and check the disk holds this run's checkpoints."""
-    remove_stale_temporaries(run.checkpoint_dir)
+    sweep_temporaries(run.checkpoint_dir)
     # best.pt (weights) and last.pt (weights, two AdamW moments, the average) at once, each written beside the old
     # one before the rename: about eight times the weights' bytes, checked before the first epoch
     weight_bytes = sum(parameter.numel() * 4 for parameter in unwrap(run.model).parameters())
@@ -1001,6 +1015,18 @@ def _train(cfg: Config, rank: int, world_size: int, device: torch.device) -> dic
     if is_main:  # before the caches and the first epoch: a folder that cannot be written would fail an hour later
         check_writable_folders(cfg, ("checkpoint_dir", "runs_dir", "pics_dir", "cache_dir"))
     cfg, resume_state = start_or_resume(cfg, world_size)
+    try:
+        return _train_run(cfg, resume_state, rank, world_size, device)
+    except BaseException:
+        if is_main and resume_state is None:  # a start that failed leaves no empty run folder behind
+            for folder in (Path(cfg.checkpoint_dir) / cfg.run_name, Path(cfg.runs_dir) / cfg.run_name):
+                remove_empty_folder(folder)
+        raise
+
+
+def _train_run(cfg: Config, resume_state: dict[str, Any] | None, rank: int, world_size: int,
+               device: torch.device) -> dict[str, Any]:
+    is_main = rank == 0
     cfg = resolve_preprocessing(cfg)  # the backbone's normalisation and filter, stored in every checkpoint
     if is_main:
         print_config(cfg, "train.py", SETTINGS)

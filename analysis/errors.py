@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from analysis import ANALYSIS_SETTINGS, Evaluation, analysis_dir, prepare_evaluation
-from config import Config, parse_config, print_config, save_figure, write_csv
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import (
     ETHNICITIES,
     GENDERS,
@@ -58,6 +58,7 @@ from custom_dataset_dataloader import (
     screen_rows,
 )
 from faces import build_detector
+from files import save_figure, write_csv
 from train import (
     ADULT_AGE,
     Execution,

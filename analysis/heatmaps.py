@@ -27,8 +27,9 @@ import torch
 from torch import nn
 
 from analysis import ANALYSIS_SETTINGS, analysis_dir, prepare_evaluation
-from config import Config, parse_config, print_config, save_figure, write_csv
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import build_dataset
+from files import save_figure, write_csv
 from model import AgeEstimationModel
 
 AGE_GROUPS = ((0, 9), (10, 19), (20, 29), (30, 44), (45, 59), (60, 120))  # inclusive year ranges

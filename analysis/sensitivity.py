@@ -25,8 +25,9 @@ import pandas as pd
 import torch
 
 from analysis import ANALYSIS_SETTINGS, analysis_dir, prepare_evaluation
-from config import Config, parse_config, print_config, save_figure, write_csv
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import build_dataset, build_transforms
+from files import save_figure, write_csv
 from train import Execution, evaluate
 
 EYE_LINE, MOUTH_LINE = 0.27, 0.68  # share of the height (aligned UTKFace crops)

@@ -34,16 +34,8 @@ from typing import Any
 import torch
 
 from benchmarks import pipeline
-from config import (
-    RECIPE_FIELDS,
-    RUN_FIELDS,
-    Config,
-    UsageError,
-    atomic_write_path,
-    parse_config,
-    print_config,
-    resolve_device,
-)
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, UsageError, parse_config, print_config, resolve_device
+from files import atomic_write_path
 
 GPU_DEFAULTS = replace(
     pipeline.BENCHMARK_DEFAULTS, data_dir="../shared/data/utkface64", model_name="resnet", image_size=128,

@@ -167,7 +167,7 @@ def folder_throughput(predictor: AgePredictor, face_paths: list[Path], min_face_
             for path in paths:
                 image = np.asarray(open_rgb_image(path))
                 faces = estimate_faces(image, predictor, detector)
-                inference._write_image(output / f"{path.stem}_age.jpg", draw_faces(image, faces))
+                inference.write_image(output / f"{path.stem}_age.jpg", draw_faces(image, faces))
                 rows += inference.face_rows(str(path), None, faces)
             inference.write_rows(output / "predictions.jsonl", rows)
 

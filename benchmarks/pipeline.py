@@ -53,16 +53,8 @@ from typing import Any
 
 import torch
 
-from config import (
-    RECIPE_FIELDS,
-    RUN_FIELDS,
-    Config,
-    atomic_write_path,
-    parse_config,
-    print_config,
-    resolve_device,
-    seed_everything,
-)
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, print_config, resolve_device, seed_everything
+from files import atomic_write_path
 
 BENCHMARK_DEFAULTS = Config(  # data_dir '' = generated faces
     data_dir="", image_size=64, pretrained=False, batch_size=64, optimizer="sgd", lr=5e-4, num_workers=2,

@@ -52,16 +52,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from config import (
-    RECIPE_FIELDS,
-    RUN_FIELDS,
-    Config,
-    atomic_write_path,
-    folders_under,
-    parse_config,
-    print_config,
-    save_figure,
-)
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, folders_under, parse_config, print_config
+from files import atomic_write_path, save_figure
 
 SCALE_DEFAULTS = Config(image_size=64, model_name="resnet18", pretrained=False, epochs=1, num_workers=2)
 DISTINCT_FACES, FACE_SIZE = 5000, 200

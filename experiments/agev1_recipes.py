@@ -26,7 +26,8 @@ from typing import Any
 import pandas as pd
 
 import train
-from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, recipe_hash, write_csv
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, recipe_hash
+from files import write_csv
 from model import config_from_model_file, resolve_preprocessing
 
 BASE = {"data_dir": "../shared/data/utkface64", "model_name": "agev1_resnet10", "image_size": 64, "tta": True}

@@ -27,9 +27,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, write_csv
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config
 from custom_dataset_dataloader import load_image, read_dataset_csv, screen_rows, split_csv_path
 from experiments import agev1_recipes
+from files import write_csv
 
 BASE = {"data_dir": "../shared/data/utkface64", "model_name": "dlib_face_resnet", "tta": True}
 RECIPES: dict[str, dict[str, Any]] = {  # config.py's recipe (AdamW 1e-3, DEX, 10 epochs, EMA) plus these

@@ -26,7 +26,8 @@ import pandas as pd
 import torch
 
 import train
-from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, print_config, resolve_device, write_csv
+from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, print_config, resolve_device
+from files import write_csv
 from model import build_model, resolve_preprocessing
 
 CONTENDERS = {"agev1_resnet10 64 px": {"model_name": "agev1_resnet10", "image_size": 64},

@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from config import Config, parse_config, print_config, write_csv
+from config import Config, parse_config, print_config
+from files import write_csv
 
 RESULTS_CSV = Path("results/matrix.csv")
 GROUPS_CSV = Path("results/matrix_groups.csv")

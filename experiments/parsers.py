@@ -28,7 +28,8 @@ from typing import Any
 
 import pandas as pd
 
-from config import Config, apply_overrides, write_csv
+from config import Config, apply_overrides
+from files import write_csv
 
 OUTPUT = Path("results") / "parsers.csv"
 # (what the repository promises, the command line, the check of a parsed Config; None: it must stop)

@@ -36,9 +36,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from config import Config, parse_config, print_config, write_csv
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import distance_to_bins, load_image, read_dataset_csv, screen_rows
 from experiments.real_photos import FAIRFACE, UTKFACE_TEST
+from files import write_csv
 from model import SHIPPED_MODEL, agev1_files
 
 DEFAULT_CHECKPOINTS = (SHIPPED_MODEL, Path("checkpoints/utk64_agev1_64px/best.pt"))

@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from analysis import ANALYSIS_SETTINGS
-from config import Config, parse_config, print_config, write_csv
+from config import Config, parse_config, print_config
 from custom_dataset_dataloader import (
     age_bin_bounds,
     change_resolution,
@@ -45,6 +45,7 @@ from custom_dataset_dataloader import (
     read_dataset_csv,
     screen_rows,
 )
+from files import write_csv
 from model import newest_checkpoint
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

@@ -8,7 +8,6 @@ import torch
 from config import (
     Config,
     apply_overrides,
-    atomic_write_path,
     config_from_dict,
     config_to_dict,
     describe,
@@ -17,6 +16,7 @@ from config import (
     to_argv,
     validate,
 )
+from files import atomic_write_path
 
 
 def test_config_is_frozen():

@@ -14,8 +14,9 @@ import torch
 import app
 import export_jit
 import inference
-from config import Config, parse_config, write_csv
+from config import Config, parse_config
 from faces import DEFAULT_CROP_GEOMETRY
+from files import write_csv
 from model import AgeEstimationModel, save_checkpoint
 
 

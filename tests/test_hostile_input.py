@@ -31,6 +31,7 @@ from PIL import Image
 
 import eda
 import export_jit
+import files
 import inference
 import split_dataset
 import train
@@ -45,7 +46,8 @@ from tests.helpers import make_config, write_splits
 def _snapshot(root: Path) -> dict[str, str]:
     """sha256 of every regular file under root (FIFOs and links left alone: reading a FIFO would block)."""
     return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(root.rglob("*"))
-            if path.is_file() and not path.is_symlink() and path.stat().st_size < 50_000_000}
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 50_000_000
+            and files.OURS not in path.parts}  # our own records of what we wrote change with every write
 
 
 def run_case(root: Path, call: Callable[[], object], seconds: float = 120,
@@ -130,7 +132,7 @@ def test_an_existing_user_file_is_never_replaced_but_our_own_output_is(workspace
     for _ in range(2):  # the second run replaces what the first one wrote
         message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"),
                               asked=(ours, ours.with_suffix(".jsonl")))
-        assert message == "" and inference.written_by_us(ours)
+        assert message == "" and files.written_by_us(ours)
 
 
 def test_folder_inference_into_its_own_folder_keeps_every_photo(workspace, tmp_path):
@@ -140,7 +142,7 @@ def test_folder_inference_into_its_own_folder_keeps_every_photo(workspace, tmp_p
     assert message == ""
     rows = [json.loads(line) for line in (photos / "predictions.jsonl").read_text().splitlines()]
     assert {Path(row["source"]).name for row in rows} == {"a.jpg", "a.png", "b.jpg", "b_age.jpg"}  # all four read
-    written = {path.name for path in photos.iterdir() if inference.written_by_us(path)}
+    written = {path.name for path in photos.iterdir() if files.written_by_us(path)}
     # a.jpg and a.png get two names; b.jpg's result avoids the user's own b_age.jpg
     assert written >= {"a_jpg_age.jpg", "a_png_age.jpg", "b_age_2.jpg", "b_age_age.jpg"}
     ours = tuple(photos / name for name in (*written, "predictions.jsonl"))
@@ -158,12 +160,12 @@ def test_export_never_replaces_the_checkpoint_or_a_user_file(workspace, tmp_path
     notes = tmp_path / "notes.torchscript"
     notes.write_text("my notes")
     message, _ = run_case(tmp_path, export(notes))
-    assert "is not an export written by export_jit.py" in message
+    assert "was not written by export_jit.py" in message
     good = tmp_path / "model.torchscript"
     for _ in range(2):
         message, _ = run_case(tmp_path, export(good), asked=(good,))
-        assert message == "" and export_jit.is_export(good)
-    assert not list(tmp_path.glob(".*checking*"))  # no temporary file left behind
+        assert message == "" and files.written_by_us(good)
+    assert not (tmp_path / files.OURS).exists() or not any((tmp_path / files.OURS).glob("*.torchscript"))
 
 
 @pytest.mark.slow  # two short trainings
@@ -318,16 +320,26 @@ def test_a_torchscript_file_with_a_damaged_config_entry_is_named(workspace, tmp_
 
 # --- 6. one bad file never ends a batch; bad output paths fail before the work -------------------------------
 
-def test_a_file_whose_result_cannot_be_written_is_a_warning(workspace, tmp_path):
+def test_a_file_whose_result_cannot_be_written_is_a_warning(workspace, tmp_path, monkeypatch):
     photos = tmp_path / "photos"
     photos.mkdir()
-    shutil.copy(workspace["photos"] / "a.jpg", photos / "a.jpg")
-    shutil.copy(workspace["photos"] / "b.jpg", photos / ("x" * 245 + ".jpg"))  # its annotated name is too long
+    for name in ("a.jpg", "b.jpg"):
+        shutil.copy(workspace["photos"] / name, photos / name)
+    shutil.copy(workspace["photos"] / "b.jpg", photos / ("x" * 250 + ".jpg"))  # near the 255-byte name limit
+    write_image = inference.write_image
+
+    def failing_for_b(path, canvas):  # b's annotated copy meets a full disk
+        if path.name.startswith("b_"):
+            raise OSError(28, "No space left on device")
+        write_image(path, canvas)
+
+    monkeypatch.setattr(inference, "write_image", failing_for_b)
     output = tmp_path / "annotated"
     message, caught = run_case(tmp_path, _inference(workspace, f"--input={photos}", f"--output={output}"))
     assert message == "" and "could not be written" in caught
     rows = (output / "predictions.jsonl").read_text().splitlines()
-    assert [Path(json.loads(row)["source"]).name for row in rows] == ["a.jpg"]
+    assert sorted(Path(json.loads(row)["source"]).name for row in rows) == sorted(["a.jpg", "x" * 250 + ".jpg"])
+    assert (output / ("x" * 200 + "_age.jpg")).is_file()  # the long name's copy under a shortened name
 
 
 @pytest.mark.parametrize(("input_name", "output_name", "expected"), [
@@ -519,7 +531,7 @@ def test_a_fifo_or_a_device_as_output_is_refused_without_opening_it(workspace, t
             os.mkfifo(output)
         message, _ = run_case(tmp_path, lambda output=output: export_jit.main(
             replace(Config(), checkpoint=str(workspace["checkpoint"]), output=str(output))), seconds=60)
-        assert "is not an export written by export_jit.py" in message
+        assert "not a regular file" in message
 
 
 def test_ownership_comes_from_what_we_wrote_never_from_emptiness(workspace, tmp_path):
@@ -542,12 +554,12 @@ def test_ownership_comes_from_what_we_wrote_never_from_emptiness(workspace, tmp_
         assert "was not written by inference.py" in message
     ours = tmp_path / "ours.jpg"
     run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"))
-    assert inference.written_by_us(ours.with_suffix(".jsonl"))  # recorded in the folder's manifest
+    assert files.written_by_us(ours.with_suffix(".jsonl"))  # recorded in the folder's manifest
     message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={ours}"),
-                          asked=(ours, ours.with_suffix(".jsonl"), tmp_path / inference.OUTPUT_MANIFEST))
+                          asked=(ours, ours.with_suffix(".jsonl")))
     assert message == ""  # our own outputs are replaced by a rerun
     ours.with_suffix(".jsonl").write_text("")  # ... but not once someone else has changed them
-    assert not inference.written_by_us(ours.with_suffix(".jsonl"))
+    assert not files.written_by_us(ours.with_suffix(".jsonl"))
 
 
 def test_a_rerun_that_stops_early_leaves_the_earlier_results_whole(workspace, tmp_path, monkeypatch):
@@ -579,28 +591,34 @@ def test_a_rerun_that_stops_early_leaves_the_earlier_results_whole(workspace, tm
 def test_a_failed_write_of_the_results_is_a_failure(workspace, tmp_path, monkeypatch):
     import errno
 
-    def full_disk(path):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    record = files.record_written
+
+    def full_disk(path):  # the photo is written; the rows file is not
+        if Path(path).suffix == ".jsonl":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        record(path)
 
     photo = next(workspace["photos"].glob("*.jpg"))
     output = tmp_path / "photo_age.jpg"
-    monkeypatch.setattr(inference, "record_written", full_disk)
+    monkeypatch.setattr(files, "record_written", full_disk)
     message, _ = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={output}"),
                           asked=(output, output.with_suffix(".jsonl")))
     assert "could not be written" in message and "No space left" in message
 
 
 def test_stale_temporary_files_of_dead_writers_are_cleaned_and_live_ones_kept(tmp_path):
-    from config import remove_stale_temporaries
-
     dead = 2**22 + 12345  # above the default pid_max: no such process
-    stale = [tmp_path / f".last.pt.{dead}.tmp", tmp_path / f".model.{dead}.checking.torchscript"]
-    live = [tmp_path / f".best.pt.{os.getpid()}.tmp", tmp_path / f".model.{os.getppid()}.checking.onnx"]
-    mine = tmp_path / f".notes.{dead}.txt"  # not one of our temporary names
-    for path in (*stale, *live, mine):
+    ours = tmp_path / files.OURS
+    ours.mkdir()
+    stale = [ours / f"{dead}.0123abcd.last.pt", ours / f"{dead}.89abcdef.model.torchscript"]
+    live = [ours / f"{os.getpid()}.0123abcd.best.pt", ours / f"{os.getppid()}.0123abcd.model.onnx"]
+    # a user's files that look like temporaries, beside the output: never looked at
+    users = [tmp_path / f".last.pt.{dead}.tmp", tmp_path / ".thesis.20240101.tmp.docx",
+             tmp_path / f".model.{dead}.checking.onnx"]
+    for path in (*stale, *live, *users):
         path.write_bytes(b"x")
-    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
-    assert all(path.exists() for path in (*live, mine)) and not any(path.exists() for path in stale)
+    assert sorted(files.sweep_temporaries(tmp_path)) == sorted(stale)
+    assert all(path.exists() for path in (*live, *users)) and not any(path.exists() for path in stale)
 
 
 def test_too_little_free_space_stops_an_export_before_it_writes(workspace, tmp_path, monkeypatch):
@@ -620,7 +638,7 @@ def test_an_unreadable_single_photo_is_a_failure_not_a_success(workspace, tmp_pa
     fake.write_bytes(b"\xff\xd8\xff not really a JPEG")
     output = tmp_path / "holiday_age.jpg"
     message, caught = run_case(tmp_path, _inference(workspace, f"--input={fake}", f"--output={output}"),
-                               asked=(output.with_suffix(".jsonl"), tmp_path / inference.OUTPUT_MANIFEST))
+                               asked=(output.with_suffix(".jsonl")))
     assert "no annotated photo was written" in message and "not a readable image" in caught
     assert not output.exists()
 

@@ -479,7 +479,7 @@ def test_folder_inference_skips_a_photo_whose_face_search_fails(checkpoint, tmp_
     targets = inference.folder_targets(paths, tmp_path / "out")
     predictor = inference.AgePredictor(checkpoint)
     with pytest.warns(UserWarning) as caught:
-        rows = inference.run_on_images(Config(), paths, targets, tmp_path / "out" / "predictions.jsonl", predictor,
+        rows, _ = inference.run_on_images(Config(), paths, targets, tmp_path / "out" / "predictions.jsonl", predictor,
                                        FailingOnSmallPhotos())
     messages = " ".join(str(warning.message) for warning in caught)
     assert "photo_1.png: its faces could not be found (ValueError" in messages
