@@ -1,8 +1,9 @@
 """A web page, and its API, to try a trained model on your own photos and clips (Gradio, over inference.py).
 
-Reads:  the model files found under --checkpoint_dir and demo_output/checkpoints/ (<run>/best.pt,
-        <run>/model.torchscript, <run>/model.onnx), --checkpoint if given, and the shipped model
-        (models/age_lite0_mix.pt, offered last, so the page works on a fresh clone); photos and clips sent to
+Reads:  --checkpoint's model files if given, else the shipped model (models/age_lite0_mix.pt): the page's
+        default, by the rule every script follows (model.choose_model_files; --checkpoint=latest is your newest
+        finished run); then, to pick from, the model files under --checkpoint_dir (<run>/best.pt,
+        <run>/model.torchscript, <run>/model.onnx), newest first, and demo.py's last; photos and clips sent to
         the page.
 Writes: nothing in the repository: annotated images, clips and JSON lines go to a temporary folder the page serves
         (files older than an hour are removed, the folder itself when the app stops).
@@ -51,11 +52,10 @@ from inference import (
     estimate_faces,
     face_rows,
     load_predictor,
-    model_files,
     run_on_video,
     write_rows,
 )
-from model import ADULT_AGE, SHIPPED_MODEL
+from model import ADULT_AGE, SHIPPED_MODEL, choose_model_files
 
 DEMO_CHECKPOINTS = Path(DEMO_DEFAULTS.checkpoint_dir)  # where demo.py leaves its model
 MODEL_FILE_PATTERNS = ("*/best.pt", "*/*.torchscript", "*/*.onnx")
@@ -69,30 +69,26 @@ class InputError(ValueError):
 
 
 def find_model_files(cfg: Config) -> dict[str, Path | tuple[Path, ...]]:
-    """Label -> model file (or an ensemble's files, --checkpoint=a.pt,b.pt, then each of them): --checkpoint first,
-    then checkpoint_dir's and demo_output's model files, newest first, then the shipped model (model.SHIPPED_MODEL).
-    Stops with one sentence when there is none."""
+    """Label -> model file (or an ensemble's files, --checkpoint=a.pt,b.pt, then each of them), the first being the
+    page's default by the rule every script follows (model.choose_model_files): --checkpoint's files if given, else
+    the shipped model. Then, to pick from: checkpoint_dir's model files, newest first, and demo.py's last (a model
+    of drawn faces, never the default). Stops with one sentence when there is none."""
     found: dict[str, Path | tuple[Path, ...]] = {}
-    if cfg.checkpoint:
-        paths = model_files(cfg.checkpoint)
-        for path in paths:
-            if not path.is_file():
-                raise SystemExit(f"error: --checkpoint={cfg.checkpoint}: {path} does not exist")
-        if len(paths) > 1:  # an ensemble, offered first, and each of its members after it
-            found[" + ".join(str(path) for path in paths)] = tuple(path.resolve() for path in paths)
-        for path in paths:
-            found[str(path)] = path.resolve()
-    candidates = {path.resolve(): path for folder in (Path(cfg.checkpoint_dir), DEMO_CHECKPOINTS)
-                  for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern) if path.is_file()}
-    for resolved, path in sorted(candidates.items(), key=lambda item: -item[0].stat().st_mtime):
-        if resolved not in found.values():
-            found[str(path)] = resolved
-    if SHIPPED_MODEL.is_file() and SHIPPED_MODEL.resolve() not in found.values():
-        # last: a model of one's own comes first, the shipped one (models/README.md) is always there to compare
-        found[str(SHIPPED_MODEL.relative_to(Path(__file__).resolve().parent))] = SHIPPED_MODEL.resolve()
-    if not found:
-        raise SystemExit(f"error: no model file in {cfg.checkpoint_dir}/ or {DEMO_CHECKPOINTS}/; run python demo.py "
-                         "(5 minutes, no download) or python train.py first, or pass --checkpoint=<file>")
+    paths = choose_model_files(cfg)
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"error: --checkpoint={cfg.checkpoint}: {path} does not exist")
+    if len(paths) > 1:  # an ensemble, offered first, and each of its members after it
+        found[" + ".join(str(path) for path in paths)] = tuple(path.resolve() for path in paths)
+    root = Path(__file__).resolve().parent
+    for path in paths:
+        found[str(path.relative_to(root)) if path == SHIPPED_MODEL else str(path)] = path.resolve()
+    for folder in (Path(cfg.checkpoint_dir), DEMO_CHECKPOINTS):
+        candidates = {path.resolve(): path for pattern in MODEL_FILE_PATTERNS for path in folder.glob(pattern)
+                      if path.is_file()}
+        for resolved, path in sorted(candidates.items(), key=lambda item: -item[0].stat().st_mtime):
+            if resolved not in found.values():
+                found[str(path)] = resolved
     return found
 
 
@@ -391,10 +387,23 @@ SETTINGS = (*PREDICTION_FIELDS, "host", "port", "share", "max_upload_megabytes",
             "max_video_seconds", "smoothing")  # what this script reads (its --help)
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Stop with one sentence naming --port when another program already listens on host:port."""
+    import socket
+
+    try:
+        with socket.create_server((host, port), reuse_port=False):
+            pass
+    except OSError as error:
+        raise SystemExit(f"error: {host}:{port} cannot be served ({error.strerror or error}: another program, or "
+                         f"another app.py, listens there); choose another with --port={port + 1}") from None
+
+
 def main(cfg: Config) -> Any:
     """Serve the page until interrupted; returns the gr.Blocks (closed)."""
     print_config(cfg, "app.py", SETTINGS)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage reports leave the machine
+    check_port_free(cfg.host, cfg.port)  # before the models load: a busy port is one sentence, not gradio's traceback
     shelf = ModelShelf(find_model_files(cfg), resolve_device(cfg.device), cfg.detector, cfg.tta_views,
                        cfg.match_training_resolution)
     print(f"models on offer: {', '.join(shelf.labels)} (the first is the page's default)")

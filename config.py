@@ -141,7 +141,7 @@ class Config:
     tune_overfit_images: int = 1000  # step 2: size of the fixed training subset to overfit
     tune_overfit_epochs: int = 30  # step 2: epochs on that subset
     # --- inference.py / export_jit.py ---
-    checkpoint: str = ""  # best.pt, model.torchscript or model.onnx; a,b = their mean ('' = newest */best.pt)
+    checkpoint: str = ""  # a .pt, .torchscript or .onnx; a,b = their mean; latest = newest finished run; '' = shipped
     input: str = ""  # image, folder of images, video file, or camera index (0 = webcam)
     output: str = ""  # annotated image / folder / video ('' = under pics/inference/); a .jsonl of faces goes beside
     no_detect: bool = False  # treat every input image as an already-cropped face (no detection)
@@ -161,7 +161,7 @@ class Config:
     port: int = 7860  # the app's port
     share: bool = False  # also open a public *.gradio.live link (needs internet)
     max_upload_megabytes: int = 20  # uploads larger than this are refused
-    max_image_pixels: int = 40_000_000  # photos with more pixels (width x height) are refused before decoding
+    max_image_pixels: int = 40_000_000  # app.py and inference.py refuse photos with more pixels, before decoding
     max_video_seconds: float = 30.0  # longer clips are refused
     # --- analysis/ (errors, sensitivity, heat-maps of a trained checkpoint) ---
     test_csv: str = ""  # the CSV to analyse ('' = the checkpoint's own test split); paths relative to data_dir
@@ -202,15 +202,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "ema_decay": 0.0, "rotation_degrees": 10.0, "translate_fraction": 0.0, "scale_jitter": 0.0, "color_jitter": 0.2,
         "erase_probability": 0.0, "mixup_alpha": 0.0,
     },
-    # ResNet-18 from random initialisation, the defaults before pretrained EfficientNet-Lite0 (RESULTS.md, "From
-    # scratch"): the best 10-epoch scratch recipe measured. Erasing hurts short scratch runs.
-    "scratch": {"model_name": "resnet18", "pretrained": False, "lr": 2e-3, "weight_decay": 1e-4,
+    # ResNet-18 from random initialisation at 96 px, the defaults before pretrained EfficientNet-Lite0: the best
+    # 10-epoch scratch recipe measured (RESULTS.md, "From scratch", where its figures were made). Erasing hurts
+    # short scratch runs.
+    "scratch": {"model_name": "resnet18", "pretrained": False, "image_size": 96, "lr": 2e-3, "weight_decay": 1e-4,
                 "erase_probability": 0.0},
-    # ResNet-18 from scratch for 40 epochs: the best long scratch recipe measured (valid MAE 5.16 and 5.10 with two
-    # seeds against 5.20 without erasing and weight decay): over 40 epochs the network memorises the training faces
-    # after epoch ~24, and random erasing slows that down.
-    "long": {"model_name": "resnet18", "pretrained": False, "lr": 2e-3, "epochs": 40, "weight_decay": 0.05,
-             "erase_probability": 0.5},
+    # The same for 40 epochs: the best long scratch recipe measured (RESULTS.md, "From scratch"); over 40 epochs the
+    # network memorises the training faces after epoch ~24, and random erasing and weight decay slow that down.
+    "long": {"model_name": "resnet18", "pretrained": False, "image_size": 96, "lr": 2e-3, "epochs": 40,
+             "weight_decay": 0.05, "erase_probability": 0.5},
     # agev1_resnet10, pretrained on faces, at its native 64 px with the backbone at 0.3 x the head's rate: the best of
     # its recipes measured (RESULTS.md, "A face-pretrained backbone"), 16x cheaper a step than Lite0 at 128 px
     "face": {"model_name": "agev1_resnet10", "pretrained": True, "image_size": 64, "backbone_lr_scale": 0.3},
@@ -488,8 +488,8 @@ RECIPE_FIELDS = (
 RUN_FIELDS = ("preset", "run_name", "resume", "deterministic", "device", "num_workers", "channels_last",
               "mixed_precision", "compile", "use_cache", "loading", "sync_batchnorm", "crop_geometry_images", "tta",
               "checkpoint_dir", "pics_dir", "runs_dir", "cache_dir")
-PREDICTION_FIELDS = ("checkpoint", "checkpoint_dir", "device", "tta", "tta_views", "match_training_resolution",
-                     "detector", "min_face_size")
+PREDICTION_FIELDS = ("checkpoint", "checkpoint_dir", "runs_dir", "device", "tta", "tta_views",
+                     "match_training_resolution", "detector", "min_face_size")
 
 
 def recipe_dict(cfg: Config) -> dict[str, Any]:

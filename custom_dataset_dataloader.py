@@ -259,6 +259,8 @@ def _resolve_in(root: str, image_name: str) -> ImageFile:
     """resolve_image_path with the data folder already resolved. os.path rather than pathlib (17 against 105 µs per
     image on utkface200, RESULTS.md, "Scale"): this runs serially for every row of every split. A plain name in the
     (resolved) folder itself that is a regular file, not a link, needs no more than one lstat."""
+    if "\0" in image_name:  # the operating system refuses such a path with a ValueError, not an OSError
+        raise DataError(f"image name {image_name!r} holds a NUL byte; fix or remove its CSV row")
     if "/" not in image_name and os.sep not in image_name and image_name not in ("", ".", ".."):
         path = os.path.join(root, image_name)
         try:
@@ -321,10 +323,15 @@ def describe_read_error(error: Exception, path: str | os.PathLike) -> str:
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
 
-def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Image.Image:
+def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None, max_pixels: int | None = None,
+                   ) -> Image.Image:
     """Decode an image as RGB: EXIF orientation applied; grayscale, 16-bit, CMYK, palette and RGBA converted
-    (transparent areas become white). draft_size lets a JPEG decode at a reduced scale when much larger."""
+    (transparent areas become white). draft_size lets a JPEG decode at a reduced scale when much larger; an image
+    of more than max_pixels (width x height, read from its header) is refused before anything is decoded."""
     with Image.open(path) as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ValueError(f"{image.width} x {image.height} pixels, more than --max_image_pixels={max_pixels:,}; "
+                             "shrink the photo or raise the limit")
         if draft_size:
             image.draft("RGB", (draft_size, draft_size))
         image = ImageOps.exif_transpose(image)
@@ -335,6 +342,9 @@ def open_rgb_image(path: str | os.PathLike, draft_size: int | None = None) -> Im
             return background
         if image.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit or float grayscale
             values = np.asarray(image, dtype=np.float32)
+            if not np.isfinite(values).all():  # NaN would turn the whole image black, silently
+                raise ValueError(f"{int((~np.isfinite(values)).sum())} pixel(s) are NaN or infinite; save the "
+                                 "image again with finite values (e.g. as an 8-bit PNG)")
             scale = 255.0 / max(float(values.max()), 1.0)
             return Image.fromarray((values * scale).clip(0, 255).astype(np.uint8)).convert("RGB")
         return image.convert("RGB")

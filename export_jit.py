@@ -1,6 +1,6 @@
 """Export a checkpoint to TorchScript (default) or ONNX, with a parity check against the eager model.
 
-Reads:  --checkpoint (a train.py best.pt; '' = the newest checkpoints/*/best.pt).
+Reads:  --checkpoint (a train.py best.pt; '' = the shipped model, 'latest' = your newest finished run's best.pt).
 Writes: model.torchscript (or model.onnx with --format=onnx) beside the checkpoint. Both carry the training
         config, the crop geometry and the training faces' resolution (TorchScript: `_extra_files` config.json,
         crop_geometry.json and face_resolution.json; ONNX: metadata properties "config", "crop_geometry" and
@@ -40,7 +40,7 @@ import torch
 from config import Config, UsageError, parse_config, print_config, recipe_dict, stored_recipe_for_run
 from faces import geometries_from_dict
 from files import atomic_write_path, check_free_space, claim_outputs, file_sha256, folder_lock, temporary_path
-from model import SHIPPED_MODEL, fold_batch_norms, half_precision_checkpoint, load_model, newest_checkpoint
+from model import SHIPPED_MODEL, choose_model_files, fold_batch_norms, half_precision_checkpoint, load_model
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-3, "half": 0.25}
@@ -225,7 +225,7 @@ def export_half(cfg: Config, checkpoint_path: Path, model: torch.nn.Module, size
     return {"path": str(final_path), "format": "half", "max_abs_difference": difference, "sha256": digest}
 
 
-SETTINGS = ("checkpoint", "checkpoint_dir", "output", "format", "quantize", "device", "data_dir", "csv_dir",
+SETTINGS = ("checkpoint", "checkpoint_dir", "runs_dir", "output", "format", "quantize", "device", "data_dir", "csv_dir",
             "cache_dir")  # what this script reads (its --help; data for the int8 calibration and check)
 
 
@@ -242,7 +242,7 @@ def main(cfg: Config) -> dict:
     if "," in cfg.checkpoint:
         raise SystemExit(f"error: --checkpoint={cfg.checkpoint} names several model files; an ensemble is exported "
                          "member by member (one export_jit.py run each) and run as --checkpoint=a.onnx,b.onnx")
-    checkpoint_path = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
+    checkpoint_path = choose_model_files(cfg)[0]
     model, trained_cfg, checkpoint = load_model(checkpoint_path, "cpu")
     try:  # carried into the export as it is, so checked here as inference checks it
         geometries_from_dict(checkpoint.get("crop_geometry"))

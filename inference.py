@@ -1,10 +1,10 @@
 """Estimate the age of every face in a photo, a folder of photos, a video file or a webcam stream.
 
 Reads:  --checkpoint: a train.py checkpoint (best.pt), or a file from export_jit.py (model.torchscript runs with
-        torch alone, model.onnx with onnxruntime alone: no model code needed); '' = the newest
-        checkpoints/*/best.pt, or with none the shipped model models/age_lite0_mix.pt (its card:
-        models/README.md), so a fresh clone estimates ages with no training; several files separated by commas
-        are an ensemble (AgeEnsemble: their ages averaged). --input: an image, a folder of images, a video file,
+        torch alone, model.onnx with onnxruntime alone: no model code needed); '' = the shipped model
+        models/age_lite0_mix.pt (its card: models/README.md), so a fresh clone estimates ages with no training;
+        'latest' = the best.pt of your newest finished run (model.choose_model_files); several files separated by
+        commas are an ensemble (AgeEnsemble: their ages averaged). --input: an image, a folder of images, a video file,
         or a camera index (0).
 Writes: annotated images / video (a box and the age per face) at --output (default under pics/inference/), and a
         JSON line per face beside it (<output>.jsonl, or predictions.jsonl in an output folder):
@@ -69,7 +69,7 @@ from files import (
     temporary_path,
     written_by_us,
 )
-from model import ADULT_AGE, config_from_model_file, fold_batch_norms, load_model, newest_checkpoint
+from model import ADULT_AGE, choose_model_files, config_from_model_file, fold_batch_norms, load_model
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # the codec each annotated-video suffix is written with: browsers play VP8 WebM (app.py writes it); OpenCV's wheels
@@ -590,7 +590,7 @@ PHOTOS_AHEAD = 8  # folder inference: photos decoded and analysed before the mod
 
 
 def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detector | None,
-                    workers: int = PHOTO_WORKERS, ahead: int = PHOTOS_AHEAD,
+                    workers: int = PHOTO_WORKERS, ahead: int = PHOTOS_AHEAD, max_pixels: int | None = None,
                     ) -> Iterator[tuple[Path, np.ndarray | Exception, FoundFaces | Exception | None]]:
     """(path, RGB array, its faces) in order; (path, the exception that stopped its decoding, None); or (path, RGB
     array, the OSError / ValueError that stopped finding its faces), as the per-photo loop skipped them. Worker
@@ -602,7 +602,7 @@ def analysed_photos(paths: list[Path], predictor: AgePredictor, detector: Detect
 
     def analyse(path: Path) -> tuple[np.ndarray | Exception, FoundFaces | Exception | None]:
         try:
-            image = np.asarray(open_rgb_image(path))
+            image = np.asarray(open_rgb_image(path, max_pixels=max_pixels))
         except Exception as error:  # noqa: BLE001 - handed to the caller, who names the file
             return error, None
         try:
@@ -674,7 +674,8 @@ def run_on_images(cfg: Config, paths: list[Path], targets: dict[Path, Path], row
     try:
         with (folder_threads(predictor, cfg.tta, len(paths)),
               ThreadPoolExecutor(1, thread_name_prefix="write") as writer):
-            for path, image, found in usable_photos(analysed_photos(paths, predictor, detector)):
+            photos = analysed_photos(paths, predictor, detector, max_pixels=cfg.max_image_pixels)
+            for path, image, found in usable_photos(photos):
                 group.append((path, image, found))
                 if len(group) == PHOTOS_PER_MODEL_CALL:
                     report(previous)
@@ -820,7 +821,8 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
     return rows
 
 
-SETTINGS = (*PREDICTION_FIELDS, "input", "output", "no_detect", "smoothing", "show", "pics_dir")  # its --help
+SETTINGS = (*PREDICTION_FIELDS, "input", "output", "no_detect", "smoothing", "show", "pics_dir",
+            "max_image_pixels")  # its --help
 
 
 def main(cfg: Config) -> list[dict[str, Any]]:
@@ -828,7 +830,7 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     print_config(cfg, "inference.py", SETTINGS)
     if not cfg.input:
         raise SystemExit("error: pass --input=<image, folder, video or camera index>")
-    predictor = load_predictor(cfg.checkpoint or [newest_checkpoint(cfg)], resolve_device(cfg.device),
+    predictor = load_predictor(choose_model_files(cfg), resolve_device(cfg.device),
                                cfg.tta_views, cfg.match_training_resolution)
     detector = None if cfg.no_detect else build_detector(predictor.detector_name(cfg.detector), cfg.min_face_size)
     faces = f"; {detector.name} faces, crop geometry {predictor.geometry_for(detector.name)}" if detector else ""
@@ -836,6 +838,14 @@ def main(cfg: Config) -> list[dict[str, Any]]:
         print(f"model: the mean of {len(predictor.members)} models: {'; '.join(predictor.names)}")
     print(f"model: {predictor.kind} {predictor.cfg.model_name} at {predictor.image_size}px, "
           f"{predictor.describe_resolution()}{faces}")
+    try:
+        return dispatch(cfg, predictor, detector)
+    except KeyboardInterrupt:  # the rows of the photos done were kept and named above; no traceback after that
+        raise SystemExit("stopped by Ctrl-C") from None
+
+
+def dispatch(cfg: Config, predictor: AgePredictor | AgeEnsemble, detector: Detector | None) -> list[dict[str, Any]]:
+    """--input as a camera index, a folder, a video or one photo, each with its outputs claimed and locked."""
     default_folder = Path(cfg.pics_dir) / "inference"
     source = Path(cfg.input)
     try:

@@ -875,34 +875,60 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # noqa: BLE001 - refuse anything that is not a plain checkpoint
-        raise CheckpointError(
-            f"{path} is not a loadable checkpoint of this project ({type(error).__name__}: {error}). "
-            "Only plain-dict checkpoints written by train.py are accepted."
-        ) from None
+        # torch's own message suggests retrying with weights_only=False, i.e. running the file's code: never quoted
+        reason = ("it holds pickled Python objects or code, which are never loaded" if "weights_only" in str(error)
+                  else f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else 'unreadable'}")
+        raise CheckpointError(f"{path} is not a loadable checkpoint of this project ({reason}); only the plain "
+                              "tensors-and-settings checkpoints train.py writes are accepted") from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise CheckpointError(f"{path} lacks the 'model' and 'config' entries written by train.py")
+    state = checkpoint["model"]
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                              for key, value in state.items()):
+        raise CheckpointError(f"{path}: its 'model' entry is not a state dict (names -> tensors); the file is "
+                              "damaged or was not written by train.py")
     return checkpoint
 
 
 # The model that ships with the repository (models/README.md is its card): what inference.py, app.py, export_jit.py
-# and analysis/ use when no --checkpoint is given and no checkpoint_dir/*/best.pt exists.
+# and analysis/ use when no --checkpoint is given.
 SHIPPED_MODEL = Path(__file__).resolve().parent / "models" / "age_lite0_mix.pt"
+LATEST = "latest"  # --checkpoint=latest: the best.pt of one's newest finished run
 
 
-def newest_checkpoint(cfg: Config) -> Path:
-    """The model file to use when no --checkpoint is given: the most recently written checkpoint_dir/*/best.pt,
-    else the shipped model (SHIPPED_MODEL). Says which one it chose."""
-    candidates = sorted(Path(cfg.checkpoint_dir).glob("*/best.pt"), key=lambda path: path.stat().st_mtime)
-    if candidates:
-        chosen, why = candidates[-1], f"the newest {cfg.checkpoint_dir}/*/best.pt"
-    elif SHIPPED_MODEL.is_file():
-        chosen, why = SHIPPED_MODEL, f"none in {cfg.checkpoint_dir}/*/best.pt, so the shipped model (models/README.md)"
-    else:
-        raise SystemExit(f"error: no checkpoint given, none in {cfg.checkpoint_dir}/*/best.pt and no shipped model "
-                         f"at {SHIPPED_MODEL} (restore it with git checkout -- models/); train one (python train.py, "
-                         "or python demo.py) or pass --checkpoint=...")
-    print(f"model: {chosen} ({why}; --checkpoint=... chooses another)")
-    return chosen
+def newest_finished_run(cfg: Config) -> Path:
+    """The best.pt of the newest run that finished (its runs_dir/<run>/results.json exists): a run stopped or still
+    training is never picked by accident."""
+    finished = [path for path in Path(cfg.checkpoint_dir).glob("*/best.pt")
+                if (Path(cfg.runs_dir) / path.parent.name / "results.json").is_file()]
+    if not finished:
+        raise SystemExit(f"error: --checkpoint={LATEST}: no finished run in {cfg.checkpoint_dir}/ (a run's "
+                         f"{cfg.runs_dir}/<run>/results.json is written when it ends); train one with python "
+                         "train.py, or name a model file")
+    return max(finished, key=lambda path: path.stat().st_mtime)
+
+
+def choose_model_files(cfg: Config) -> list[Path]:
+    """The model files every script runs, by one rule: --checkpoint's files (several, comma-separated, are an
+    ensemble; `latest` is one's newest finished run, newest_finished_run); with none given, the shipped model
+    (SHIPPED_MODEL), never a file that merely happens to be newest. Says which it chose."""
+    names = [part.strip() for part in cfg.checkpoint.split(",") if part.strip()]
+    if not names:
+        if not SHIPPED_MODEL.is_file():
+            raise SystemExit(f"error: no --checkpoint given and no shipped model at {SHIPPED_MODEL} (restore it with "
+                             "git checkout -- models/); pass --checkpoint=<model file> or --checkpoint=latest")
+        print(f"model: {SHIPPED_MODEL.relative_to(SHIPPED_MODEL.parents[1])} (the shipped model, models/README.md; "
+              f"--checkpoint={LATEST} takes your newest finished run, --checkpoint=<file> any model file)")
+        return [SHIPPED_MODEL]
+    paths = []
+    for name in names:
+        if name == LATEST:
+            path = newest_finished_run(cfg)
+            print(f"model: {path} (--checkpoint={LATEST}: the newest finished run in {cfg.checkpoint_dir}/)")
+        else:
+            path = Path(name)
+        paths.append(path)
+    return paths
 
 
 def half_precision_checkpoint(source: str | os.PathLike) -> dict[str, Any]:

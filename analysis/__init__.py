@@ -22,7 +22,7 @@ import torch
 
 from config import PREDICTION_FIELDS, Config, resolve_device, stored_recipe_for_run
 from custom_dataset_dataloader import DataError, read_dataset_csv, split_csv_path, write_dataset_csv
-from model import AgeEstimationModel, load_model, newest_checkpoint
+from model import AgeEstimationModel, choose_model_files, load_model
 
 # What every analysis script reads (each adds its own): the model file and how it predicts, the faces to analyse
 # (typed data_dir / csv_dir win over the checkpoint's), how they are loaded, where the tables and figures go.
@@ -73,9 +73,7 @@ def prepare_evaluation(cfg: Config, ensemble: bool = False) -> Evaluation:
     """Load the checkpoint and resolve the CSV: data_dir and csv_dir come from the command line when given,
     otherwise from the checkpoint (its own test split). With ensemble=True --checkpoint may name several model files
     (a,b): the first one's data and test split are used, and the tag names them all."""
-    from inference import model_files
-
-    members = model_files(cfg.checkpoint) if cfg.checkpoint else [newest_checkpoint(cfg)]
+    members = choose_model_files(cfg)
     if len(members) > 1 and not ensemble:
         raise SystemExit(f"error: this analysis takes one model file; --checkpoint={cfg.checkpoint} names "
                          f"{len(members)} (ensembles: python -m analysis.errors)")

@@ -38,7 +38,7 @@ from PIL import Image, ImageFilter
 from config import PREDICTION_FIELDS, Config, parse_config
 from faces import DETECTORS, build_detector
 from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
-from model import newest_checkpoint
+from model import choose_model_files
 
 DEFAULT_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface200"
 FOLDER_PHOTOS = 200
@@ -192,7 +192,7 @@ SETTINGS = (*PREDICTION_FIELDS, "data_dir", "seed")  # what this script reads (i
 def main(cfg: Config) -> dict:
     import export_jit
 
-    checkpoint = Path(cfg.checkpoint) if cfg.checkpoint else newest_checkpoint(cfg)
+    checkpoint = choose_model_files(cfg)[0]
     data_dir = Path(cfg.data_dir) if "data_dir" in cfg.given_keys else DEFAULT_FACES
     face_paths = sorted(data_dir.glob("*.jpg"))
     if not face_paths:

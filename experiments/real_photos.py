@@ -46,7 +46,7 @@ from custom_dataset_dataloader import (
     screen_rows,
 )
 from files import write_csv
-from model import newest_checkpoint
+from model import choose_model_files
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 UTKFACE_TEST = (SHARED / "utkface64", Path("csv_dataset/test_set.csv"))
@@ -130,7 +130,7 @@ SETTINGS = (*ANALYSIS_SETTINGS, "bootstrap_samples")  # what this script reads (
 def main(cfg: Config) -> pd.DataFrame:
     """Measure every model file with the setting off and on; write and print the table."""
     print_config(cfg, "experiments.real_photos", SETTINGS)
-    checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or [newest_checkpoint(cfg)]
+    checkpoints = choose_model_files(cfg)
     rows = [measure(cfg, checkpoint, match) for checkpoint in checkpoints for match in (False, True)]
     groups = pd.concat([row.pop("groups") for row in rows], ignore_index=True)
     table = merged(pd.DataFrame(rows), RESULTS_CSV)

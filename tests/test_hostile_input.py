@@ -580,12 +580,15 @@ def test_a_rerun_that_stops_early_leaves_the_earlier_results_whole(workspace, tm
     original = inference.find_faces
     monkeypatch.setattr(inference, "find_faces", fail_on_the_third)
     monkeypatch.setattr(inference, "PHOTOS_PER_MODEL_CALL", 1)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit, match="^stopped by Ctrl-C$"):  # one line, no traceback
         _inference(workspace, f"--input={workspace['photos']}", f"--output={folder}")()
     assert (folder / "predictions.jsonl").read_text() == complete
     # the two photos before it were predicted and annotated: their rows are the partial results
     partial = (folder / "predictions.partial.jsonl").read_text().splitlines()
     assert partial == complete.splitlines()[:2]
+    monkeypatch.setattr(inference, "find_faces", original)
+    _inference(workspace, f"--input={workspace['photos']}", f"--output={folder}")()  # a complete rerun
+    assert not (folder / "predictions.partial.jsonl").exists()  # supersedes the partial rows it had left
 
 
 def test_a_failed_write_of_the_results_is_a_failure(workspace, tmp_path, monkeypatch):
@@ -731,3 +734,60 @@ def test_a_detector_failure_on_one_upload_is_the_apps_message_not_a_traceback(wo
     photo = next(workspace["photos"].glob("*.jpg"))
     with pytest.raises(app.InputError, match=r"its faces could not be found \(RuntimeError: OpenCV"):
         app.estimate_photo(shelf, photo, "model", False, 40, 40_000_000)
+
+
+# --- 7. the fourth round: each class a sentence, bounded, never silent ----------------------------------------
+
+def test_a_nul_byte_in_an_image_name_is_a_refused_row(workspace, tmp_path):
+    from custom_dataset_dataloader import check_image_names
+
+    accepted, refused = check_image_names(workspace["cfg"].data_dir, ["a\0b.jpg"])
+    assert not accepted and "NUL byte" in refused[0]
+
+
+def test_a_float_image_with_nan_pixels_is_named_not_turned_black(workspace, tmp_path):
+    values = np.full((64, 64), 0.5, dtype=np.float32)
+    values[3, 3] = np.nan
+    photo = tmp_path / "nan.tiff"
+    Image.fromarray(values, mode="F").save(photo)
+    output = tmp_path / "nan_age.jpg"
+    message, caught = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={output}"))
+    assert "no annotated photo was written" in message and "NaN or infinite" in caught
+    assert not output.exists() and not output.with_suffix(".jsonl").exists()  # no empty rows file either
+
+
+def test_a_photo_over_the_pixel_limit_is_refused_before_decoding(workspace, tmp_path):
+    photo = tmp_path / "huge.png"
+    Image.new("RGB", (3000, 2000), (120, 100, 90)).save(photo)
+    output = tmp_path / "huge_age.jpg"
+    message, caught = run_case(tmp_path, _inference(workspace, f"--input={photo}", f"--output={output}",
+                                                    "--max_image_pixels=1000000"))
+    assert "no annotated photo was written" in message and "3000 x 2000 pixels" in caught
+
+
+def test_a_video_without_frames_is_an_error_and_writes_nothing(workspace, tmp_path):
+    import cv2
+
+    clip = tmp_path / "empty.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 5, (48, 48))
+    writer.release()
+    output = tmp_path / "empty_age.mp4"
+    message, _ = run_case(tmp_path, _inference(workspace, f"--input={clip}", f"--output={output}"))
+    assert "no frame could be read" in message
+    assert not output.exists() and not output.with_suffix(".jsonl").exists()
+
+
+class _Pickled:  # a class is pickled by reference: loading it would import and run code
+    pass
+
+
+@pytest.mark.parametrize(("entries", "expected"), [
+    ({"extra": _Pickled()}, "pickled Python objects or code, which are never loaded"),
+    ({"model": [1, 2, 3]}, "its 'model' entry is not a state dict"),
+])
+def test_a_checkpoint_with_code_or_without_a_state_dict_is_one_sentence(workspace, tmp_path, entries, expected):
+    checkpoint = torch.load(workspace["checkpoint"], weights_only=True)
+    path = tmp_path / "best.pt"
+    torch.save({**checkpoint, **entries}, path)
+    message, _ = run_case(tmp_path, lambda: inference.AgePredictor(path))
+    assert expected in message and "weights_only" not in message
