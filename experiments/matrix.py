@@ -63,8 +63,8 @@ def predict(model: Any, loader: Any, grey: bool, model_cfg: Config) -> tuple[tor
 
 def score(predicted: torch.Tensor, ranges: torch.Tensor) -> dict[str, float]:
     """MAE / CS@5 (exact labels) or share inside the bin / distance (bins), and the bias of 0-9 and 10-19."""
+    from metrics import label_metrics
     from model import signed_label_error
-    from train import label_metrics
 
     metrics = label_metrics(predicted, ranges)
     row = {key: metrics.get(key, np.nan) for key in ("mae", "cs5", "in_bin", "bin_distance")}

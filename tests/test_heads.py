@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import export_jit
+import metrics
 import train
 from config import Config
 from custom_dataset_dataloader import build_dataloader
@@ -97,20 +98,20 @@ def test_temperature_fit_recovers_the_true_temperature():
     model = AgeEstimationModel("resnet18", image_size=32, head="dex", max_age=60)
     logits = 4.0 * torch.randn(4000, 61)  # (N, K)
     ages = torch.multinomial((logits / 2.0).softmax(1), 1).squeeze(1).float()  # (N,)
-    temperature = train.fit_temperature(model, logits, ages)
+    temperature = metrics.fit_temperature(model, logits, ages)
     assert temperature == pytest.approx(2.0, rel=0.1)
     outcomes = (ages >= 30).float()
-    before = train.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
+    before = metrics.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
     model.head.temperature.fill_(temperature)
-    after = train.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
+    after = metrics.expected_calibration_error(model.head.probability_at_least(logits, 30), outcomes)
     assert after < 0.03 < before
 
 
 def test_expected_calibration_error_of_known_cases():
     outcomes = torch.tensor([1.0, 0.0] * 50)
-    assert train.expected_calibration_error(torch.full((100,), 0.5), outcomes) == pytest.approx(0.0)
-    assert train.expected_calibration_error(outcomes, outcomes) == pytest.approx(0.0)  # certain and right
-    assert train.expected_calibration_error(1 - outcomes, outcomes) == pytest.approx(1.0)  # certain and wrong
+    assert metrics.expected_calibration_error(torch.full((100,), 0.5), outcomes) == pytest.approx(0.0)
+    assert metrics.expected_calibration_error(outcomes, outcomes) == pytest.approx(0.0)  # certain and right
+    assert metrics.expected_calibration_error(1 - outcomes, outcomes) == pytest.approx(1.0)  # certain and wrong
 
 
 def test_inference_labels_distribution_heads_with_a_spread(tmp_path, face_folder):
@@ -146,7 +147,7 @@ def test_age_gate_errors_count_minors_passed_and_adults_refused():
     targets = torch.tensor([10.0, 16.0, 17.0, 18.0, 30.0, 60.0])
     predicted = torch.tensor([12.0, 19.0, 18.0, 17.0, 31.0, 55.0])  # two of three minors passed, one adult refused
     probability = torch.tensor([0.1, 0.6, 0.4, 0.5, 0.9, 1.0])
-    gate = train.age_gate_errors(targets, predicted, probability)
+    gate = metrics.age_gate_errors(targets, predicted, probability)
     assert gate["minors_passed_age"] == pytest.approx(2 / 3) and gate["adults_refused_age"] == pytest.approx(1 / 3)
     assert gate["minors_passed_probability"] == pytest.approx(1 / 3) and gate["adults_refused_probability"] == 0.0
-    assert set(train.age_gate_errors(targets, predicted)) == {"minors_passed_age", "adults_refused_age"}
+    assert set(metrics.age_gate_errors(targets, predicted)) == {"minors_passed_age", "adults_refused_age"}

@@ -580,7 +580,7 @@ def test_a_rerun_that_stops_early_leaves_the_earlier_results_whole(workspace, tm
     original = inference.find_faces
     monkeypatch.setattr(inference, "find_faces", fail_on_the_third)
     monkeypatch.setattr(inference, "PHOTOS_PER_MODEL_CALL", 1)
-    with pytest.raises(SystemExit, match="^stopped by Ctrl-C$"):  # one line, no traceback
+    with pytest.raises(SystemExit, match=r"^stopped by Ctrl-C$"):  # one line, no traceback
         _inference(workspace, f"--input={workspace['photos']}", f"--output={folder}")()
     assert (folder / "predictions.jsonl").read_text() == complete
     # the two photos before it were predicted and annotated: their rows are the partial results
