@@ -28,7 +28,9 @@ API:  from gradio_client import Client, handle_file
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -47,6 +49,7 @@ from faces import Detector, build_detector
 from inference import (
     AgeEnsemble,
     AgePredictor,
+    ClipTooLong,
     Face,
     draw_faces,
     estimate_faces,
@@ -59,6 +62,7 @@ from model import ADULT_AGE, SHIPPED_MODEL, choose_model_files
 
 DEMO_CHECKPOINTS = Path(DEMO_DEFAULTS.checkpoint_dir)  # where demo.py leaves its model
 MODEL_FILE_PATTERNS = ("*/best.pt", "*/*.torchscript", "*/*.onnx")
+MAX_CLIP_FPS = 60.0  # a clip's length is counted at this frame rate at most, whatever its header declares
 KEEP_OUTPUTS_SECONDS = 3600  # annotated files older than this are removed from the app's folder
 GALLERY_SIZE = 192  # pixels: the side each crop and its map are shown at in the gallery
 TABLE_HEADERS = ["face", "box (x, y, w, h)", "age", "spread", f"P(age >= {ADULT_AGE})", "model"]
@@ -148,10 +152,12 @@ def read_photo(path: str | os.PathLike, max_pixels: int) -> np.ndarray:
         raise InputError(f"{name} could not be decoded ({describe_read_error(error, path)})") from None
 
 
-def uploaded_photo(payload: Any, folder: Path) -> Path | None:
+def uploaded_photo(payload: Any, folder: Path, max_megabytes: float = 20.0) -> Path | None:
     """The file behind the page's photo input as it arrives, undecoded (its event runs with preprocess=False, so
     gradio never opens the upload and read_photo's header check is the first to see it): the uploaded file's path,
-    or a data: URL (a paste or webcam snapshot sent inline) written to a file in `folder`. None without a photo."""
+    or a data: URL (a paste or webcam snapshot sent inline) written to a file in `folder`, held to the same
+    --max_upload_megabytes as an upload (its size is known from the text before anything is decoded). None without
+    a photo."""
     import base64
     import binascii
 
@@ -166,8 +172,12 @@ def uploaded_photo(payload: Any, folder: Path) -> Path | None:
     url = str(payload.get("url") or "")
     if not url.startswith("data:"):
         raise InputError("the photo did not arrive as a file; upload it again")
+    encoded = url.partition(",")[2]
+    if len(encoded) * 3 / 4 > max_megabytes * 1e6:
+        raise InputError(f"the pasted photo holds about {len(encoded) * 3 / 4e6:.0f} MB, more than the app's limit of "
+                         f"{max_megabytes:g} MB; send a smaller photo")
     try:
-        data = base64.b64decode(url.partition(",")[2], validate=True)
+        data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InputError("the pasted photo is not valid base64 data; upload the file instead") from None
     path = folder / f"pasted_{uuid.uuid4().hex[:8]}.image"
@@ -257,13 +267,21 @@ def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label
     capture.release()
     if not readable:
         raise InputError(f"{name} is not a video this app can decode; send an MP4, WebM, AVI or MOV clip")
-    if frames / fps > cfg.max_video_seconds:
-        raise InputError(f"{name} lasts {frames / fps:.0f} s, longer than the app's limit of "
-                         f"{cfg.max_video_seconds:.0f} s; send a shorter clip")
+    # the declared frame rate is the file's word: frames are also counted at MAX_CLIP_FPS at most, so 4,000
+    # frames declared at 1,000 fps are 67 s here, not 4
+    seconds = max(frames / fps, frames / MAX_CLIP_FPS)
+    if seconds > cfg.max_video_seconds:
+        raise InputError(f"{name} holds {frames:.0f} frames ({seconds:.0f} s at {min(fps, MAX_CLIP_FPS):.0f} "
+                         f"frames/s), longer than the app's limit of {cfg.max_video_seconds:.0f} s; send a shorter "
+                         "clip")
     output = folder / f"{Path(path).stem}_{uuid.uuid4().hex[:8]}_age.webm"
     video_cfg = replace(cfg, tta=tta, show=False)
-    rows = run_on_video(video_cfg, str(path), output, shelf.predictor(label),
-                        shelf.detector(label, min_face_size))
+    try:  # a header that undercounts its frames is stopped while reading, at the same limit
+        rows = run_on_video(video_cfg, str(path), output, shelf.predictor(label),
+                            shelf.detector(label, min_face_size),
+                            max_frames=int(cfg.max_video_seconds * MAX_CLIP_FPS))
+    except ClipTooLong as error:
+        raise InputError(f"{name}: {error}") from None
     if not output.is_file():
         raise InputError(f"{name}: no frame could be decoded")
     return output, [{**row, "source": name, "model": label} for row in rows]
@@ -272,9 +290,10 @@ def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label
 def write_download(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
     """The JSON lines inference.py writes, as a download; files older than KEEP_OUTPUTS_SECONDS are removed."""
     now = time.time()
-    for old in folder.iterdir():
-        if now - old.stat().st_mtime > KEEP_OUTPUTS_SECONDS:
-            old.unlink(missing_ok=True)
+    for old in folder.rglob("*"):  # gradio's copies of the uploads too (GRADIO_TEMP_DIR is inside this folder)
+        with contextlib.suppress(OSError):
+            if old.is_file() and now - old.stat().st_mtime > KEEP_OUTPUTS_SECONDS:
+                old.unlink(missing_ok=True)
     path = folder / f"{stem}_{uuid.uuid4().hex[:8]}.jsonl"
     write_rows(path, rows)
     return path
@@ -297,7 +316,7 @@ class PageHandlers:
         import gradio as gr
 
         try:
-            path = uploaded_photo(payload, self.folder)
+            path = uploaded_photo(payload, self.folder, self.cfg.max_upload_megabytes)
             if path is None:
                 raise InputError("add a photo first: upload one, paste one or take a webcam snapshot")
             result = estimate_photo(self.shelf, path, label, tta, int(min_face_size), self.cfg.max_image_pixels)
@@ -408,7 +427,11 @@ def main(cfg: Config) -> Any:
                        cfg.match_training_resolution)
     print(f"models on offer: {', '.join(shelf.labels)} (the first is the page's default)")
     shelf.predictor(shelf.labels[0])  # load the default model now: a broken file stops here, not on a request
+    # SIGTERM (a service stop, `kill`) ends the page as Ctrl-C does, so the folder of users' photos is removed
+    signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="age_app_") as folder:
+        # gradio's own copies of every upload go inside it too (by default they stay in /tmp/gradio for ever)
+        os.environ["GRADIO_TEMP_DIR"] = str(Path(folder) / "uploads")
         page = build_app(cfg, shelf, Path(folder))
         page.queue(default_concurrency_limit=1)
         page.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True,

@@ -753,8 +753,12 @@ def _display_available() -> bool:
     return sys.platform in ("win32", "darwin") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
+class ClipTooLong(ValueError):
+    """A video with more frames than the caller allows (app.py's clip limit)."""
+
+
 def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor: AgePredictor,
-                 detector: Detector | None) -> list[dict[str, Any]]:
+                 detector: Detector | None, max_frames: int | None = None) -> list[dict[str, Any]]:
     import cv2
 
     capture = cv2.VideoCapture(source)
@@ -773,6 +777,8 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
             if not ok:
                 break
             read_any = True
+            if max_frames is not None and frame_index >= max_frames:
+                raise ClipTooLong(f"more than {max_frames} frames; send a shorter clip")
             frame_started = time.perf_counter()
             image = cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
             faces = tracker.update(estimate_faces(image, predictor, detector, cfg.tta), frame_index)

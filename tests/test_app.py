@@ -207,29 +207,56 @@ def test_api_annotates_a_clip(server, tmp_path):
         assert len(rows) == 6 and len({row["track"] for row in rows}) == 1  # one face, tracked across the clip
 
 
-def test_model_files_are_found_and_only_those_are_loaded(tmp_path, monkeypatch):
+def test_the_default_model_is_the_shipped_one_and_ones_runs_are_offered(tmp_path, monkeypatch):
     import app
+    import model
 
     monkeypatch.chdir(tmp_path)  # no demo_output/ here
-    shipped = app.SHIPPED_MODEL
-    monkeypatch.setattr(app, "SHIPPED_MODEL", tmp_path / "models" / "absent.pt")
-    with pytest.raises(SystemExit, match=r"run python demo\.py"):
+    shipped = model.SHIPPED_MODEL
+    monkeypatch.setattr(model, "SHIPPED_MODEL", tmp_path / "models" / "absent.pt")
+    with pytest.raises(SystemExit, match="no shipped model"):
         app.find_model_files(Config(checkpoint_dir=str(tmp_path / "checkpoints")))
-    monkeypatch.setattr(app, "SHIPPED_MODEL", shipped)
-    if shipped.is_file():  # a fresh clone: the shipped model alone
-        assert list(app.find_model_files(Config(checkpoint_dir="checkpoints")).values()) == [shipped.resolve()]
+    monkeypatch.setattr(model, "SHIPPED_MODEL", shipped)
     for run, name in (("old", "best.pt"), ("old", "model.onnx"), ("new", "best.pt"), ("new", "last.pt")):
         (tmp_path / "checkpoints" / run).mkdir(parents=True, exist_ok=True)
         (tmp_path / "checkpoints" / run / name).write_bytes(b"x")
         time.sleep(0.01)
+    demo = tmp_path / app.DEMO_CHECKPOINTS / "demo"
+    demo.mkdir(parents=True)
+    (demo / "best.pt").write_bytes(b"x")  # the newest file of all, and never the default
     files = app.find_model_files(Config(checkpoint_dir="checkpoints"))
+    assert next(iter(files.values())) == shipped.resolve()  # the page's default: the shipped model
     own = ["checkpoints/new/best.pt", "checkpoints/old/model.onnx", "checkpoints/old/best.pt"]
-    assert list(files)[:3] == own and len(files) == 3 + shipped.is_file()  # one's own first, the shipped one last
+    assert list(files)[1:4] == own and list(files.values())[-1] == (demo / "best.pt").resolve()
+    (tmp_path / "runs" / "old").mkdir(parents=True)
+    (tmp_path / "runs" / "old" / "results.json").write_text("{}")  # old finished; new is still training
+    latest = app.find_model_files(Config(checkpoint_dir="checkpoints", checkpoint="latest"))
+    assert next(iter(latest.values())) == (tmp_path / "checkpoints" / "old" / "best.pt").resolve()
     shelf = app.ModelShelf(files)
     with pytest.raises(app.InputError, match="unknown model"):
         shelf.predictor("/etc/passwd")
     with pytest.raises(SystemExit, match="does not exist"):
         app.find_model_files(Config(checkpoint="missing.pt"))
+
+
+def test_a_pasted_photo_and_a_clip_are_held_to_the_limits_whatever_they_declare(tmp_path):
+    import base64
+
+    import cv2
+
+    import app
+
+    too_big = "data:image/bmp;base64," + base64.b64encode(bytes(3_000_000)).decode()
+    with pytest.raises(app.InputError, match="more than the app's limit of 2 MB"):
+        app.uploaded_photo({"path": None, "url": too_big}, tmp_path, max_megabytes=2)
+    assert not list(tmp_path.iterdir())  # refused before anything was decoded or written
+    clip = tmp_path / "fast.avi"  # 400 frames declared at 1,000 frames/s: 0.4 s by its header
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 1000, (32, 32))
+    for index in range(400):
+        writer.write(np.full((32, 32, 3), index % 255, dtype=np.uint8))
+    writer.release()
+    with pytest.raises(app.InputError, match="400 frames"):
+        app.estimate_clip(Config(max_video_seconds=5), None, clip, "model", False, 40, tmp_path)
 
 
 def test_read_photo_checks_the_pixel_count_before_decoding(tmp_path):
