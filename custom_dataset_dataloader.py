@@ -51,7 +51,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from config import RECIPE_FIELDS, RUN_FIELDS, Config, UsageError, parse_config, print_config
-from files import atomic_write_path, write_csv
+from files import atomic_write_path, describe_write_error, write_csv
 from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
@@ -613,20 +613,27 @@ def build_image_cache(
         paths = [file.path for file in files]
         ok = np.ones(len(paths), dtype=bool)
         failures = {}
-        with atomic_write_path(array_path) as temporary:
-            array = np.lib.format.open_memmap(
-                temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
-            )
-            data_offset = array.offset  # the header's length: the rows follow it
-            del array  # only the header is written here: the decoding processes fill the rows
-            decoded = decode_images(paths, image_size, num_workers, interpolation, f"caching {name} at {image_size}px",
-                                    destination=temporary, data_offset=data_offset)
-            for index, _, reason in decoded:
-                if reason:
-                    ok[index] = False
-                    failures[str(paths[index])] = reason
-        with atomic_write_path(index_path) as temporary:
-            temporary.write_text(json.dumps({"ok": ok.tolist(), "failures": failures}))
+        try:
+            with atomic_write_path(array_path) as temporary:
+                array = np.lib.format.open_memmap(
+                    temporary, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size)
+                )
+                data_offset = array.offset  # the header's length: the rows follow it
+                del array  # only the header is written here: the decoding processes fill the rows
+                if hasattr(os, "posix_fallocate"):  # the blocks taken now: a full disk is an OSError here, not a
+                    with open(temporary, "r+b") as handle:  # SIGBUS in a decoding process writing into a hole later
+                        os.posix_fallocate(handle.fileno(), 0, data_offset + len(paths) * 3 * image_size ** 2)
+                decoded = decode_images(paths, image_size, num_workers, interpolation,
+                                        f"caching {name} at {image_size}px", destination=temporary,
+                                        data_offset=data_offset)
+                for index, _, reason in decoded:
+                    if reason:
+                        ok[index] = False
+                        failures[str(paths[index])] = reason
+            with atomic_write_path(index_path) as temporary:
+                temporary.write_text(json.dumps({"ok": ok.tolist(), "failures": failures}))
+        except OSError as error:
+            raise DataError(describe_write_error(error, array_path)) from None
         if failures:
             listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures.items())
             warnings.warn(f"{len(failures)} image(s) could not be read and are left out:\n  {listed}", stacklevel=2)

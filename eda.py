@@ -110,18 +110,27 @@ def list_images(root: Path) -> list[str]:
     """Every image file under root, recursively, as '/'-separated paths relative to root, sorted part by part like
     pathlib's paths, hidden files and folders left out, symlinked folders not followed (as Path.rglob). os.scandir
     rather than rglob: its directory entries already know which are files, where rglob built and stat-ed a Path
-    per file (RESULTS.md, "Scale")."""
-    names, folders = [], [("", str(root))]
+    per file (RESULTS.md, "Scale"). A sub-folder that cannot be read is named in one warning and left out."""
+    names, folders, unreadable = [], [("", str(root))], []
     while folders:
         prefix, folder = folders.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue
-                if entry.is_dir(follow_symlinks=False):
-                    folders.append((f"{prefix}{entry.name}/", entry.path))
-                elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
-                    names.append(prefix + entry.name)
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append((f"{prefix}{entry.name}/", entry.path))
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                        names.append(prefix + entry.name)
+        except OSError as error:
+            if not prefix:  # the data folder itself: nothing to list
+                raise DataError(f"--data_dir={root} cannot be read ({type(error).__name__}: "
+                                f"{error.strerror or error})") from None
+            unreadable.append(f"{prefix} ({error.strerror or type(error).__name__})")
+    if unreadable:
+        warnings.warn(f"{len(unreadable)} folder(s) under {root} cannot be read and are left out: "
+                      f"{', '.join(sorted(unreadable)[:10])}{', ...' if len(unreadable) > 10 else ''}", stacklevel=2)
     return sorted(names, key=lambda name: name.split("/"))
 
 

@@ -313,9 +313,13 @@ def check_free_space(folder: str | os.PathLike, needed_bytes: int, what: str) ->
                             f"needed, {free / 1e6:.0f} MB free; free some space or choose another folder")
 
 
-def describe_write_error(error: OSError, path: Path) -> str:
-    """One sentence for a write that failed midway (a full disk most often); what was there before is intact."""
-    reason = "the disk is full" if getattr(error, "errno", None) == 28 else (error.strerror or str(error))
+def describe_write_error(error: Exception, path: str | os.PathLike) -> str:
+    """One sentence for a write that failed midway (a full disk most often; torch reports it as a RuntimeError of
+    its stream writer); what was there before is intact."""
+    if getattr(error, "errno", None) == 28:
+        reason = "the disk is full"
+    else:
+        reason = getattr(error, "strerror", None) or (str(error).splitlines() or [""])[0][:160]
     return (f"{path} could not be written ({type(error).__name__}: {reason}); what was there before is unchanged; "
             "free some space or choose another folder")
 

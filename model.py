@@ -46,7 +46,7 @@ from config import (
     print_config,
     recipe_dict,
 )
-from files import atomic_write_path
+from files import atomic_write_path, describe_write_error
 
 
 class PretrainedWeightsError(UsageError):
@@ -863,8 +863,11 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, cfg: Config, **ex
     """Atomically write {"model": state dict, "config": the recipe (config.recipe_dict), **extra} (extra: epoch,
     metrics, ...)."""
     checkpoint = {"model": unwrap(model).state_dict(), "config": recipe_dict(cfg), **extra}
-    with atomic_write_path(path) as temporary:
-        torch.save(checkpoint, temporary)
+    try:
+        with atomic_write_path(path) as temporary:
+            torch.save(checkpoint, temporary)
+    except (OSError, RuntimeError) as error:  # a full disk: torch's stream writer says it as a RuntimeError
+        raise CheckpointError(describe_write_error(error, path)) from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -157,3 +157,21 @@ def test_nothing_but_our_hidden_folder_is_swept(tmp_path):
     files.write_csv(pd.DataFrame({"a": [2]}), tmp_path / "table.csv")
     assert all(path.read_bytes() == b"mine" for path in users) and not stale.exists()
     assert set(os.listdir(tmp_path)) == {".thesis.20240101.tmp.docx", ".photos.2023.checking.zip", "table.csv"}
+
+
+def test_a_full_disk_while_a_checkpoint_is_saved_is_one_sentence_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from model import CheckpointError
+
+    model = AgeEstimationModel("resnet18", image_size=32, head="dex")
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model, Config(model_name="resnet18", pretrained=False, image_size=32))
+    before = path.read_bytes()
+
+    def full_disk(*arguments, **options):  # what torch's stream writer raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4096 vs 2048")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"last.pt could not be written \(RuntimeError") as stop:
+        save_checkpoint(path, model, Config(model_name="resnet18", pretrained=False, image_size=32))
+    assert "\n" not in str(stop.value) and path.read_bytes() == before
+    assert not (tmp_path / files.OURS).exists()  # the half-written temporary is gone

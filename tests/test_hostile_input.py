@@ -791,3 +791,20 @@ def test_a_checkpoint_with_code_or_without_a_state_dict_is_one_sentence(workspac
     torch.save({**checkpoint, **entries}, path)
     message, _ = run_case(tmp_path, lambda: inference.AgePredictor(path))
     assert expected in message and "weights_only" not in message
+
+
+def test_an_unreadable_sub_folder_of_the_data_is_named_and_left_out(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    generate_dataset(data / "readable", 6, seed=1, size=32)
+    generate_dataset(data / "locked", 4, seed=2, size=32)
+    scandir = os.scandir
+
+    def denied(path):  # what a folder without read permission gives a user who is not root
+        if str(path).endswith("locked"):
+            raise PermissionError(13, "Permission denied")
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", denied)
+    with pytest.warns(UserWarning, match=r"1 folder\(s\) under .* cannot be read and are left out: locked/"):
+        names = eda.list_images(data)
+    assert len(names) == 6 and all(name.startswith("readable/") for name in names)
