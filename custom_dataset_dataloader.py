@@ -213,6 +213,12 @@ def _readable_bin(label: object) -> bool:
     return True
 
 
+def first_of(items: list[str], separator: str = ", ", limit: int = 20) -> str:
+    """The first `limit` items joined, and how many more: a warning about a million bad rows stays one short line."""
+    shown = separator.join(items[:limit])
+    return shown + (f"{separator}... ({len(items) - limit:,} more)" if len(items) > limit else "")
+
+
 def csv_lines(index: pd.Index, limit: int = 10) -> str:
     """The CSV line numbers (header = line 1) of rows at `index` positions of a freshly read frame, the first
     `limit` of them."""
@@ -635,7 +641,7 @@ def build_image_cache(
         except OSError as error:
             raise DataError(describe_write_error(error, array_path)) from None
         if failures:
-            listed = "\n  ".join(f"{path}: {reason}" for path, reason in failures.items())
+            listed = first_of([f"{path}: {reason}" for path, reason in failures.items()], "\n  ")
             warnings.warn(f"{len(failures)} image(s) could not be read and are left out:\n  {listed}", stacklevel=2)
     ok = np.asarray(json.loads(index_path.read_text())["ok"], dtype=bool)
     return array_path, ok

@@ -52,6 +52,7 @@ from custom_dataset_dataloader import (
     check_image_names,
     dataset_csv_path,
     decode_images,
+    first_of,
     is_binned,
     load_image,
     read_csv_file,
@@ -342,9 +343,9 @@ def scan_folder(
                     "agedb": "do not follow id_name_age_gender.jpg"}.get(
             dataset_format, "have no image file or no valid age")
         warnings.warn(f"{len(malformed)} file name(s) or label row(s) {expected} and are skipped: "
-                      f"{', '.join(malformed)}", stacklevel=2)
+                      f"{first_of(malformed)}", stacklevel=2)
     if unreadable:
-        listed = "\n  ".join(f"{name}: {reason}" for name, reason in unreadable.items())
+        listed = first_of([f"{name}: {reason}" for name, reason in unreadable.items()], "\n  ")
         warnings.warn(f"{len(unreadable)} image(s) refused or not decodable, skipped:\n  {listed}", stacklevel=2)
     if frame.empty:
         raise DataError(
