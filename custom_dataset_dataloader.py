@@ -243,7 +243,7 @@ def check_disjoint_splits(splits: dict[str, pd.DataFrame], where: str) -> None:
     for name, rows in splits.items():
         for image_name in rows["image_name"]:
             if seen.setdefault(image_name, name) != name:
-                raise DataError(f"{image_name} is in both the {seen[image_name]} and the {name} split of {where}; "
+                raise DataError(f"{image_name} is in the {seen[image_name]} and the {name} split of {where}; "
                                 "make the split files again with python split_dataset.py")
 
 

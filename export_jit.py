@@ -140,7 +140,7 @@ def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray],
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
-    prepared = temporary_path(output.with_name("prepared.onnx"))  # in files.py's hidden folder, removed below
+    prepared = temporary_path(fp32_path.with_name("prepared.onnx"))  # in files.py's hidden folder, removed below
     try:
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + folding: what quantisation expects
         # the head stays in float: the age is an expectation over 100+ logits (or a de-standardised regression),

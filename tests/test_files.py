@@ -132,7 +132,7 @@ def test_training_refuses_splits_that_share_an_image_and_leaves_no_empty_run_fol
     train_rows = pd.read_csv(tmp_path / "csv" / "train_set.csv")
     test_rows = pd.read_csv(tmp_path / "csv" / "test_set.csv")
     pd.concat([test_rows, train_rows.head(1)]).to_csv(tmp_path / "csv" / "test_set.csv", index=False)
-    with pytest.raises(DataError, match=rf"{train_rows['image_name'][0]} is in both the train and the test split"):
+    with pytest.raises(DataError, match=rf"{train_rows['image_name'][0]} is in the train and the test split"):
         train.main(cfg)
     assert not (tmp_path / "ck" / "overlap").exists() and not (tmp_path / "runs" / "overlap").exists()
 
