@@ -345,6 +345,7 @@ class AgeEnsemble:
         self.kind, self.cfg, self.device, self.path = "ensemble", first.cfg, first.device, first.path
         self.crop_geometries, self.face_resolution = first.crop_geometries, first.face_resolution
         self.image_size = max(member.image_size for member in members)
+        self.views = first.views  # every member averages as many moved copies (load_predictor gives them one value)
         self.names = [f"{member.path} ({member.cfg.model_name}, {member.image_size}px)" for member in members]
         for member in members[1:]:
             for detector, geometry in first.crop_geometries.items():

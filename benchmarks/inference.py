@@ -18,7 +18,8 @@ consistency, and per-frame latency on the CPU.
    with the --detector (default: yunet); the two alternate, FOLDER_REPEATS times each, on the same photos;
    photos/s is the median.
 
-Reads:  --checkpoint (default: newest checkpoints/*/best.pt), --data_dir (default ../shared/data/utkface200).
+Reads:  --checkpoint (default: the shipped model; a,b,c: their ensemble, inference.AgeEnsemble, without the exports),
+        --data_dir (default ../shared/data/utkface200).
 Writes: nothing but the exports; prints the tables.
 
 Run:  python -m benchmarks.inference --checkpoint=checkpoints/<run>/best.pt [--data_dir=../shared/data/utkface200]
@@ -37,7 +38,7 @@ from PIL import Image, ImageFilter
 
 from config import PREDICTION_FIELDS, Config, parse_config
 from faces import DETECTORS, build_detector
-from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces
+from inference import AgePredictor, Face, box_overlap, draw_faces, estimate_faces, load_predictor
 from model import choose_model_files
 
 DEFAULT_FACES = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface200"
@@ -192,13 +193,15 @@ SETTINGS = (*PREDICTION_FIELDS, "data_dir", "seed")  # what this script reads (i
 def main(cfg: Config) -> dict:
     import export_jit
 
-    checkpoint = choose_model_files(cfg)[0]
+    files = choose_model_files(cfg)
+    checkpoint = files[0]
     data_dir = Path(cfg.data_dir) if "data_dir" in cfg.given_keys else DEFAULT_FACES
     face_paths = sorted(data_dir.glob("*.jpg"))
     if not face_paths:
         raise SystemExit(f"error: no face images in {data_dir}; pass --data_dir=<folder of UTKFace crops>")
     detectors = [cfg.detector] if "detector" in cfg.given_keys else list(DETECTORS)
-    predictor = AgePredictor(checkpoint, views=cfg.tta_views)
+    # several files: their ensemble (inference.AgeEnsemble) is measured as inference.py runs it; exports are per model
+    predictor = load_predictor(files, views=cfg.tta_views)
     results: dict = {"proof": {}, "latency": {}}
     print(f"\ncrop proof on real faces pasted into 100 scenes ({data_dir}):")
     for name in detectors:
@@ -220,13 +223,14 @@ def main(cfg: Config) -> dict:
           f"min_face_size={cfg.min_face_size}, tta_views={cfg.tta_views}, tta={cfg.tta}, median ms):")
     print(f"  {'model file':<12} {'detector':<8} {'detect':>7} {'crop':>6} {'model':>7} {'draw':>6} {'total':>7} "
           f"{'FPS':>6}")
-    for export_format in ("checkpoint", "torchscript", "onnx"):
+    for export_format in ("checkpoint", "torchscript", "onnx") if len(files) == 1 else ("ensemble",):
         path = checkpoint
-        if export_format != "checkpoint":
+        if export_format not in ("checkpoint", "ensemble"):
             path = checkpoint.with_name(f"model.{export_format}")
             if not path.is_file():
                 export_jit.main(replace(cfg, checkpoint=str(checkpoint), format=export_format, output=str(path)))
-        exported = AgePredictor(path, views=cfg.tta_views)  # the proof's settings: its views and flip
+        # the proof's settings: its views and flip
+        exported = predictor if export_format == "ensemble" else AgePredictor(path, views=cfg.tta_views)
         for name in detectors:
             timing = results["latency"][f"{export_format}/{name}"] = latency(exported, frame, cfg.min_face_size, name,
                                                                              tta=cfg.tta)

@@ -91,6 +91,21 @@ def test_inference_names_the_members_and_writes_their_mean(members, tmp_path, ca
     assert written[0]["age"] == pytest.approx(rows[0]["age"], abs=0.01)
 
 
+def test_an_ensemble_annotates_a_folder(members, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for index in range(3):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (60, 60, 3), dtype=np.uint8)).save(
+            photos / f"face_{index}.png")
+    both = ",".join(str(path) for path in members[:2])
+    rows = inference.main(Config(checkpoint=both, input=str(photos), no_detect=True, output=str(tmp_path / "out"),
+                                 tta=True))
+    assert len(rows) == 3 and sorted(path.name for path in (tmp_path / "out").glob("*_age.jpg")) == [
+        "face_0_age.jpg", "face_1_age.jpg", "face_2_age.jpg"]
+
+
 def test_a_missing_member_or_an_export_is_one_sentence(members, tmp_path):
     with pytest.raises(SystemExit, match=r"missing.pt does not exist"):
         inference.load_predictor(f"{members[0]},{tmp_path / 'missing.pt'}")
