@@ -28,12 +28,10 @@ API:  from gradio_client import Client, handle_file
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,6 +44,7 @@ from config import PREDICTION_FIELDS, Config, parse_config, print_config, resolv
 from custom_dataset_dataloader import describe_read_error, open_rgb_image
 from demo import DEMO_DEFAULTS
 from faces import Detector, build_detector
+from files import remove_older_than
 from inference import (
     AgeEnsemble,
     AgePredictor,
@@ -289,11 +288,7 @@ def estimate_clip(cfg: Config, shelf: ModelShelf, path: str | os.PathLike, label
 
 def write_download(folder: Path, stem: str, rows: list[dict[str, Any]]) -> Path:
     """The JSON lines inference.py writes, as a download; files older than KEEP_OUTPUTS_SECONDS are removed."""
-    now = time.time()
-    for old in folder.rglob("*"):  # gradio's copies of the uploads too (GRADIO_TEMP_DIR is inside this folder)
-        with contextlib.suppress(OSError):
-            if old.is_file() and now - old.stat().st_mtime > KEEP_OUTPUTS_SECONDS:
-                old.unlink(missing_ok=True)
+    remove_older_than(folder, KEEP_OUTPUTS_SECONDS)  # gradio's upload copies too (GRADIO_TEMP_DIR is in it)
     path = folder / f"{stem}_{uuid.uuid4().hex[:8]}.jsonl"
     write_rows(path, rows)
     return path

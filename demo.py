@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import RECIPE_FIELDS, RUN_FIELDS, Config, folders_under, parse_config
+from files import record_written, remove_ours, written_by_us
 
 DEMO_ROOT = Path("demo_output")
 DEMO_DEFAULTS = Config(
@@ -246,10 +247,16 @@ def main(cfg: Config) -> dict:
     data_dir = Path(cfg.data_dir)
     existing = list(data_dir.glob("*.jpg")) if data_dir.is_dir() else []
     if len(existing) != cfg.demo_num_images:
+        # only faces an earlier demo generated (and recorded) are removed: a --data_dir of real photos is never
+        # touched, and a folder holding any photo of someone else's is refused
+        if not all(written_by_us(path) for path in existing):
+            raise SystemExit(f"error: --data_dir={data_dir} holds images the demo did not generate; give the demo "
+                             "a folder of its own (the default is demo_output/data)")
         for path in existing:
-            path.unlink()
+            remove_ours(path)
         print(f"generating {cfg.demo_num_images} synthetic faces in {data_dir}/ ...", flush=True)
-        generate_dataset(data_dir, cfg.demo_num_images, seed=cfg.seed)
+        for path in generate_dataset(data_dir, cfg.demo_num_images, seed=cfg.seed):
+            record_written(path)
     print(f"\n=== 1/4 eda.py ({time.perf_counter() - started:.0f}s) ===")
     eda.main(cfg)
     print(f"\n=== 2/4 split_dataset.py ({time.perf_counter() - started:.0f}s) ===")

@@ -39,7 +39,7 @@ import torch
 
 from config import Config, UsageError, parse_config, print_config, recipe_dict, stored_recipe_for_run
 from faces import geometries_from_dict
-from files import atomic_write_path, check_free_space, claim_outputs, file_sha256, folder_lock, temporary_path
+from files import atomic_write_path, check_free_space, claim_outputs, file_sha256, folder_lock, scratch_path
 from model import SHIPPED_MODEL, choose_model_files, fold_batch_norms, half_precision_checkpoint, load_model
 
 # years; half: fp16 weights move each age by a few hundredths (the shipped model's figure is in models/README.md)
@@ -140,8 +140,7 @@ def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray],
             batch = next(self.batches, None)
             return None if batch is None else {"images": batch}
 
-    prepared = temporary_path(fp32_path.with_name("prepared.onnx"))  # in files.py's hidden folder, removed below
-    try:
+    with scratch_path(fp32_path.with_name("prepared.onnx")) as prepared:
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference + folding: what quantisation expects
         # the head stays in float: the age is an expectation over 100+ logits (or a de-standardised regression),
         # where 8-bit rounding shows directly in years, and it costs nothing next to the backbone
@@ -157,8 +156,6 @@ def write_int8(fp32_path: Path, output: Path, calibration: Iterable[np.ndarray],
                             extra_options={"ActivationSymmetric": signed})
         else:
             quantize_dynamic(str(prepared), str(output), weight_type=QuantType.QInt8, nodes_to_exclude=head_nodes)
-    finally:
-        prepared.unlink(missing_ok=True)
 
 
 def quantize_int8(fp32_path: Path, cfg: Config, trained_cfg: Config, metadata: dict[str, str]) -> dict[str, Any]:

@@ -109,6 +109,50 @@ def atomic_write_paths(paths: list[str | os.PathLike], record: bool = False) -> 
             _tidy(folder)
 
 
+@contextlib.contextmanager
+def scratch_path(near: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file with `near`'s suffix in our hidden folder beside it, removed when the block ends (an
+    intermediate file no one keeps, e.g. the model ONNX Runtime's quantiser prepares)."""
+    near = Path(near)
+    temporary = temporary_path(near)
+    try:
+        yield temporary
+    finally:
+        temporary.unlink(missing_ok=True)
+        _tidy(near.parent)
+
+
+def commit(temporary: Path, target: str | os.PathLike, record: bool = False) -> None:
+    """Rename a complete temporary_path over `target` (the caller decided it is complete: a recorded video)."""
+    os.replace(temporary, target)
+    if record:
+        record_written(target)
+    _tidy(Path(target).parent)
+
+
+def discard(temporary: Path) -> None:
+    """Remove a temporary_path that will not become a result (a failed or empty write)."""
+    temporary.unlink(missing_ok=True)
+    _tidy(temporary.parent.parent)
+
+
+def remove_older_than(folder: str | os.PathLike, seconds: float) -> None:
+    """Delete the files under a folder this run created for itself (the app's temporary folder) that are older
+    than `seconds`; nothing outside it is touched."""
+    now = time.time()
+    for path in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime > seconds:
+                path.unlink(missing_ok=True)
+
+
+def remove_scratch_folder(folder: str | os.PathLike) -> None:
+    """Delete a folder this run created for its own scratch work (a benchmark's generated faces or caches)."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Delete our temporaries in `folder`'s hidden folder whose writing process is gone (a SIGKILL or a crash
     during a write left them, e.g. a 150 MB checkpoint); a live process's are left alone, and nothing outside our

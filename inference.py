@@ -63,8 +63,9 @@ from faces import DEFAULT_CROP_GEOMETRIES, CropGeometry, Detector, build_detecto
 from files import (
     atomic_write_path,
     claim_outputs,
+    commit,
+    discard,
     folder_lock,
-    record_written,
     remove_ours,
     temporary_path,
     written_by_us,
@@ -812,10 +813,9 @@ def run_on_video(cfg: Config, source: str | int, output: Path | None, predictor:
         if writer is not None:
             writer.release()
         if writer is not None and keep:
-            os.replace(temporary, output)
-            record_written(output)
+            commit(temporary, output, record=True)
         elif temporary is not None:  # a failure midway, or no frame: no half-written video under the output name
-            temporary.unlink(missing_ok=True)
+            discard(temporary)
         if show:
             cv2.destroyAllWindows()
     if not read_any:

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from config import RECIPE_FIELDS, RUN_FIELDS, Config, folders_under, parse_config, print_config
-from files import atomic_write_path, save_figure
+from files import atomic_write_path, remove_scratch_folder, save_figure
 
 SCALE_DEFAULTS = Config(image_size=64, model_name="resnet18", pretrained=False, epochs=1, num_workers=2)
 DISTINCT_FACES, FACE_SIZE = 5000, 200
@@ -169,7 +169,7 @@ def measure_size(cfg: Config, count: int, drawn: list[Path], root: Path, worker_
         for name in result["worker_rounds"][0]:  # each run's figures: the round with the median seconds
             runs = sorted((pair[name] for pair in result["worker_rounds"]), key=lambda figures: figures["seconds"])
             result["stages"][name] = runs[len(runs) // 2]
-    shutil.rmtree(faces)  # the next N needs the disk, not these
+    remove_scratch_folder(faces)  # the next N needs the disk, not these
     return result
 
 
@@ -182,7 +182,7 @@ def worker_round(cfg: Config, root: Path, index: int) -> dict[str, dict[str, flo
             name, cache_dir = f"{stage}, {workers} worker(s)", root / f"cache_round{index}_{workers}"
             figures[name] = measure_stage(stage, replace(cfg, num_workers=workers, cache_dir=str(cache_dir)),
                                           root / f"{stage.replace(' ', '_')}_round{index}_{workers}.log")
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            remove_scratch_folder(cache_dir)
         one, two = (figures[f"{stage}, {workers} worker(s)"]["seconds"] for workers in (1, 2))
         print(f"  worker round {index + 1}/{WORKER_ROUNDS}: {stage}, 1 worker {one:.1f}s, 2 workers {two:.1f}s: "
               f"x{one / two:.2f}", flush=True)

@@ -175,3 +175,17 @@ def test_a_full_disk_while_a_checkpoint_is_saved_is_one_sentence_and_keeps_the_o
         save_checkpoint(path, model, Config(model_name="resnet18", pretrained=False, image_size=32))
     assert "\n" not in str(stop.value) and path.read_bytes() == before
     assert not (tmp_path / files.OURS).exists()  # the half-written temporary is gone
+
+
+def test_the_demo_never_deletes_photos_it_did_not_generate(tmp_path):
+    import demo
+
+    photos = tmp_path / "my_photos"
+    photos.mkdir()
+    mine = photos / "30_0_0_20200101000000000.jpg"
+    Image.new("RGB", (40, 40), (120, 100, 90)).save(mine)
+    before = mine.read_bytes()
+    cfg = replace(Config(), data_dir=str(photos), demo_num_images=5)
+    with pytest.raises(SystemExit, match="holds images the demo did not generate"):
+        demo.main(cfg)
+    assert mine.read_bytes() == before and len(list(photos.glob("*.jpg"))) == 1
