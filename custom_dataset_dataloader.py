@@ -52,7 +52,6 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from config import RECIPE_FIELDS, RUN_FIELDS, Config, UsageError, parse_config, print_config
 from files import atomic_write_path, describe_write_error, write_csv
-from model import resolve_preprocessing
 
 GENDERS = ("male", "female")  # UTKFace gender codes 0, 1
 ETHNICITIES = ("white", "black", "asian", "indian", "others")  # UTKFace race codes 0..4
@@ -471,12 +470,20 @@ def face_resolution(frame: pd.DataFrame, data_dir: str, sample: int = 1000) -> i
     return int(np.median(sides)) if sides else None
 
 
+def require_resolved(cfg: Config) -> None:
+    """The pipeline normalises and resizes as the backbone's weights ask, decided once by the caller with
+    model.resolve_preprocessing (train.py does; every model file stores the result): here it is only checked."""
+    if not (cfg.normalize_mean and cfg.normalize_std and cfg.interpolation):
+        raise ValueError("the data pipeline needs a resolved config: pass model.resolve_preprocessing(cfg) (it fills "
+                         "normalize_mean, normalize_std and interpolation from the backbone's weights)")
+
+
 def build_transforms(cfg: Config, train: bool) -> torch.nn.Module:
     """uint8 (3, S, S) tensor -> normalised float (3, S, S); train adds resolution degradation (when on), flip,
     rotation and colour jitter."""
     from torchvision.transforms import v2
 
-    cfg = resolve_preprocessing(cfg)
+    require_resolved(cfg)
 
     steps = []
     degradation = resolution_degradation(cfg, train)
@@ -704,7 +711,7 @@ def _label_indices(values: pd.Series, names: tuple[str, ...]) -> np.ndarray:
 
 def build_dataset(cfg: Config, split: str, train: bool | None = None, csv_path: str | None = None) -> AgeDataset:
     """The data set of one split (train/valid/test) or of any project CSV given as csv_path."""
-    cfg = resolve_preprocessing(cfg)
+    require_resolved(cfg)
     path = Path(csv_path) if csv_path else split_csv_path(cfg, split)
     frame = read_dataset_csv(path, cfg.max_age)
     frame = drop_repeated_rows(frame, path)
@@ -754,7 +761,7 @@ class BatchAugmentation:
         self.erase = cfg.erase_probability if train else 0.0
         self.degradation = resolution_degradation(cfg, train)
         self.grey = cfg.grey_probability if train else 0.0
-        cfg = resolve_preprocessing(cfg)
+        require_resolved(cfg)
         self.mean, self.std = cfg.normalize_mean, cfg.normalize_std
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -942,6 +949,9 @@ SETTINGS = (*RECIPE_FIELDS, *RUN_FIELDS)  # what this script reads (its --help)
 
 def main(cfg: Config) -> dict[str, DataLoader]:
     """Build the three loaders, print their sizes and one batch's shapes and ranges."""
+    from model import resolve_preprocessing
+
+    cfg = resolve_preprocessing(cfg)  # as train.py does, once, at the start: the pipeline below only checks it
     print_config(cfg, "custom_dataset_dataloader.py", SETTINGS)
     loaders = {split: build_dataloader(cfg, split) for split in SPLITS}
     for split, loader in loaders.items():

@@ -45,7 +45,7 @@ from config import (
 )
 from custom_dataset_dataloader import build_dataloader, read_dataset_csv, split_csv_path, write_dataset_csv
 from files import save_figure, write_csv
-from model import build_model
+from model import build_model, resolve_preprocessing
 
 # recipe: config.recipe_hash of the trial (its lr, weight decay and epochs included), which marks it done
 GRID_COLUMNS = ("recipe", "lr", "weight_decay", "valid_mae", "valid_cs5", "train_loss", "seconds")
@@ -78,7 +78,7 @@ def initial_loss(cfg: Config) -> dict[str, float]:
     starts at the mean age (the distribution heads at a discretised normal around it, whose expectation is a little
     above the mean because ages below 0 are cut off)."""
     seed_everything(cfg.seed)
-    loader = build_dataloader(replace(cfg, num_workers=0), "train")
+    loader = build_dataloader(resolve_preprocessing(replace(cfg, num_workers=0)), "train")
     ages_all = torch.tensor(loader.dataset.ages)
     model = build_model(replace(cfg, pretrained=False)).eval()
     model.set_age_statistics(ages_all.mean().item(), ages_all.std().item())

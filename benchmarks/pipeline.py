@@ -332,9 +332,10 @@ def measure_batches(loader: Any, count: int) -> dict:
 def measure_loading(cfg: Config, contender: str, csv_path: Path) -> dict:
     """images/s of augmented, normalised batches at LOADING_SIZE px, with no model."""
     from custom_dataset_dataloader import BatchAugmentation
+    from model import resolve_preprocessing
 
     loading = "sample" if contender == "cache, per image" else "batch"
-    loading_cfg = replace(cfg, image_size=LOADING_SIZE, loading=loading)
+    loading_cfg = resolve_preprocessing(replace(cfg, image_size=LOADING_SIZE, loading=loading))
     if contender == "seed JPEG":
         loader = seed_loader(loading_cfg, csv_path, LOADING_SIZE)
     else:

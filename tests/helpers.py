@@ -12,7 +12,10 @@ REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def make_config(root: Path, data_dir: Path, **changes) -> Config:
-    """A quick CPU config with every output under `root`."""
+    """A quick CPU config with every output under `root`, its preprocessing resolved as train.py resolves it (the
+    data pipeline takes resolved configs only)."""
+    from model import resolve_preprocessing
+
     base = Config(
         data_dir=str(data_dir),
         **folders_under(root),
@@ -28,7 +31,12 @@ def make_config(root: Path, data_dir: Path, **changes) -> Config:
         device="cpu",
         crop_geometry_images=0,  # ~5 s of detection per training; test_train measures it once
     )
-    return replace(base, **changes)
+    return resolve_preprocessing(replace(base, **changes))
+
+
+def with_backbone(cfg: Config, **changes) -> Config:
+    """`cfg` for another backbone: its preprocessing cleared, so train.py resolves that backbone's own."""
+    return replace(cfg, normalize_mean=(), normalize_std=(), interpolation="", **changes)
 
 
 def write_splits(cfg: Config) -> Config:

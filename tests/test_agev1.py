@@ -15,7 +15,7 @@ import export_jit
 import inference
 import model
 from config import Config
-from tests.helpers import REAL_DATA
+from tests.helpers import REAL_DATA, with_backbone
 
 UTKFACE64 = REAL_DATA / "utkface64"
 
@@ -143,8 +143,8 @@ def test_a_damaged_wheel_file_is_refused(tmp_path, monkeypatch):
 def test_it_trains_exports_with_parity_and_infers(split_config, tmp_path):
     import train
 
-    cfg = replace(split_config, model_name=model.AGEV1_NAME, pretrained=True, image_size=64, head="dex",
-                  epochs=2, lr=1e-3, run_name="agev1")
+    cfg = with_backbone(split_config, model_name=model.AGEV1_NAME, pretrained=True, image_size=64, head="dex",
+                        epochs=2, lr=1e-3, run_name="agev1")
     result = train.main(cfg)
     losses = [row["train_loss"] for row in result["history"]]
     assert losses[-1] < losses[0]

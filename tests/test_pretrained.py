@@ -25,6 +25,7 @@ from model import (
     map_state_by_order,
     resolve_preprocessing,
 )
+from tests.helpers import with_backbone
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "images"
 ROOT = Path(__file__).resolve().parents[1]
@@ -135,8 +136,8 @@ def test_timm_backbones_train_export_and_infer(split_config, tmp_path, model_nam
     import inference
     import train
 
-    cfg = replace(split_config, model_name=model_name, pretrained=model_name == "efficientnet_lite0", epochs=1,
-                  backbone_lr_scale=0.5, run_name="timm_unit")
+    cfg = with_backbone(split_config, model_name=model_name, pretrained=model_name == "efficientnet_lite0", epochs=1,
+                        backbone_lr_scale=0.5, run_name="timm_unit")
     results = train.main(cfg)
     checkpoint = Path(results["best_checkpoint"])
     stored = torch.load(checkpoint, weights_only=True)["config"]
