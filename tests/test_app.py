@@ -66,11 +66,14 @@ def server(tmp_path_factory):
                         crop_geometry={name: geometry.to_dict() for name, geometry in DEFAULT_CROP_GEOMETRIES.items()})
     port = _free_port()
     log = (folder / "server.log").open("w")
+    temporary = folder / "tmp"  # the server's temporary folder: its users' photos live there, and only while it runs
+    temporary.mkdir()
     process = subprocess.Popen(
         [sys.executable, "app.py", f"--checkpoint={checkpoint}", f"--checkpoint_dir={folder / 'none'}",
          f"--port={port}", f"--max_image_pixels={MAX_PIXELS}", "--max_upload_megabytes=2", "--device=cpu",
          "--max_video_seconds=5"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(temporary)})
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + 120
     while True:
@@ -82,10 +85,12 @@ def server(tmp_path_factory):
                 process.kill()
                 pytest.fail(f"app.py did not start:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    yield {"url": url, "client": client, "process": process, "folder": folder, "checkpoint": str(checkpoint)}
-    process.terminate()
+    yield {"url": url, "client": client, "process": process, "folder": folder, "checkpoint": str(checkpoint),
+           "temporary": temporary}
+    process.terminate()  # SIGTERM, as a service stop sends it
     process.wait(timeout=30)
     log.close()
+    assert not list(temporary.glob("age_app_*")), "SIGTERM left the app's folder of users' photos behind"
 
 
 def _photo(folder: Path) -> Path:
@@ -134,6 +139,9 @@ def test_api_estimates_a_generated_face_and_the_portrait(server, tmp_path):
                                                  size=200))
     Image.fromarray(scene).save(generated)
     _check_rows(client.predict(handle_file(str(generated)), api_name="/estimate"), label)  # faces or none, no error
+    # gradio's copy of the upload is inside the app's own folder (removed with it), not in a shared gradio cache
+    assert list(server["temporary"].glob("age_app_*/uploads/**/scene.jpg"))
+    assert not (server["temporary"] / "gradio").exists()
     if not HOPPER.is_file():
         pytest.skip("../shared/images absent: the portrait check needs grace_hopper_512x512.jpg")
     rows = client.predict(handle_file(str(HOPPER)), api_name="/estimate")

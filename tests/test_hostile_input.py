@@ -808,3 +808,25 @@ def test_an_unreadable_sub_folder_of_the_data_is_named_and_left_out(tmp_path, mo
     with pytest.warns(UserWarning, match=r"1 folder\(s\) under .* cannot be read and are left out: locked/"):
         names = eda.list_images(data)
     assert len(names) == 6 and all(name.startswith("readable/") for name in names)
+
+
+def test_a_warning_about_many_bad_names_stays_one_short_line(tmp_path):
+    data = tmp_path / "data"
+    generate_dataset(data, 4, seed=1, size=32)
+    for index in range(30):  # names UTKFace's parser cannot read
+        shutil.copy(next(data.glob("*.jpg")), data / f"holiday_{index:02d}.jpg")
+    with pytest.warns(UserWarning) as caught:
+        frame, malformed, _ = eda.scan_folder(str(data), False)
+    message = next(str(warning.message) for warning in caught if "holiday_00" in str(warning.message))
+    assert len(frame) == 4 and len(malformed) == 30
+    assert "holiday_19" in message and "holiday_20" not in message and "(10 more)" in message
+
+
+def test_the_folder_summary_counts_only_the_photos_written(workspace, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(workspace["photos"] / "a.jpg", photos / "a.jpg")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not an image")
+    message, caught = run_case(tmp_path, _inference(workspace, f"--input={photos}", f"--output={tmp_path / 'out'}"))
+    assert message == "" and "broken.jpg" in caught
+    assert "wrote 1 annotated image(s) (1 photo(s) skipped, named above)" in capsys.readouterr().out
