@@ -189,3 +189,17 @@ def test_the_demo_never_deletes_photos_it_did_not_generate(tmp_path):
     with pytest.raises(SystemExit, match="holds images the demo did not generate"):
         demo.main(cfg)
     assert mine.read_bytes() == before and len(list(photos.glob("*.jpg"))) == 1
+
+
+def test_a_full_disk_while_the_cache_is_written_is_one_sentence(data, tmp_path, monkeypatch):
+    from custom_dataset_dataloader import build_dataset
+
+    cfg = write_splits(replace(data["cfg"], csv_dir=str(tmp_path / "csv"), cache_dir=str(tmp_path / "cache")))
+
+    def full_disk(descriptor, offset, length):  # the blocks cannot be taken: what a full disk answers
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full_disk, raising=False)
+    with pytest.raises(DataError, match=r"could not be written \(OSError: the disk is full\)") as stop:
+        build_dataset(cfg, "valid")
+    assert "\n" not in str(stop.value) and not list((tmp_path / "cache").glob("*.npy"))
