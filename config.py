@@ -334,12 +334,19 @@ def range_problem(name: str, value: float) -> str | None:
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,3})?"  # what resolve_device accepts (torch.device takes more: meta, ...)
 
 
+def device_problem(name: str) -> str | None:
+    """Why --device=name cannot be used (validate and resolve_device both ask), or None."""
+    if re.fullmatch(DEVICE_PATTERN, name):
+        return None
+    return f"device={name!r} is not one of auto, cpu, cuda, cuda:<index>, mps"
+
+
 def validate(cfg: Config, source: str = "") -> None:
     """Stop with a clear message if a setting is out of range or settings contradict each other; `source` names
     the file a stored config came from."""
     problems = [problem for name in RANGES if (problem := range_problem(name, getattr(cfg, name)))]
-    if not re.fullmatch(DEVICE_PATTERN, cfg.device):
-        problems.append(f"device={cfg.device!r} is not one of auto, cpu, cuda, cuda:<index>, mps")
+    if problem := device_problem(cfg.device):
+        problems.append(problem)
     if cfg.run_name and (not re.fullmatch(r"[\w.+=-]+", cfg.run_name) or cfg.run_name.strip(".") == ""):
         problems.append(f"run_name={cfg.run_name!r} is a folder name, not a path: use letters, digits and - _ . + = "
                         "(no / or ..)")
@@ -565,8 +572,8 @@ def resolve_device(name: str = "auto") -> torch.device:  # noqa: F821 - torch is
     import torch
 
     if name != "auto":
-        if not re.fullmatch(DEVICE_PATTERN, name):
-            raise UsageError(f"device={name!r} is not one of auto, cpu, cuda, cuda:<index>, mps")
+        if problem := device_problem(name):
+            raise UsageError(problem)
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"device={name} was asked for but CUDA is not available; use --device=cpu")

@@ -131,7 +131,7 @@ def list_images(root: Path) -> list[str]:
             unreadable.append(f"{prefix} ({error.strerror or type(error).__name__})")
     if unreadable:
         warnings.warn(f"{len(unreadable)} folder(s) under {root} cannot be read and are left out: "
-                      f"{', '.join(sorted(unreadable)[:10])}{', ...' if len(unreadable) > 10 else ''}", stacklevel=2)
+                      f"{first_of(sorted(unreadable), limit=10)}", stacklevel=2)
     return sorted(names, key=lambda name: name.split("/"))
 
 

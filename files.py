@@ -113,13 +113,11 @@ def atomic_write_paths(paths: list[str | os.PathLike], record: bool = False) -> 
 def scratch_path(near: str | os.PathLike) -> Iterator[Path]:
     """A temporary file with `near`'s suffix in our hidden folder beside it, removed when the block ends (an
     intermediate file no one keeps, e.g. the model ONNX Runtime's quantiser prepares)."""
-    near = Path(near)
-    temporary = temporary_path(near)
+    temporary = temporary_path(Path(near))
     try:
         yield temporary
     finally:
-        temporary.unlink(missing_ok=True)
-        _tidy(near.parent)
+        discard(temporary)
 
 
 def commit(temporary: Path, target: str | os.PathLike, record: bool = False) -> None:

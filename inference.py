@@ -70,7 +70,7 @@ from files import (
     temporary_path,
     written_by_us,
 )
-from model import ADULT_AGE, choose_model_files, config_from_model_file, fold_batch_norms, load_model
+from model import ADULT_AGE, choose_model_files, config_from_model_file, fold_batch_norms, load_model, model_files
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 # the codec each annotated-video suffix is written with: browsers play VP8 WebM (app.py writes it); OpenCV's wheels
@@ -387,11 +387,6 @@ class AgeEnsemble:
     def predict(self, crops: np.ndarray, tta: bool = False) -> np.ndarray:
         """uint8 crops (N, 3, S, S) -> ages (N,) float years."""
         return self.predict_details(crops, tta).ages
-
-
-def model_files(checkpoint: str) -> list[Path]:
-    """--checkpoint's model files: one path, or several separated by commas (an ensemble)."""
-    return [Path(part.strip()) for part in checkpoint.split(",") if part.strip()]
 
 
 def load_predictor(files: str | os.PathLike | list[Path] | tuple[Path, ...], device: str | torch.device = "cpu",
@@ -865,10 +860,9 @@ def dispatch(cfg: Config, predictor: AgePredictor | AgeEnsemble, detector: Detec
                          f"{error.strerror or error})") from None
     if cfg.input.isascii() and cfg.input.isdigit():  # a camera index ('²'.isdigit() is true, int('²') fails)
         output = Path(cfg.output) if cfg.output else None
-        if output is None:
-            return run_on_video(cfg, int(cfg.input), output, predictor, detector)
-        _check_video_output(output, [])
-        with folder_lock(output.parent, "inference.py"):
+        if output is not None:
+            _check_video_output(output, [])
+        with folder_lock(output.parent, "inference.py") if output else contextlib.nullcontext():
             return run_on_video(cfg, int(cfg.input), output, predictor, detector)
     if source.is_dir():
         paths = sorted(path for path in source.iterdir() if path.is_file() and not path.name.startswith(".")

@@ -911,11 +911,16 @@ def newest_finished_run(cfg: Config) -> Path:
     return max(finished, key=lambda path: path.stat().st_mtime)
 
 
+def model_files(checkpoint: str) -> list[Path]:
+    """--checkpoint's model files: one path, or several separated by commas (an ensemble)."""
+    return [Path(part.strip()) for part in checkpoint.split(",") if part.strip()]
+
+
 def choose_model_files(cfg: Config) -> list[Path]:
     """The model files every script runs, by one rule: --checkpoint's files (several, comma-separated, are an
     ensemble; `latest` is one's newest finished run, newest_finished_run); with none given, the shipped model
     (SHIPPED_MODEL), never a file that merely happens to be newest. Says which it chose."""
-    names = [part.strip() for part in cfg.checkpoint.split(",") if part.strip()]
+    names = model_files(cfg.checkpoint)
     if not names:
         if not SHIPPED_MODEL.is_file():
             raise SystemExit(f"error: no --checkpoint given and no shipped model at {SHIPPED_MODEL} (restore it with "
@@ -924,12 +929,10 @@ def choose_model_files(cfg: Config) -> list[Path]:
               f"--checkpoint={LATEST} takes your newest finished run, --checkpoint=<file> any model file)")
         return [SHIPPED_MODEL]
     paths = []
-    for name in names:
-        if name == LATEST:
+    for path in names:
+        if str(path) == LATEST:
             path = newest_finished_run(cfg)
             print(f"model: {path} (--checkpoint={LATEST}: the newest finished run in {cfg.checkpoint_dir}/)")
-        else:
-            path = Path(name)
         paths.append(path)
     return paths
 

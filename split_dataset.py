@@ -193,8 +193,8 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     outputs = [split_csv_path(cfg, name) for name in SPLITS]
     figure_path = Path(cfg.pics_dir) / "split_age_histograms.png"
     # a user's own train_set.csv or figure of the same name is never replaced (files.py)
-    inputs = [dataset_csv_path(cfg), *(Path(folder.strip()) / f"{name}_set.csv" for folder in cfg.combine.split(",")
-                                       if folder.strip() for name in SPLITS)]
+    inputs = [dataset_csv_path(cfg), *(Path(folder) / f"{name}_set.csv" for folder in combine_folders(cfg)
+                                       for name in SPLITS)]
     claim_outputs([*outputs, figure_path], inputs, "split_dataset.py")
     with folder_lock(cfg.csv_dir, "split_dataset.py"):
         splits = make_splits(cfg)
@@ -212,10 +212,15 @@ def main(cfg: Config) -> dict[str, pd.DataFrame]:
     return splits
 
 
+def combine_folders(cfg: Config) -> list[str]:
+    """--combine's csv_dirs ([] without it)."""
+    return [folder.strip() for folder in cfg.combine.split(",") if folder.strip()]
+
+
 def make_splits(cfg: Config) -> dict[str, pd.DataFrame]:
     """The three splits of the data set CSV (or of --combine's split files), by the rule the settings choose."""
     if cfg.combine:
-        splits = combined_splits([folder.strip() for folder in cfg.combine.split(",") if folder.strip()], cfg.max_age)
+        splits = combined_splits(combine_folders(cfg), cfg.max_age)
         frame = pd.concat(splits.values(), ignore_index=True)
     else:
         frame = read_dataset_csv(dataset_csv_path(cfg), cfg.max_age)

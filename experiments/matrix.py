@@ -138,10 +138,12 @@ SETTINGS = ("checkpoint", "aligned_dir", "test_sources", "cache_dir", "num_worke
 
 def main(cfg: Config) -> pd.DataFrame:
     """Score every model file on every source's test part; write and print the matrix."""
+    from model import model_files
+
     print_config(cfg, "experiments.matrix", SETTINGS)
     rows, tables = [], []
-    for checkpoint in [part for part in cfg.checkpoint.split(",") if part]:
-        model_rows, model_tables = measure(cfg, checkpoint)
+    for checkpoint in model_files(cfg.checkpoint):
+        model_rows, model_tables = measure(cfg, str(checkpoint))
         rows += model_rows
         tables += model_tables
     table = merged(pd.DataFrame(rows), RESULTS_CSV)

@@ -145,9 +145,10 @@ SETTINGS = ("checkpoint", "detector")  # what this script reads (its --help)
 
 def main(cfg: Config) -> pd.DataFrame:
     from inference import AgePredictor, load_predictor
+    from model import model_files
 
     print_config(cfg, "experiments.peers", SETTINGS)
-    checkpoints = [Path(part) for part in cfg.checkpoint.split(",") if part] or list(DEFAULT_CHECKPOINTS)
+    checkpoints = model_files(cfg.checkpoint) or list(DEFAULT_CHECKPOINTS)
     paths, bins = fairface_photos()
     predictions: dict[str, dict[str, Any]] = {}
     first_crops = None
